@@ -1,0 +1,210 @@
+"""The semantic signal: how much attention each position pays to its context, in one layer.
+
+`context_attention_mass` is the pure computation. `AttentionCapture` gets it the query and key states of one layer
+during the model's own forward: it wraps the model's attention kernel (sdpa, eager, FlashAttention) under a new
+`AttentionInterface` name that calls the original kernel unchanged and, when armed, also computes the statistic from
+that layer's RoPE'd q and k under `no_grad`. No other layer is touched, no attention weights are returned or kept for
+backward, and the statistic is computed in query chunks, so its extra memory is one (chunk x T) block per head.
+"""
+
+import sys
+from contextlib import contextmanager
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+CAPTURE_ATTRIBUTE = "_sstoken_attention_capture"
+IMPLEMENTATION_PREFIX = "sstoken_"
+
+
+def context_attention_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    context: torch.Tensor,
+    key_valid: torch.Tensor,
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int = 256,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Head-mean attention mass each query puts on context keys, (B, Tq) float32.
+
+    Args:
+        query: (B, H, Tq, d), after RoPE. Query position i is key position i (no cache).
+        key: (B, H_kv, Tk, d), after RoPE; H must be a multiple of H_kv (grouped-query attention).
+        context: (B, Tk) bool, keys whose attention mass is summed.
+        key_valid: (B, Tk) bool, keys that are not padding.
+        scaling: the layer's softmax scale, usually d ** -0.5.
+        attention_mask: the mask the model handed its kernel, or None. Bool (True = attend), additive float
+            (0 = attend), 4D (B, 1, Tq, Tk) or 2D (B, Tk). Only ever narrows the explicit causal and padding mask
+            (for example a sliding window); the causal mask is always applied, even when the model passes None.
+        chunk_size: query rows per block.
+        softcap: attention logit soft-capping (Gemma 2 style), if the layer uses it.
+
+    A padding query (key_valid False at its own position) gets 0.
+    """
+    batch, num_heads, q_len, head_dim = query.shape
+    num_kv_heads, k_len = key.shape[1], key.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} key/value heads.")
+    groups = num_heads // num_kv_heads
+    key_t = key.float().transpose(-1, -2).unsqueeze(2)  # (B, H_kv, 1, d, Tk)
+    model_allowed = _mask_to_allowed(attention_mask)
+    key_positions = torch.arange(k_len, device=query.device)
+    context_weights = context.float()[:, None, None, None, :]  # (B, 1, 1, 1, Tk)
+    masses = []
+    for start in range(0, q_len, chunk_size):
+        stop = min(start + chunk_size, q_len)
+        q_chunk = query[:, :, start:stop].float().reshape(batch, num_kv_heads, groups, stop - start, head_dim)
+        logits = torch.matmul(q_chunk, key_t) * scaling  # (B, H_kv, G, c, Tk)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        query_positions = torch.arange(start, stop, device=query.device)
+        allowed = (key_positions[None, :] <= query_positions[:, None])[None] & key_valid[:, None, :]  # (B, c, Tk)
+        if model_allowed is not None:
+            allowed = allowed & _chunk_rows(model_allowed, start, stop)
+        allowed = allowed[:, None, None]  # (B, 1, 1, c, Tk)
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        masses.append((probs * context_weights).sum(dim=-1).mean(dim=(1, 2)))  # (B, c)
+    # Query i is key i: a padding query gets 0, whatever it could attend to
+    return torch.cat(masses, dim=-1) * key_valid[:, :q_len]
+
+
+def _mask_to_allowed(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The model's mask as bool, True = may attend: (B, Tq, Tk) or (B, 1, Tk)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    elif attention_mask.is_floating_point():
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    else:
+        allowed = attention_mask != 0
+    if allowed.dim() == 4:
+        if allowed.size(1) != 1:
+            raise ValueError(f"Per-head attention masks are not supported (shape {tuple(allowed.shape)}).")
+        return allowed[:, 0]
+    if allowed.dim() == 2:
+        return allowed[:, None, :]
+    raise ValueError(f"Unexpected attention mask shape {tuple(allowed.shape)}.")
+
+
+def _chunk_rows(allowed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return allowed if allowed.size(1) == 1 else allowed[:, start:stop]
+
+
+class AttentionCapture:
+    """Computes the context-attention statistic of one layer on the next forward after `armed`.
+
+    It fires once per arming: under gradient checkpointing the layer runs again in the backward recompute, and that
+    second call must neither recompute nor overwrite the statistic.
+    """
+
+    def __init__(self, model: torch.nn.Module, layer: int, chunk_size: int = 256):
+        self.base_model = _underlying_pretrained_model(model)
+        modules = attention_modules(self.base_model)
+        if not -len(modules) <= layer < len(modules):
+            raise ValueError(
+                f"attention_layer={layer} is out of range for a model with {len(modules)} layers; allowed values are "
+                f"{-len(modules)} to {len(modules) - 1} (negative values count from the end)."
+            )
+        self.layer_index = layer % len(modules)
+        self.module = modules[self.layer_index]
+        self.chunk_size = chunk_size
+        self.num_computations = 0
+        self._armed = None
+        self._result = None
+        self._original_implementation = self.base_model.config._attn_implementation
+        self.base_model.set_attn_implementation(_register_capturing_implementation(self._original_implementation))
+        setattr(self.module, CAPTURE_ATTRIBUTE, self)
+
+    @contextmanager
+    def armed(self, context: torch.Tensor, key_valid: torch.Tensor):
+        """Arms the capture for the forward run inside the block. context and key_valid: (B, T) bool."""
+        self._armed = (context, key_valid)
+        self._result = None
+        try:
+            yield self
+        finally:
+            self._armed = None
+
+    def take(self) -> torch.Tensor:
+        """The statistic of the last armed forward, (B, T) float32; it can be taken once."""
+        if self._result is None:
+            raise RuntimeError(
+                f"The attention of layer {self.layer_index} was not captured: the armed forward did not run that "
+                "layer's attention through the AttentionInterface."
+            )
+        result, self._result = self._result, None
+        return result
+
+    def record(self, query, key, attention_mask, kwargs):
+        if self._armed is None:
+            return
+        context, key_valid = self._armed
+        self._armed = None
+        with torch.no_grad():
+            self._result = context_attention_mass(
+                query.detach(),
+                key.detach(),
+                context=context.to(query.device),
+                key_valid=key_valid.to(query.device),
+                scaling=kwargs.get("scaling") or query.size(-1) ** -0.5,
+                attention_mask=None if attention_mask is None else attention_mask.detach(),
+                chunk_size=self.chunk_size,
+                softcap=kwargs.get("softcap"),
+            )
+        self.num_computations += 1
+
+    def remove(self):
+        """Restores the model's original attention implementation."""
+        if getattr(self.module, CAPTURE_ATTRIBUTE, None) is self:
+            delattr(self.module, CAPTURE_ATTRIBUTE)
+        self.base_model.set_attn_implementation(self._original_implementation)
+
+
+def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The self-attention module of each decoder layer, in depth order."""
+    modules = [module for name, module in model.named_modules() if name.endswith("self_attn")]
+    if not modules:
+        raise ValueError(
+            f"Cannot find the self-attention layers of {type(model).__name__} (no module named '*.self_attn'), so its "
+            "attention to the context cannot be captured. Use selection_method='rel', 'random' or 'full'."
+        )
+    return modules
+
+
+def _underlying_pretrained_model(model: torch.nn.Module) -> PreTrainedModel:
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"Expected a transformers PreTrainedModel, got {type(model).__name__}.")
+    return model
+
+
+def _register_capturing_implementation(base_name: str) -> str:
+    """Registers (once) an attention implementation that runs `base_name` and feeds an armed capture."""
+    if base_name.startswith(IMPLEMENTATION_PREFIX):
+        raise ValueError(f"The model's attention is already captured by another trainer ({base_name!r}).")
+    name = IMPLEMENTATION_PREFIX + base_name
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+    if base_name != "eager" and base_name not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(f"Cannot capture attention under the unknown implementation {base_name!r}.")
+
+    def capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        capture = getattr(module, CAPTURE_ATTRIBUTE, None)
+        if capture is not None:
+            capture.record(query, key, attention_mask, kwargs)
+        if base_name == "eager":  # eager lives in each modeling file, not in the registry
+            kernel = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            kernel = ALL_ATTENTION_FUNCTIONS[base_name]
+        return kernel(module, query, key, value, attention_mask, *args, **kwargs)
+
+    AttentionInterface.register(name, capturing_attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_name])
+    return name

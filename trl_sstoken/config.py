@@ -1,0 +1,171 @@
+"""`SSTokenConfig`: every knob of ssToken selection, on top of TRL's `SFTConfig`."""
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+SELECTION_METHODS = ("sstoken", "rel", "attention", "random", "full")
+HISTORY_MODES = ("base", "lagged", "ema")
+LOSS_NORMALIZATIONS = ("selected", "sequence", "all")
+
+
+@dataclass
+class SSTokenConfig(SFTConfig):
+    r"""
+    Configuration class for [`SSTokenTrainer`]: everything [`~trl.SFTConfig`] takes, plus the fields below.
+
+    > Parameters that control which tokens are trained on
+
+    selection_method (`str`, *optional*, defaults to `"sstoken"`):
+        How response tokens are scored. `"sstoken"`: `gamma * minmax(REL) + (1 - gamma) * attention`; `"rel"`: REL
+        only (gamma = 1); `"attention"`: attention only (gamma = 0, no history forward); `"random"`: a uniform random
+        subset of the same size; `"full"`: every response token (plain SFT on the same code path).
+    selection_ratio (`float`, *optional*, defaults to `0.6`):
+        Fraction of each sequence's response tokens that is trained on: `ceil(selection_ratio * n)` per sequence.
+    selection_gamma (`float`, *optional*, defaults to `0.5`):
+        Weight of the min-max normalised REL in the `"sstoken"` score; the attention score gets `1 - gamma`.
+    attention_layer (`int`, *optional*, defaults to `-1`):
+        Decoder layer whose attention to the context is measured. Negative values count from the end.
+    attention_warmup_ratio (`float`, *optional*, defaults to `0.2`):
+        Fraction of the training steps at the start during which REL-based methods select by attention only.
+    attention_chunk_size (`int`, *optional*, defaults to `256`):
+        Number of query rows whose attention is materialised at a time when computing the attention score.
+    selection_loss_normalization (`str`, *optional*, defaults to `"selected"`):
+        Denominator of the loss. `"selected"`: the number of kept tokens in the whole gradient-accumulation window
+        (and across processes); `"sequence"`: mean over the kept tokens of each sequence, then over sequences;
+        `"all"`: TRL's denominator, every response token.
+
+    > Parameters that control the history model
+
+    history (`str`, *optional*, defaults to `"base"`):
+        The earlier state of the model REL compares against. `"base"`: the model with its LoRA adapter disabled;
+        `"lagged"`: a frozen copy of the adapter, refreshed every `history_update_steps` optimizer steps; `"ema"`:
+        an exponential moving average of the adapter, updated every `history_update_steps` optimizer steps.
+    history_update_steps (`int`, *optional*, defaults to `50`):
+        Optimizer steps between two updates of a `"lagged"` or `"ema"` history.
+    history_ema_alpha (`float`, *optional*, defaults to `0.5`):
+        Weight of the old history in an `"ema"` update: `history <- alpha * history + (1 - alpha) * adapter`.
+    """
+
+    selection_method: str = field(
+        default="sstoken",
+        metadata={
+            "help": "How response tokens are scored: 'sstoken' (gamma * minmax(REL) + (1 - gamma) * attention), "
+            "'rel' (REL only), 'attention' (attention to the context only), 'random' (uniform random subset of the "
+            "same size) or 'full' (every response token, plain SFT).",
+            "choices": list(SELECTION_METHODS),
+        },
+    )
+    selection_ratio: float = field(
+        default=0.6,
+        metadata={
+            "help": "Fraction of each sequence's response tokens to train on: ceil(selection_ratio * n) per "
+            "sequence. In (0, 1]."
+        },
+    )
+    selection_gamma: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the min-max normalised REL in the 'sstoken' score; attention gets 1 - gamma. In [0, 1]."
+        },
+    )
+    attention_layer: int = field(
+        default=-1,
+        metadata={
+            "help": "Decoder layer whose attention to the context is measured; negative values count from the end "
+            "(-1 = last layer)."
+        },
+    )
+    attention_warmup_ratio: float = field(
+        default=0.2,
+        metadata={
+            "help": "Fraction of training steps at the start during which 'sstoken' and 'rel' select by attention "
+            "only, because the history still equals the current model. In [0, 1]."
+        },
+    )
+    attention_chunk_size: int = field(
+        default=256,
+        metadata={
+            "help": "Query rows whose attention is materialised at a time when computing the attention score. "
+            "Bounds its extra memory to (chunk x sequence length) per head. At least 1."
+        },
+    )
+    selection_loss_normalization: str = field(
+        default="selected",
+        metadata={
+            "help": "Loss denominator: 'selected' (kept tokens in the whole accumulation window, split-invariant), "
+            "'sequence' (mean per sequence, then over sequences) or 'all' (every response token, as TRL).",
+            "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
+    history: str = field(
+        default="base",
+        metadata={
+            "help": "History model REL compares against: 'base' (adapter disabled), 'lagged' (adapter copy "
+            "refreshed every history_update_steps) or 'ema' (moving average of the adapter).",
+            "choices": list(HISTORY_MODES),
+        },
+    )
+    history_update_steps: int = field(
+        default=50,
+        metadata={"help": "Optimizer steps between two updates of a 'lagged' or 'ema' history. At least 1."},
+    )
+    history_ema_alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the old history in an 'ema' update: history <- alpha * history + (1 - alpha) * "
+            "adapter. In [0, 1)."
+        },
+    )
+
+    def __post_init__(self):
+        self._validate_selection_fields()
+        super().__post_init__()
+
+    def _validate_selection_fields(self):
+        """Checks the ssToken fields before `SFTConfig` does any work, so a typo fails at once."""
+        _check_choice("selection_method", self.selection_method, SELECTION_METHODS)
+        _check_choice("history", self.history, HISTORY_MODES)
+        _check_choice("selection_loss_normalization", self.selection_loss_normalization, LOSS_NORMALIZATIONS)
+        _check_number("selection_ratio", self.selection_ratio, "in (0, 1]", lambda v: 0 < v <= 1)
+        _check_number("selection_gamma", self.selection_gamma, "in [0, 1]", lambda v: 0 <= v <= 1)
+        _check_number("attention_warmup_ratio", self.attention_warmup_ratio, "in [0, 1]", lambda v: 0 <= v <= 1)
+        _check_number("history_ema_alpha", self.history_ema_alpha, "in [0, 1)", lambda v: 0 <= v < 1)
+        _check_integer("history_update_steps", self.history_update_steps, minimum=1)
+        _check_integer("attention_chunk_size", self.attention_chunk_size, minimum=1)
+        _check_integer("attention_layer", self.attention_layer, minimum=None)
+        if self.selection_method != "full" and self.loss_type != "nll":
+            raise ValueError(
+                f"loss_type={self.loss_type!r} cannot be combined with selection_method={self.selection_method!r}: "
+                "the selected tokens' loss is a plain NLL. Use loss_type='nll' (the default)."
+            )
+        if self.selection_method != "full" and (self.packing or self.padding_free):
+            raise ValueError(
+                f"selection_method={self.selection_method!r} does not support packing=True or padding_free=True yet: "
+                "per-sequence selection in packed rows is not implemented. Set packing=False and padding_free=False, "
+                "or selection_method='full'."
+            )
+
+    @property
+    def effective_gamma(self) -> float:
+        """The REL weight the selection method implies, outside the warm-up."""
+        return {"rel": 1.0, "attention": 0.0}.get(self.selection_method, self.selection_gamma)
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
+
+
+def _check_number(name, value, allowed_text, is_allowed):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number {allowed_text}, got {value!r} ({type(value).__name__}).")
+    if not is_allowed(value):
+        raise ValueError(f"{name}={value!r} is out of range; it must be {allowed_text}.")
+
+
+def _check_integer(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value!r} is out of range; it must be an integer >= {minimum}.")

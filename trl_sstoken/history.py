@@ -1,0 +1,150 @@
+"""History models: the earlier state of the model that REL compares the current model against.
+
+With a PEFT adapter the history never needs a second copy of the base model:
+- `base`: the base weights alone, i.e. the model with its adapter disabled (no extra memory);
+- `lagged`: the base weights plus a frozen copy of the adapter, refreshed every K optimizer steps;
+- `ema`: the base weights plus an exponential moving average of the adapter, updated every K optimizer steps.
+The copy is a second PEFT adapter named `history` on the same (possibly quantized) base layers, so it costs one more
+set of adapter weights and nothing else: no gradients, no optimizer state, no dropout. Because it is a real adapter,
+`Trainer` checkpoints save it under `checkpoint-N/history/` and resuming restores it.
+"""
+
+import copy
+import warnings
+from contextlib import contextmanager
+
+import torch
+from transformers import TrainerCallback
+
+HISTORY_ADAPTER = "history"
+
+
+class FrozenBaseHistory:
+    """`base`: the pre-SFT model, obtained by disabling the adapter for the history forward."""
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+
+    @contextmanager
+    def active(self):
+        with self.peft_model.disable_adapter():
+            yield
+
+    def on_optimizer_step(self, global_step: int) -> None:
+        """The base weights never change."""
+
+
+class AdapterHistory:
+    """`lagged` or `ema`: a frozen second adapter that follows the trained one every `update_steps` steps."""
+
+    def __init__(self, peft_model, mode: str, update_steps: int, ema_alpha: float):
+        if mode not in ("lagged", "ema"):
+            raise ValueError(f"AdapterHistory mode must be 'lagged' or 'ema', got {mode!r}.")
+        self.peft_model = peft_model
+        self.mode = mode
+        self.update_steps = update_steps
+        self.ema_alpha = ema_alpha
+        self.trained_adapter = peft_model.active_adapter
+        if HISTORY_ADAPTER in peft_model.peft_config:
+            raise ValueError(
+                f"The model already has an adapter named {HISTORY_ADAPTER!r}; ssToken needs that name for its "
+                "history adapter. Rename or delete the existing adapter."
+            )
+        history_config = copy.deepcopy(peft_model.peft_config[self.trained_adapter])
+        if hasattr(history_config, "lora_dropout"):
+            history_config.lora_dropout = 0.0  # the history forward runs in train mode; it must be deterministic
+        history_config.inference_mode = True
+        peft_model.add_adapter(HISTORY_ADAPTER, history_config)
+        self.history_params, self.trained_params = _pair_adapter_parameters(
+            peft_model, HISTORY_ADAPTER, self.trained_adapter
+        )
+        with torch.no_grad():
+            for history, trained in zip(self.history_params, self.trained_params):
+                history.data = history.data.to(device=trained.device, dtype=trained.dtype)
+                history.requires_grad_(False)
+        self.refresh()
+        if getattr(history_config, "modules_to_save", None):
+            extra = sum(p.numel() for n, p in peft_model.named_parameters() if _is_full_module_copy(n))
+            warnings.warn(
+                f"The adapter has modules_to_save={history_config.modules_to_save}: a {mode} history keeps a full "
+                f"copy of those modules ({extra:,} extra parameters). Use history='base' to avoid that cost.",
+                stacklevel=3,
+            )
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.history_params)
+
+    @contextmanager
+    def active(self):
+        """Runs the block with the history adapter active and the trained adapter's flags untouched."""
+        previous_flags = [p.requires_grad for p in self.trained_params]
+        self.peft_model.set_adapter(HISTORY_ADAPTER, inference_mode=True)
+        try:
+            yield
+        finally:
+            self.peft_model.set_adapter(self.trained_adapter)
+            for param, flag in zip(self.trained_params, previous_flags):
+                param.requires_grad_(flag)
+            for param in self.history_params:
+                param.requires_grad_(False)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """lagged: history <- adapter. ema: history <- alpha * history + (1 - alpha) * adapter."""
+        trained = [p.detach() for p in self.trained_params]
+        if self.mode == "lagged":
+            torch._foreach_copy_(self.history_params, trained)
+        else:
+            torch._foreach_lerp_(self.history_params, trained, 1.0 - self.ema_alpha)
+
+    def on_optimizer_step(self, global_step: int) -> None:
+        if global_step % self.update_steps == 0:
+            self.refresh()
+
+
+def build_history(model, mode: str, update_steps: int, ema_alpha: float):
+    """The history object for `mode`, or a clear error for a model it cannot serve yet."""
+    if not hasattr(model, "peft_config") or not hasattr(model, "disable_adapter"):
+        raise ValueError(
+            f"history={mode!r} needs a PEFT model (pass peft_config=LoraConfig(...) to the trainer); full fine-tuning "
+            "without PEFT is not supported yet. selection_method='attention', 'random' and 'full' need no history."
+        )
+    if model.peft_config[model.active_adapter].is_prompt_learning:
+        raise ValueError("ssToken's history needs an adapter on the model's layers (e.g. LoRA), not prompt learning.")
+    if mode == "base":
+        return FrozenBaseHistory(model)
+    return AdapterHistory(model, mode, update_steps, ema_alpha)
+
+
+class HistoryUpdateCallback(TrainerCallback):
+    """Moves the history forward after each optimizer step, on the schedule the history defines."""
+
+    def __init__(self, history):
+        self.history = history
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.history.on_optimizer_step(state.global_step)
+
+
+def _pair_adapter_parameters(peft_model, history_name: str, trained_name: str):
+    """(history params, trained params), paired by name once, so every sync is one fused foreach call."""
+    named = dict(peft_model.named_parameters())
+    marker, trained_marker = f".{history_name}.", f".{trained_name}."
+    history_params, trained_params = [], []
+    for name, param in named.items():
+        if marker not in name:
+            continue
+        trained_name_full = name.replace(marker, trained_marker)
+        if trained_name_full not in named:
+            raise RuntimeError(f"History parameter {name} has no trained counterpart {trained_name_full}.")
+        history_params.append(param)
+        trained_params.append(named[trained_name_full])
+    if not history_params:
+        raise RuntimeError("The history adapter has no parameters; is the trained adapter a LoRA-style tuner?")
+    return history_params, trained_params
+
+
+def _is_full_module_copy(name: str) -> bool:
+    return f"modules_to_save.{HISTORY_ADAPTER}." in name
+

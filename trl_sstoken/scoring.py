@@ -1,0 +1,119 @@
+"""The method itself: pure tensor functions that turn per-token signals into a selection mask.
+
+Every tensor here is in *prediction space*: shape (B, T - 1), where column j scores the token at position j + 1
+(TRL's fused LM head returns `log_probs[:, j] = log p(token j+1 | tokens <= j)`). Nothing in this module touches a
+model, so every function can be tested against a hand computation.
+"""
+
+import math
+
+import torch
+
+MINMAX_EPS = 1e-8
+
+
+def retrospective_excess_loss(current_logps: torch.Tensor, history_logps: torch.Tensor) -> torch.Tensor:
+    """REL = L_hist - L_cur = log p_cur - log p_hist, (B, T-1).
+
+    Positive where the current model predicts the token better than its history did: the model has made progress on
+    it, so it is learnable. This is the opposite sign of Rho-1's excess loss (L_cur - L_ref).
+    """
+    return current_logps.float() - history_logps.float()
+
+
+def minmax_per_row(values: torch.Tensor, mask: torch.Tensor, eps: float = MINMAX_EPS) -> torch.Tensor:
+    """Min-max normalise each row over its masked positions into [0, 1]; 0 off the mask.
+
+    A row whose masked values are all equal maps to 0, so the other score component decides it.
+    """
+    values = values.float()
+    row_min = values.masked_fill(~mask, math.inf).amin(dim=-1, keepdim=True)
+    row_max = values.masked_fill(~mask, -math.inf).amax(dim=-1, keepdim=True)
+    normalised = (values - row_min) / (row_max - row_min + eps)
+    return normalised.masked_fill(~mask, 0.0)
+
+
+def num_to_keep(response_mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Per-row count of tokens to keep, ceil(ratio * n), (B,) long.
+
+    The product is rounded to 6 decimals before the ceiling so that float error never adds a token (0.6 * 5 is
+    3.0000000000000004 in floating point; this keeps 3). Any row with a response keeps at least one token.
+    """
+    n = response_mask.sum(dim=-1)
+    k = torch.ceil(torch.round(n.double() * ratio, decimals=6)).long()
+    return torch.where(n > 0, k.clamp(min=1), 0).minimum(n)
+
+
+def top_k_per_row(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep the k[b] highest-scoring masked positions of each row b, (B, T-1) bool.
+
+    Ties go to the earlier position (stable sort). Non-finite scores rank below every finite one but stay eligible,
+    so a row always keeps exactly min(k[b], n[b]) tokens.
+    """
+    finfo = torch.finfo(torch.float32)
+    eligible = torch.nan_to_num(scores.float(), nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
+    ranked = eligible.masked_fill(~mask, -math.inf)
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(scores.size(-1), device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return (rank < k.unsqueeze(-1)) & mask
+
+
+def combine_scores(
+    rel: torch.Tensor | None,
+    attention: torch.Tensor | None,
+    response_mask: torch.Tensor,
+    gamma: float | torch.Tensor,
+) -> torch.Tensor:
+    """score = gamma * minmax(REL) + (1 - gamma) * attention, (B, T-1).
+
+    `gamma` is a float or a per-row (B,) tensor (rows without any context fall back to REL only). A component whose
+    weight is zero everywhere may be None, so callers can skip the forward pass that would produce it.
+    """
+    gamma = torch.as_tensor(gamma, dtype=torch.float32, device=response_mask.device)
+    gamma = gamma.reshape(-1, 1) if gamma.dim() == 1 else gamma
+    score = torch.zeros(response_mask.shape, dtype=torch.float32, device=response_mask.device)
+    if bool((gamma > 0).any()):
+        if rel is None:
+            raise ValueError("REL is needed when gamma > 0 but was not given.")
+        score = score + gamma * minmax_per_row(rel, response_mask)
+    if bool((gamma < 1).any()):
+        if attention is None:
+            raise ValueError("The attention score is needed when gamma < 1 but was not given.")
+        score = score + (1 - gamma) * attention.float()
+    return score.masked_fill(~response_mask, 0.0)
+
+
+def select_tokens(
+    current_logps: torch.Tensor | None,
+    history_logps: torch.Tensor | None,
+    attention: torch.Tensor | None,
+    response_mask: torch.Tensor,
+    ratio: float,
+    gamma: float | torch.Tensor,
+) -> torch.BoolTensor:
+    """ssToken's selection: per row, the top ceil(ratio * n) response tokens by the combined score.
+
+    Shapes: all (B, T-1), aligned per predicted token; `response_mask` is True where the label is not -100. The
+    log-probs may be None when gamma is 0 everywhere, the attention when gamma is 1 everywhere. A row without
+    response positions keeps nothing. Padding is never selected, since it is never in `response_mask`.
+    """
+    rel = None
+    if current_logps is not None and history_logps is not None:
+        rel = retrospective_excess_loss(current_logps, history_logps)
+    scores = combine_scores(rel, attention, response_mask, gamma)
+    return top_k_per_row(scores, response_mask, num_to_keep(response_mask, ratio))
+
+
+def select_random(response_mask: torch.Tensor, ratio: float, generator: torch.Generator) -> torch.BoolTensor:
+    """The `random` baseline: ceil(ratio * n) response tokens per row, uniformly, from `generator`."""
+    noise = torch.rand(response_mask.shape, generator=generator, device=generator.device)
+    return top_k_per_row(noise.to(response_mask.device), response_mask, num_to_keep(response_mask, ratio))
+
+
+def masked_mean_std(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, int]:
+    """Mean, population standard deviation and count of `values` over `mask`, for logging."""
+    selected = values[mask].double()
+    if selected.numel() == 0:
+        return 0.0, 0.0, 0
+    return selected.mean().item(), selected.std(unbiased=False).item(), selected.numel()

@@ -1,0 +1,322 @@
+"""`SSTokenTrainer`: TRL's `SFTTrainer`, training on the response tokens ssToken selects.
+
+One training step: read the regions off the batch -> (no grad) history forward for REL -> current forward through
+TRL's fused LM head, with the attention capture armed on one layer -> scoring picks the tokens -> NLL of the kept
+tokens over the denominator the config names. Evaluation is untouched: plain NLL over every response token, so eval
+losses stay comparable with plain SFT.
+"""
+
+import hashlib
+import math
+import textwrap
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers import TrainingArguments
+from trl import SFTTrainer
+
+from .attention import AttentionCapture
+from .config import SSTokenConfig
+from .history import HistoryUpdateCallback, build_history
+from .regions import Regions, regions_from_batch
+from .scoring import num_to_keep, retrospective_excess_loss, select_random, select_tokens
+
+METRIC_PREFIX = "sstoken/"
+REL_METHODS = ("sstoken", "rel")
+ATTENTION_METHODS = ("sstoken", "rel", "attention")  # "rel" uses attention during the warm-up
+
+
+@dataclass
+class WindowCounts:
+    """Token and sequence counts of one gradient-accumulation window, summed over processes when averaging."""
+
+    selected: torch.Tensor
+    sequences: torch.Tensor
+    responses: torch.Tensor
+    across_processes: bool
+
+
+@dataclass
+class StepPlan:
+    """What one micro-batch needs, decided from its labels before any forward pass."""
+
+    gamma: torch.Tensor  # (B,) REL weight per sequence
+    needs_history: bool
+    needs_attention: bool
+    in_warmup: bool
+
+
+class SSTokenTrainer(SFTTrainer):
+    """`SFTTrainer` that trains on the tokens selected by ssToken (Qin et al., 2025).
+
+    A drop-in for `SFTTrainer`: it takes the same arguments, with an [`SSTokenConfig`] (a plain `SFTConfig` or
+    `TrainingArguments` is converted, with ssToken's defaults). REL-based selection (`"sstoken"`, `"rel"`) needs a PEFT
+    adapter (pass `peft_config`): the history model is the base weights, optionally plus a lagged or EMA copy of the
+    adapter.
+    """
+
+    _tag_names = ["trl", "sft", "sstoken"]
+    _name = "ssToken"
+    _paper = {
+        "title": "ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning",
+        "id": "2510.18250",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{qin2025sstoken,
+                title   = {{ssToken: Self-modulated and Semantic-aware Token Selection for LLM Fine-tuning}},
+                author  = {Xiaohan Qin and Xiaoxing Wang and Ning Liao and Cancheng Zhang and Xiangdong Zhang and Mingquan Feng and Jingzhi Wang and Junchi Yan},
+                journal = {arXiv preprint arXiv:2510.18250},
+                year    = 2025,
+            }"""),
+    }
+    # The training loss is normalised over the whole accumulation window here, so Trainer must not divide it again
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model, args=None, *trainer_args, **trainer_kwargs):
+        args = _as_sstoken_config(model, args)
+        if trainer_kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "SSTokenTrainer computes its own loss from the selected tokens; compute_loss_func cannot be combined "
+                "with it. Subclass SSTokenTrainer and override compute_loss instead."
+            )
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if self.label_smoother is not None and args.selection_method != "full":
+            raise ValueError("label_smoothing_factor is not supported with ssToken selection; set it to 0.")
+        method = args.selection_method
+        self._history = None
+        if method in REL_METHODS:
+            self._history = build_history(
+                self.model, args.history, args.history_update_steps, args.history_ema_alpha
+            )
+            self.add_callback(HistoryUpdateCallback(self._history))
+        self._attention = None
+        if method in ATTENTION_METHODS:
+            self._attention = AttentionCapture(self.model, args.attention_layer, args.attention_chunk_size)
+        self._window: WindowCounts | None = None
+        self._micro_step = 0
+        self._warned: set[str] = set()
+
+    # ----- the training step -----
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        regions = regions_from_batch(inputs)
+        plan = self._plan_step(regions)
+
+        history_logps = self._history_log_probs(model, inputs) if plan.needs_history else None
+        capture = self._attention.armed(regions.context, regions.valid) if plan.needs_attention else nullcontext()
+        with capture:
+            outputs = model(**inputs, fused_lm_head=True)
+        attention = self._attention.take()[:, 1:] if plan.needs_attention else None
+
+        current_logps = outputs.log_probs.detach()
+        keep = self._select(current_logps, history_logps, attention, regions, plan)
+        loss = self._selected_loss(outputs.log_probs, keep, regions)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / self.current_gradient_accumulation_steps
+
+        rel = retrospective_excess_loss(current_logps, history_logps) if history_logps is not None else None
+        self._log_selection_metrics(regions, keep, rel, attention, plan)
+        self._log_token_metrics(outputs, inputs)
+        self._micro_step += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _plan_step(self, regions: Regions) -> StepPlan:
+        args = self.args
+        method = args.selection_method
+        in_warmup = method in REL_METHODS and self.state.global_step < self._warmup_steps()
+        gamma = torch.full(regions.num_response.shape, 0.0 if in_warmup else args.effective_gamma)
+        if method in ("random", "full"):
+            return StepPlan(gamma, needs_history=False, needs_attention=False, in_warmup=False)
+
+        has_response = (regions.num_response > 0).cpu()
+        no_context = has_response & ~regions.has_context.cpu()
+        if bool(no_context.any()):
+            if method == "attention":
+                raise ValueError(
+                    f"selection_method='attention' needs a context (prompt) before each response, but "
+                    f"{int(no_context.sum())} sequence(s) in this batch have none (no label -100 position before their "
+                    "first response token), e.g. plain language-modeling text. Use selection_method='sstoken', which "
+                    "falls back to REL for such sequences, or a prompt-completion / conversational dataset."
+                )
+            self._warn_once(
+                "no_context",
+                "Some sequences have no context (prompt) before their response, so their attention score is "
+                "undefined; they are selected by REL only. The count is logged as sstoken/no_context_sequences.",
+            )
+            gamma = torch.where(no_context, 1.0, gamma)
+        active = gamma[has_response]
+        return StepPlan(
+            gamma,
+            needs_history=bool((active > 0).any()),
+            needs_attention=bool((active < 1).any()),
+            in_warmup=in_warmup,
+        )
+
+    def _warmup_steps(self) -> int:
+        """Optimizer steps at the start that select by attention only: ceil(ratio * max_steps)."""
+        return math.ceil(round(self.args.attention_warmup_ratio * self.state.max_steps, 6))
+
+    @torch.no_grad()
+    def _history_log_probs(self, model, inputs) -> torch.Tensor:
+        unwrapped = self.accelerator.unwrap_model(model)
+        with self._history.active():
+            return unwrapped(**inputs, fused_lm_head=True).log_probs
+
+    def _select(self, current_logps, history_logps, attention, regions: Regions, plan: StepPlan) -> torch.Tensor:
+        args = self.args
+        if args.selection_method == "full":
+            return regions.response
+        if args.selection_method == "random":
+            return select_random(regions.response, args.selection_ratio, self._random_generator())
+        return select_tokens(
+            current_logps, history_logps, attention, regions.response, args.selection_ratio, plan.gamma
+        )
+
+    def _random_generator(self) -> torch.Generator:
+        """A generator seeded by (seed, step, micro-step, process): reproducible and independent of the history."""
+        key = f"{self.args.seed}:{self.state.global_step}:{self._micro_step}:{self.args.process_index}"
+        return torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+
+    def _selected_loss(self, log_probs: torch.Tensor, keep: torch.Tensor, regions: Regions) -> torch.Tensor:
+        """NLL of the kept tokens over the configured denominator."""
+        window = self._window if self._window is not None else self._count_window([regions], log_probs.device)
+        kept_nll = -log_probs * keep.to(log_probs.dtype)  # (B, T-1)
+        normalization = self.args.selection_loss_normalization
+        if normalization == "selected":
+            loss = kept_nll.sum() / window.selected.clamp(min=1)
+        elif normalization == "all":
+            loss = kept_nll.sum() / window.responses.clamp(min=1)
+        else:  # "sequence": the paper's Eq. 10
+            per_sequence = kept_nll.sum(dim=-1) / keep.sum(dim=-1).clamp(min=1)
+            loss = per_sequence.sum() / window.sequences.clamp(min=1)
+        if window.across_processes:
+            # The denominator counts every process's tokens while DDP averages gradients: undo that average
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+    # ----- gradient-accumulation window -----
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Counts the kept tokens of the whole window before its first forward: k = ceil(ratio * n) needs labels only."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._window = self._count_window([regions_from_batch(batch) for batch in batch_samples], device)
+        self._micro_step = 0
+        return batch_samples, num_items_in_batch
+
+    def _count_window(self, window_regions: list[Regions], device) -> WindowCounts:
+        ratio = 1.0 if self.args.selection_method == "full" else self.args.selection_ratio
+        counts = torch.zeros(3, dtype=torch.long, device=device)
+        for regions in window_regions:
+            num_response = regions.num_response
+            counts += torch.stack(
+                [num_to_keep(regions.response, ratio).sum(), (num_response > 0).sum(), num_response.sum()]
+            ).to(device)
+        across = self.args.average_tokens_across_devices and self.args.world_size > 1
+        if across:
+            counts = self.accelerator.gather(counts).view(-1, 3).sum(dim=0)
+        return WindowCounts(counts[0], counts[1], counts[2], across)
+
+    # ----- logging -----
+
+    def _log_selection_metrics(self, regions, keep, rel, attention, plan: StepPlan):
+        response = regions.response
+        has_response = regions.num_response > 0
+        nothing = torch.zeros(0, dtype=torch.double, device=response.device)
+        rel_on = rel[response].double() if rel is not None else nothing
+        attention_on = attention[response].double() if attention is not None else nothing
+        local = torch.stack(
+            [
+                keep.sum().double(),
+                response.sum().double(),
+                rel_on.sum(),
+                (rel_on**2).sum(),
+                torch.tensor(rel_on.numel(), dtype=torch.double, device=response.device),
+                attention_on.sum(),
+                torch.tensor(attention_on.numel(), dtype=torch.double, device=response.device),
+                (~has_response).sum().double(),
+                (has_response & ~regions.has_context).sum().double(),
+            ]
+        )
+        totals = self.accelerator.gather_for_metrics(local).view(-1, local.numel()).sum(dim=0).tolist()
+        kept, responses, rel_sum, rel_sq, rel_n, attn_sum, attn_n, empty, no_context = totals
+        metrics = self._metrics["train"]
+        metrics[METRIC_PREFIX + "selected_fraction"].append(kept / responses if responses else 0.0)
+        metrics[METRIC_PREFIX + "warmup"].append(float(plan.in_warmup))
+        metrics[METRIC_PREFIX + "empty_sequences"].append(empty)
+        metrics[METRIC_PREFIX + "no_context_sequences"].append(no_context)
+        if rel_n:
+            mean = rel_sum / rel_n
+            metrics[METRIC_PREFIX + "rel_mean"].append(mean)
+            metrics[METRIC_PREFIX + "rel_std"].append(math.sqrt(max(rel_sq / rel_n - mean**2, 0.0)))
+        if attn_n:
+            metrics[METRIC_PREFIX + "attention_mean"].append(attn_sum / attn_n)
+        if empty:
+            self._warn_once(
+                "empty",
+                f"{int(empty)} sequence(s) in a training batch have no response token left (all labels are -100, "
+                "for example truncated away by max_length): nothing can be selected from them and they add nothing "
+                "to the loss. The count is logged as sstoken/empty_sequences.",
+            )
+
+    def _log_token_metrics(self, outputs, inputs):
+        """The metrics `SFTTrainer.compute_loss` logs, which this override replaces."""
+        metrics = self._metrics["train"]
+        num_valid = self.accelerator.gather_for_metrics(outputs.label_mask.sum()).sum()
+        entropy_sum = self.accelerator.gather_for_metrics(outputs.entropy.detach().sum()).sum()
+        num_correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum()).sum()
+        metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        self._total_train_tokens += num_tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+    def _warn_once(self, key: str, message: str):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # ----- saving -----
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Checkpoints keep the history adapter (exact resume); the final artifact holds only the trained adapter."""
+        history_adapter = getattr(self._history, "trained_adapter", None)
+        if _internal_call or history_adapter is None:
+            return super().save_model(output_dir, _internal_call)
+        peft_model = self.accelerator.unwrap_model(self.model)
+        peft_model.save_pretrained = _with_selected_adapters(peft_model.save_pretrained, [history_adapter])
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            del peft_model.save_pretrained
+
+
+def _with_selected_adapters(save_pretrained, adapters):
+    def save_only(*args, **kwargs):
+        kwargs.setdefault("selected_adapters", adapters)
+        return save_pretrained(*args, **kwargs)
+
+    return save_only
+
+
+def _as_sstoken_config(model, args) -> SSTokenConfig:
+    """Like SFTTrainer with SFTConfig: None gets defaults, other training arguments are converted."""
+    if args is None:
+        model_name = model if isinstance(model, str) else model.config._name_or_path
+        return SSTokenConfig(f"{str(model_name).split('/')[-1]}-SSToken")
+    if isinstance(args, SSTokenConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        dict_args = args.to_dict()
+        dict_args["hub_token"] = args.hub_token  # to_dict hides it
+        return SSTokenConfig(**dict_args)
+    raise TypeError(f"args must be an SSTokenConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
