@@ -317,6 +317,7 @@ def _as_sstoken_config(model, args) -> SSTokenConfig:
         return args
     if isinstance(args, TrainingArguments):
         dict_args = args.to_dict()
-        dict_args["hub_token"] = args.hub_token  # to_dict hides it
+        # to_dict masks every `*_token` field (hub_token, but also SFTConfig's eos_token and pad_token)
+        dict_args.update({name: getattr(args, name) for name in dict_args if name.endswith("_token")})
         return SSTokenConfig(**dict_args)
     raise TypeError(f"args must be an SSTokenConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")

@@ -1,0 +1,105 @@
+"""Shared tiny fixtures: everything is built locally, offline, on one CPU thread."""
+
+import copy
+import json
+import os
+from importlib import resources
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+
+from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
+from trl_sstoken.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _quickstart_rows():
+    text = resources.files("trl_sstoken").joinpath("data/quickstart.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+QUICKSTART_ROWS = _quickstart_rows()
+
+
+@pytest.fixture(scope="session")
+def rows():
+    return copy.deepcopy(QUICKSTART_ROWS)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    texts = [row["prompt"] + row["completion"] for row in QUICKSTART_ROWS]
+    texts.append("once upon a time there was a tiny model that liked words")
+    return build_tiny_tokenizer(texts)
+
+
+@pytest.fixture(scope="session")
+def dataset():
+    return Dataset.from_list(QUICKSTART_ROWS)
+
+
+def lora_config(**overrides):
+    settings = dict(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear")
+    settings.update(overrides)
+    return LoraConfig(**settings)
+
+
+def config(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        max_length=64,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return SSTokenConfig(**settings)
+
+
+@pytest.fixture
+def make_trainer(tmp_path, tokenizer, dataset):
+    """make_trainer(architecture="qwen2", peft=True, **config_overrides) -> SSTokenTrainer on a fresh tiny model."""
+
+    def make(architecture="qwen2", peft=True, train_dataset=None, trainer_class=SSTokenTrainer, lora=None, **overrides):
+        model = build_tiny_model(tokenizer, architecture=architecture)
+        return trainer_class(
+            model=model,
+            args=config(tmp_path, **overrides),
+            train_dataset=dataset if train_dataset is None else train_dataset,
+            processing_class=tokenizer,
+            peft_config=(lora or lora_config()) if peft else None,
+        )
+
+    return make
+
+
+def first_batch(trainer, size=None):
+    """A collated training batch on the trainer's device, in the order the trainer would see it."""
+    loader = trainer.get_train_dataloader()
+    batch = next(iter(loader))
+    if size is not None:
+        batch = {key: value[:size] for key, value in batch.items()}
+    return trainer._prepare_inputs(batch)
+
+
+def randomize_adapter(model, seed=1, scale=0.5):
+    """Gives LoRA B matrices non-zero values so the adapted model differs from its base."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.default" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)

@@ -1,0 +1,119 @@
+import dataclasses
+
+import pytest
+from trl import SFTConfig
+
+from trl_sstoken import SSTokenConfig, SSTokenTrainer
+from trl_sstoken.config import HISTORY_MODES, LOSS_NORMALIZATIONS, SELECTION_METHODS
+
+SSTOKEN_FIELDS = [
+    "selection_method",
+    "selection_ratio",
+    "selection_gamma",
+    "attention_layer",
+    "attention_warmup_ratio",
+    "attention_chunk_size",
+    "selection_loss_normalization",
+    "history",
+    "history_update_steps",
+    "history_ema_alpha",
+]
+
+
+def make(tmp_path, **overrides):
+    return SSTokenConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, **overrides)
+
+
+def test_defaults(tmp_path):
+    config = make(tmp_path)
+    assert isinstance(config, SFTConfig)
+    assert (config.selection_method, config.selection_ratio, config.selection_gamma) == ("sstoken", 0.6, 0.5)
+    assert (config.history, config.attention_layer, config.attention_warmup_ratio) == ("base", -1, 0.2)
+    assert config.selection_loss_normalization == "selected"
+
+
+def test_every_field_is_documented():
+    fields = {field.name: field for field in dataclasses.fields(SSTokenConfig)}
+    for name in SSTOKEN_FIELDS:
+        assert len(fields[name].metadata.get("help", "")) > 20, name
+        assert f"{name} (" in SSTokenConfig.__doc__, name
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("selection_method", "rho", "'sstoken'"),
+        ("selection_method", "SSTOKEN", "'rel'"),
+        ("history", "reference", "'lagged'"),
+        ("selection_loss_normalization", "mean", "'sequence'"),
+        ("selection_ratio", 0.0, r"\(0, 1\]"),
+        ("selection_ratio", 1.5, r"\(0, 1\]"),
+        ("selection_ratio", -0.2, r"\(0, 1\]"),
+        ("selection_ratio", float("nan"), r"\(0, 1\]"),
+        ("selection_ratio", "0.6", "number"),
+        ("selection_gamma", -0.1, r"\[0, 1\]"),
+        ("selection_gamma", 1.01, r"\[0, 1\]"),
+        ("attention_warmup_ratio", 1.2, r"\[0, 1\]"),
+        ("history_ema_alpha", 1.0, r"\[0, 1\)"),
+        ("history_ema_alpha", -0.5, r"\[0, 1\)"),
+        ("history_update_steps", 0, ">= 1"),
+        ("history_update_steps", 2.5, "integer"),
+        ("history_update_steps", True, "integer"),
+        ("attention_chunk_size", 0, ">= 1"),
+        ("attention_layer", 1.0, "integer"),
+    ],
+)
+def test_invalid_values_name_the_field(tmp_path, field, value, allowed):
+    with pytest.raises(ValueError, match=field) as error:
+        make(tmp_path, **{field: value})
+    assert repr(value) in str(error.value) or str(value) in str(error.value)
+    assert pytest.importorskip("re").search(allowed, str(error.value))
+
+
+@pytest.mark.parametrize("method", SELECTION_METHODS)
+@pytest.mark.parametrize("history", HISTORY_MODES)
+@pytest.mark.parametrize("normalization", LOSS_NORMALIZATIONS)
+def test_every_allowed_combination_is_accepted(tmp_path, method, history, normalization):
+    config = make(tmp_path, selection_method=method, history=history, selection_loss_normalization=normalization)
+    assert config.selection_method == method
+
+
+def test_effective_gamma(tmp_path):
+    assert make(tmp_path, selection_method="rel", selection_gamma=0.3).effective_gamma == 1.0
+    assert make(tmp_path, selection_method="attention", selection_gamma=0.3).effective_gamma == 0.0
+    assert make(tmp_path, selection_gamma=0.3).effective_gamma == 0.3
+
+
+def test_packing_is_refused_until_supported(tmp_path):
+    with pytest.raises(ValueError, match="packing"):
+        make(tmp_path, packing=True)
+    with pytest.raises(ValueError, match="padding_free"):
+        make(tmp_path, padding_free=True)
+    assert make(tmp_path, selection_method="full", packing=True).packing
+
+
+def test_dft_loss_is_refused_with_selection(tmp_path):
+    with pytest.raises(ValueError, match="loss_type"):
+        make(tmp_path, loss_type="dft")
+
+
+def test_plain_sft_config_is_converted(tmp_path, tokenizer, dataset):
+    from trl_sstoken.tiny import build_tiny_model
+
+    sft_args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_steps=1)
+    trainer = SSTokenTrainer(
+        model=build_tiny_model(tokenizer), args=sft_args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=pytest.importorskip("peft").LoraConfig(r=2, target_modules="all-linear"),
+    )
+    assert isinstance(trainer.args, SSTokenConfig)
+    assert trainer.args.max_steps == 1 and trainer.args.selection_method == "sstoken"
+
+
+def test_compute_loss_func_is_refused(tmp_path, tokenizer, dataset):
+    from trl_sstoken.tiny import build_tiny_model
+
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        SSTokenTrainer(
+            model=build_tiny_model(tokenizer), args=make(tmp_path, selection_method="random"),
+            train_dataset=dataset, processing_class=tokenizer, compute_loss_func=lambda *a, **k: 0,
+        )
