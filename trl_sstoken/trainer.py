@@ -48,6 +48,17 @@ class StepPlan:
     in_warmup: bool
 
 
+@dataclass
+class Selection:
+    """The outcome of scoring one micro-batch. Token tensors are (B, T-1), in prediction space."""
+
+    keep: torch.Tensor  # bool, the tokens trained on
+    regions: Regions
+    rel: torch.Tensor | None  # log p_cur - log p_hist, where the history forward ran
+    attention: torch.Tensor | None  # attention mass on the context, where it was captured
+    plan: StepPlan
+
+
 class SSTokenTrainer(SFTTrainer):
     """`SFTTrainer` that trains on the tokens selected by ssToken (Qin et al., 2025).
 
@@ -104,29 +115,47 @@ class SSTokenTrainer(SFTTrainer):
         if not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
+        outputs, selection = self._forward_and_select(model, inputs)
+        loss = self._selected_loss(outputs.log_probs, selection.keep, selection.regions)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / self.current_gradient_accumulation_steps
+        self._log_selection_metrics(selection)
+        self._log_token_metrics(outputs, inputs)
+        self._micro_step += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _forward_and_select(self, model, inputs) -> tuple:
+        """History forward (no grad), current forward with the capture armed, then scoring: (outputs, Selection)."""
+        inputs["use_cache"] = False
         regions = regions_from_batch(inputs)
         plan = self._plan_step(regions)
-
         history_logps = self._history_log_probs(model, inputs) if plan.needs_history else None
         capture = self._attention.armed(regions.context, regions.valid) if plan.needs_attention else nullcontext()
         with capture:
             outputs = model(**inputs, fused_lm_head=True)
         attention = self._attention.take()[:, 1:] if plan.needs_attention else None
-
         current_logps = outputs.log_probs.detach()
         keep = self._select(current_logps, history_logps, attention, regions, plan)
-        loss = self._selected_loss(outputs.log_probs, keep, regions)
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / self.current_gradient_accumulation_steps
-
         rel = retrospective_excess_loss(current_logps, history_logps) if history_logps is not None else None
-        self._log_selection_metrics(regions, keep, rel, attention, plan)
-        self._log_token_metrics(outputs, inputs)
-        self._micro_step += 1
-        return (loss, outputs) if return_outputs else loss
+        return outputs, Selection(keep=keep, regions=regions, rel=rel, attention=attention, plan=plan)
+
+    @torch.no_grad()
+    def preview_selection(self, inputs: dict) -> "Selection":
+        """Which tokens of a collated batch the current step would train on, without training or logging.
+
+        Runs the same forwards and scoring as a training step (including the warm-up rule at the current
+        `state.global_step`), in eval mode so that dropout does not blur the picture. All tensors of the result are
+        in prediction space: column j is token j + 1.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            _, selection = self._forward_and_select(self.model, self._prepare_inputs(dict(inputs)))
+        finally:
+            self.model.train(was_training)
+        return selection
 
     def _plan_step(self, regions: Regions) -> StepPlan:
         args = self.args
@@ -226,7 +255,8 @@ class SSTokenTrainer(SFTTrainer):
 
     # ----- logging -----
 
-    def _log_selection_metrics(self, regions, keep, rel, attention, plan: StepPlan):
+    def _log_selection_metrics(self, selection: Selection):
+        regions, keep, rel, attention = selection.regions, selection.keep, selection.rel, selection.attention
         response = regions.response
         has_response = regions.num_response > 0
         nothing = torch.zeros(0, dtype=torch.double, device=response.device)
@@ -249,7 +279,7 @@ class SSTokenTrainer(SFTTrainer):
         kept, responses, rel_sum, rel_sq, rel_n, attn_sum, attn_n, empty, no_context = totals
         metrics = self._metrics["train"]
         metrics[METRIC_PREFIX + "selected_fraction"].append(kept / responses if responses else 0.0)
-        metrics[METRIC_PREFIX + "warmup"].append(float(plan.in_warmup))
+        metrics[METRIC_PREFIX + "warmup"].append(float(selection.plan.in_warmup))
         metrics[METRIC_PREFIX + "empty_sequences"].append(empty)
         metrics[METRIC_PREFIX + "no_context_sequences"].append(no_context)
         if rel_n:
