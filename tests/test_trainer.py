@@ -272,3 +272,14 @@ def test_gradient_checkpointing_and_accumulation_end_to_end(make_trainer, archit
     trainer.train()
     assert trainer._attention.num_computations == 6  # once per micro-batch, never in the backward recompute
     assert all(math.isfinite(loss) for loss in logged(trainer, "loss"))
+
+
+def test_evaluation_is_plain_nll_over_every_response_token(make_trainer):
+    ours = make_trainer(selection_ratio=0.3, **DETERMINISTIC_LORA)
+    plain = make_trainer(trainer_class=SFTTrainer, **DETERMINISTIC_LORA)
+    randomize_adapter(ours.model)
+    randomize_adapter(plain.model)
+    eval_set = ours.train_dataset.select(range(8))
+    ours_metrics, plain_metrics = ours.evaluate(eval_set), plain.evaluate(eval_set)
+    assert ours_metrics["eval_loss"] == pytest.approx(plain_metrics["eval_loss"], rel=1e-6)
+    assert not any(key.startswith("eval_sstoken/") for key in ours_metrics)
