@@ -8,6 +8,7 @@ losses stay comparable with plain SFT.
 
 import hashlib
 import math
+import os
 import textwrap
 import warnings
 from contextlib import nullcontext
@@ -18,8 +19,17 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 
 from .attention import AttentionCapture
+from .collator import EXAMPLE_ID_COLUMN, EXAMPLE_IDS_KEY, SelectionCollator, add_example_ids
 from .config import SSTokenConfig
-from .history import HistoryUpdateCallback, build_history
+from .history import FrozenBaseHistory, HistoryUpdateCallback, build_history, is_peft_model
+from .history.cache import (
+    CACHE_FILE,
+    CachedHistory,
+    InitialWeightsHistory,
+    dataset_fingerprint,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
 from .regions import Regions, regions_from_batch
 from .scoring import num_to_keep, retrospective_excess_loss, select_random, select_tokens
 
@@ -96,11 +106,12 @@ class SSTokenTrainer(SFTTrainer):
         if self.label_smoother is not None and args.selection_method != "full":
             raise ValueError("label_smoothing_factor is not supported with ssToken selection; set it to 0.")
         method = args.selection_method
+        self.data_collator = SelectionCollator(self.data_collator)
+        if self.train_dataset is not None:
+            self.train_dataset = add_example_ids(self.train_dataset)
         self._history = None
         if method in REL_METHODS:
-            self._history = build_history(
-                self.model, args.history, args.history_update_steps, args.history_ema_alpha
-            )
+            self._history = self._build_history(args)
             self.add_callback(HistoryUpdateCallback(self._history))
         self._attention = None
         if method in ATTENTION_METHODS:
@@ -109,15 +120,55 @@ class SSTokenTrainer(SFTTrainer):
         self._micro_step = 0
         self._warned: set[str] = set()
 
+    def _build_history(self, args: SSTokenConfig):
+        if args.history_cache_dir is None:
+            return build_history(
+                self.model, args.history, args.history_update_steps, args.history_ema_alpha,
+                device=args.history_device, max_copy_gb=args.history_copy_max_gb,
+            )
+        source = FrozenBaseHistory(self.model) if is_peft_model(self.model) else InitialWeightsHistory()
+        return CachedHistory(source, os.path.join(args.history_cache_dir, CACHE_FILE), identity=None)
+
+    def _prepare_history_cache(self):
+        """Loads the cached base history, or builds it in one no-grad pass over the training set."""
+        if not isinstance(self._history, CachedHistory) or self._history.ready:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        base_model = model.get_base_model() if is_peft_model(model) else model
+        self._history.identity = {
+            "dataset": dataset_fingerprint(self.train_dataset),
+            "model": model_fingerprint(base_model),
+            "tokenizer": tokenizer_fingerprint(self.processing_class),
+        }
+        batch_size = self.args.history_cache_batch_size or 2 * self.args.per_device_train_batch_size
+        was_training = model.training
+        model.eval()
+        try:
+            with self.accelerator.main_process_first():
+                dataset = self._remove_unused_columns(self.train_dataset, description="history cache")
+                self._history.load_or_build(model, dataset, self.data_collator, batch_size, self.accelerator.device)
+        finally:
+            model.train(was_training)
+
+    def train(self, *args, **kwargs):
+        self._prepare_history_cache()
+        return super().train(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if EXAMPLE_ID_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, EXAMPLE_ID_COLUMN]
+
     # ----- the training step -----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        example_ids = inputs.pop(EXAMPLE_IDS_KEY, None)
         if not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        outputs, selection = self._forward_and_select(model, inputs)
+        outputs, selection = self._forward_and_select(model, inputs, example_ids)
         loss = self._selected_loss(outputs.log_probs, selection.keep, selection.regions)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / self.current_gradient_accumulation_steps
@@ -126,12 +177,12 @@ class SSTokenTrainer(SFTTrainer):
         self._micro_step += 1
         return (loss, outputs) if return_outputs else loss
 
-    def _forward_and_select(self, model, inputs) -> tuple:
+    def _forward_and_select(self, model, inputs, example_ids=None) -> tuple:
         """History forward (no grad), current forward with the capture armed, then scoring: (outputs, Selection)."""
         inputs["use_cache"] = False
         regions = regions_from_batch(inputs)
         plan = self._plan_step(regions)
-        history_logps = self._history_log_probs(model, inputs) if plan.needs_history else None
+        history_logps = self._history_log_probs(model, inputs, example_ids) if plan.needs_history else None
         capture = self._attention.armed(regions.context, regions.valid) if plan.needs_attention else nullcontext()
         with capture:
             outputs = model(**inputs, fused_lm_head=True)
@@ -151,8 +202,11 @@ class SSTokenTrainer(SFTTrainer):
         """
         was_training = self.model.training
         self.model.eval()
+        inputs = self._prepare_inputs(dict(inputs))
+        example_ids = inputs.pop(EXAMPLE_IDS_KEY, None)
+        self._prepare_history_cache()
         try:
-            _, selection = self._forward_and_select(self.model, self._prepare_inputs(dict(inputs)))
+            _, selection = self._forward_and_select(self.model, inputs, example_ids)
         finally:
             self.model.train(was_training)
         return selection
@@ -193,11 +247,11 @@ class SSTokenTrainer(SFTTrainer):
         """Optimizer steps at the start that select by attention only: ceil(ratio * max_steps)."""
         return math.ceil(round(self.args.attention_warmup_ratio * self.state.max_steps, 6))
 
-    @torch.no_grad()
-    def _history_log_probs(self, model, inputs) -> torch.Tensor:
-        unwrapped = self.accelerator.unwrap_model(model)
-        with self._history.active():
-            return unwrapped(**inputs, fused_lm_head=True).log_probs
+    def _history_log_probs(self, model, inputs, example_ids) -> torch.Tensor:
+        if isinstance(self._history, CachedHistory):
+            self._prepare_history_cache()
+            return self._history.log_probs(model, inputs, example_ids)
+        return self._history.log_probs(self.accelerator.unwrap_model(model), inputs)
 
     def _select(self, current_logps, history_logps, attention, regions: Regions, plan: StepPlan) -> torch.Tensor:
         args = self.args
@@ -320,7 +374,12 @@ class SSTokenTrainer(SFTTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints keep the history adapter (exact resume); the final artifact holds only the trained adapter."""
         history_adapter = getattr(self._history, "trained_adapter", None)
-        if _internal_call or history_adapter is None:
+        if _internal_call:
+            super().save_model(output_dir, _internal_call)
+            if self._history is not None and self.args.should_save:
+                self._history.save_checkpoint(output_dir or self.args.output_dir)
+            return None
+        if history_adapter is None:
             return super().save_model(output_dir, _internal_call)
         peft_model = self.accelerator.unwrap_model(self.model)
         peft_model.save_pretrained = _with_selected_adapters(peft_model.save_pretrained, [history_adapter])
@@ -328,6 +387,12 @@ class SSTokenTrainer(SFTTrainer):
             return super().save_model(output_dir, _internal_call)
         finally:
             del peft_model.save_pretrained
+
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._history is not None:
+            self._history.load_checkpoint(resume_from_checkpoint)
 
 
 def _with_selected_adapters(save_pretrained, adapters):
