@@ -185,13 +185,6 @@ class SSTokenConfig(SFTConfig):
                 f"loss_type={self.loss_type!r} cannot be combined with selection_method={self.selection_method!r}: "
                 "the selected tokens' loss is a plain NLL. Use loss_type='nll' (the default)."
             )
-        if self.selection_method != "full" and (self.packing or self.padding_free):
-            raise ValueError(
-                f"selection_method={self.selection_method!r} does not support packing=True or padding_free=True yet: "
-                "per-sequence selection in packed rows is not implemented. Set packing=False and padding_free=False, "
-                "or selection_method='full'."
-            )
-
     @property
     def effective_gamma(self) -> float:
         """The REL weight the selection method implies, outside the warm-up."""

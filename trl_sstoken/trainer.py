@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 
 from .attention import AttentionCapture
-from .collator import EXAMPLE_ID_COLUMN, EXAMPLE_IDS_KEY, SelectionCollator, add_example_ids
+from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_selection_fields
 from .config import SSTokenConfig
 from .history import FrozenBaseHistory, HistoryUpdateCallback, build_history, is_peft_model
 from .history.cache import (
@@ -31,7 +31,7 @@ from .history.cache import (
     tokenizer_fingerprint,
 )
 from .regions import Regions, regions_from_batch
-from .scoring import num_to_keep, retrospective_excess_loss, select_random, select_tokens
+from .scoring import keep_counts, retrospective_excess_loss, select_random, select_tokens
 
 METRIC_PREFIX = "sstoken/"
 REL_METHODS = ("sstoken", "rel")
@@ -162,13 +162,13 @@ class SSTokenTrainer(SFTTrainer):
     # ----- the training step -----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        example_ids = inputs.pop(EXAMPLE_IDS_KEY, None)
+        fields = pop_selection_fields(inputs)
         if not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        outputs, selection = self._forward_and_select(model, inputs, example_ids)
+        outputs, selection = self._forward_and_select(model, inputs, fields)
         loss = self._selected_loss(outputs.log_probs, selection.keep, selection.regions)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / self.current_gradient_accumulation_steps
@@ -177,13 +177,17 @@ class SSTokenTrainer(SFTTrainer):
         self._micro_step += 1
         return (loss, outputs) if return_outputs else loss
 
-    def _forward_and_select(self, model, inputs, example_ids=None) -> tuple:
+    def _forward_and_select(self, model, inputs, fields) -> tuple:
         """History forward (no grad), current forward with the capture armed, then scoring: (outputs, Selection)."""
         inputs["use_cache"] = False
-        regions = regions_from_batch(inputs)
+        regions = regions_from_batch({**inputs, **fields})
         plan = self._plan_step(regions)
-        history_logps = self._history_log_probs(model, inputs, example_ids) if plan.needs_history else None
-        capture = self._attention.armed(regions.context, regions.valid) if plan.needs_attention else nullcontext()
+        history_logps = self._history_log_probs(model, inputs, fields) if plan.needs_history else None
+        capture = (
+            self._attention.armed(regions.context, regions.valid, regions.sequence_ids)
+            if plan.needs_attention
+            else nullcontext()
+        )
         with capture:
             outputs = model(**inputs, fused_lm_head=True)
         attention = self._attention.take()[:, 1:] if plan.needs_attention else None
@@ -203,10 +207,10 @@ class SSTokenTrainer(SFTTrainer):
         was_training = self.model.training
         self.model.eval()
         inputs = self._prepare_inputs(dict(inputs))
-        example_ids = inputs.pop(EXAMPLE_IDS_KEY, None)
+        fields = pop_selection_fields(inputs)
         self._prepare_history_cache()
         try:
-            _, selection = self._forward_and_select(self.model, inputs, example_ids)
+            _, selection = self._forward_and_select(self.model, inputs, fields)
         finally:
             self.model.train(was_training)
         return selection
@@ -247,21 +251,28 @@ class SSTokenTrainer(SFTTrainer):
         """Optimizer steps at the start that select by attention only: ceil(ratio * max_steps)."""
         return math.ceil(round(self.args.attention_warmup_ratio * self.state.max_steps, 6))
 
-    def _history_log_probs(self, model, inputs, example_ids) -> torch.Tensor:
+    def _history_log_probs(self, model, inputs, fields) -> torch.Tensor:
         if isinstance(self._history, CachedHistory):
             self._prepare_history_cache()
-            return self._history.log_probs(model, inputs, example_ids)
-        return self._history.log_probs(self.accelerator.unwrap_model(model), inputs)
+        return self._history.log_probs(self.accelerator.unwrap_model(model), inputs, fields)
 
     def _select(self, current_logps, history_logps, attention, regions: Regions, plan: StepPlan) -> torch.Tensor:
+        """The keep mask, (B, T-1). Scoring runs on one row per original sequence (`regions.layout`), so packed and
+        padding-free batches are selected exactly like padded ones."""
         args = self.args
         if args.selection_method == "full":
             return regions.response
+        layout = regions.layout
+        response = layout.predictions_to_sequences(regions.response, False)
         if args.selection_method == "random":
-            return select_random(regions.response, args.selection_ratio, self._random_generator())
-        return select_tokens(
-            current_logps, history_logps, attention, regions.response, args.selection_ratio, plan.gamma
-        )
+            keep = select_random(response, args.selection_ratio, self._random_generator())
+        else:
+            per_sequence = [
+                None if values is None else layout.predictions_to_sequences(values.float(), 0.0)
+                for values in (current_logps, history_logps, attention)
+            ]
+            keep = select_tokens(*per_sequence, response, args.selection_ratio, plan.gamma)
+        return layout.sequences_to_predictions(keep, False)
 
     def _random_generator(self) -> torch.Generator:
         """A generator seeded by (seed, step, micro-step, process): reproducible and independent of the history."""
@@ -277,9 +288,11 @@ class SSTokenTrainer(SFTTrainer):
             loss = kept_nll.sum() / window.selected.clamp(min=1)
         elif normalization == "all":
             loss = kept_nll.sum() / window.responses.clamp(min=1)
-        else:  # "sequence": the paper's Eq. 10
-            per_sequence = kept_nll.sum(dim=-1) / keep.sum(dim=-1).clamp(min=1)
-            loss = per_sequence.sum() / window.sequences.clamp(min=1)
+        else:  # "sequence": the paper's Eq. 10, per original sequence even in packed rows
+            layout = regions.layout
+            kept_per_sequence = layout.predictions_to_sequences(kept_nll, 0.0).sum(dim=-1)
+            count_per_sequence = layout.predictions_to_sequences(keep, False).sum(dim=-1)
+            loss = (kept_per_sequence / count_per_sequence.clamp(min=1)).sum() / window.sequences.clamp(min=1)
         if window.across_processes:
             # The denominator counts every process's tokens while DDP averages gradients: undo that average
             loss = loss * self.accelerator.num_processes
@@ -300,7 +313,7 @@ class SSTokenTrainer(SFTTrainer):
         for regions in window_regions:
             num_response = regions.num_response
             counts += torch.stack(
-                [num_to_keep(regions.response, ratio).sum(), (num_response > 0).sum(), num_response.sum()]
+                [keep_counts(num_response, ratio).sum(), (num_response > 0).sum(), num_response.sum()]
             ).to(device)
         across = self.args.average_tokens_across_devices and self.args.world_size > 1
         if across:
@@ -358,7 +371,11 @@ class SSTokenTrainer(SFTTrainer):
         num_correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum()).sum()
         metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
-        num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        if "attention_mask" in inputs:
+            local_tokens = inputs["attention_mask"].sum()
+        else:  # padding-free: one row of real tokens
+            local_tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        num_tokens = self.accelerator.gather_for_metrics(local_tokens).sum().item()
         self._total_train_tokens += num_tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:

@@ -37,7 +37,7 @@ class FrozenBaseHistory:
         with self.peft_model.disable_adapter():
             yield
 
-    def log_probs(self, model, inputs) -> torch.Tensor:
+    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
         with self.active():
             return history_forward_log_probs(model, inputs)
 
@@ -106,7 +106,7 @@ class AdapterHistory:
             for param in self.history_params:
                 param.requires_grad_(False)
 
-    def log_probs(self, model, inputs) -> torch.Tensor:
+    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
         with self.active():
             return history_forward_log_probs(model, inputs)
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..collator import EXAMPLE_IDS_KEY
+from ..collator import EXAMPLE_IDS_KEY, TOKEN_EXAMPLE_KEY, pop_selection_fields
 
 CACHE_FILE = "history_logprobs.safetensors"
 FORMAT = "trl_sstoken.history_cache/1"
@@ -34,10 +34,13 @@ class HistoryCacheError(ValueError):
     """A history cache that cannot be used: stale, truncated or corrupt."""
 
 
-def prediction_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) columns whose predicted token and its predecessor are both real tokens: L - 1 per example."""
-    valid = attention_mask.bool()
-    return valid[:, :-1] & valid[:, 1:]
+def example_predictions(token_example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, owner), both (B, T-1): the prediction columns inside one example (L - 1 per example of L tokens), and
+    which example of the batch each belongs to. Row-major order of the masked columns is example order, in padded
+    and in padding-free batches alike."""
+    owner = token_example[:, 1:]
+    mask = (owner >= 0) & (owner == token_example[:, :-1])
+    return mask, owner
 
 
 def model_fingerprint(model, skip_substrings=("lora_", "modules_to_save", "trainable_tokens")) -> str:
@@ -74,7 +77,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def dataset_fingerprint(dataset) -> str:
-    """A fingerprint of the prepared training set's content: every row's input ids and labels, in order.
+    """A fingerprint of the prepared training set's content: every row's input ids, labels and packed sequence
+    lengths, in order.
 
     Hashing the content rather than trusting `Dataset._fingerprint` keeps the key stable across runs even when
     `datasets` cannot hash a preparation function (it then draws a random fingerprint).
@@ -86,7 +90,7 @@ def dataset_fingerprint(dataset) -> str:
             "base history on the fly."
         )
     digest = hashlib.sha256()
-    columns = [c for c in ("input_ids", "labels") if c in dataset.column_names]
+    columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in dataset.column_names]
     for batch in dataset.select_columns(columns).with_format("numpy").iter(batch_size=1024):
         for column in columns:
             for row in batch[column]:
@@ -157,12 +161,13 @@ def compute_log_probs(history, model, dataset, collate, batch_size: int, device)
     for start in tqdm(range(0, len(dataset), batch_size), desc="Caching history log-probs", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
-        example_ids = batch.pop(EXAMPLE_IDS_KEY, None)
-        if example_ids is not None and example_ids.tolist() != list(range(start, start + len(rows))):
+        fields = pop_selection_fields(batch)
+        if fields[EXAMPLE_IDS_KEY].tolist() != list(range(start, start + len(rows))):
             raise RuntimeError("The caching pass must see the training set in index order.")
         log_probs = history.log_probs(model, batch).float().cpu()
-        mask = prediction_mask(batch["attention_mask"]).cpu()
-        per_example.extend(log_probs[row][mask[row]] for row in range(len(rows)))
+        mask, owner = example_predictions(fields[TOKEN_EXAMPLE_KEY].cpu())
+        lengths = torch.bincount(owner[mask], minlength=len(rows)).tolist()
+        per_example.extend(torch.split(log_probs[mask], lengths))
     return per_example
 
 
@@ -196,19 +201,20 @@ class CachedHistory:
         write_cache(self.path, self.identity, per_example)
         self.values, self.offsets = read_cache(self.path, self.identity)
 
-    def log_probs(self, model, inputs, example_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
         if not self.ready:
             raise RuntimeError("The history cache is not loaded; SSTokenTrainer.train() builds or loads it first.")
-        if example_ids is None:
+        fields = fields or {}
+        if EXAMPLE_IDS_KEY not in fields or TOKEN_EXAMPLE_KEY not in fields:
             raise ValueError(
-                "A cached history needs each example's index in the batch (`sstoken_example_ids`), which the "
-                "trainer's collator hook adds; this batch has none. Was the data collator replaced after the "
-                "trainer was built?"
+                "A cached history needs each example's index and position in the batch (`sstoken_example_ids`, "
+                "`sstoken_token_example`), which the trainer's collator hook adds; this batch has none. Was the data "
+                "collator replaced after the trainer was built?"
             )
-        mask = prediction_mask(inputs["attention_mask"])
-        ids = example_ids.cpu().long()
+        mask, owner = example_predictions(fields[TOKEN_EXAMPLE_KEY])
+        ids = fields[EXAMPLE_IDS_KEY].cpu().long()
         starts, stops = self.offsets[ids], self.offsets[ids + 1]
-        lengths = mask.sum(dim=-1).cpu()
+        lengths = torch.bincount(owner[mask].cpu(), minlength=len(ids))
         if not torch.equal(lengths, stops - starts):
             bad = int((lengths != stops - starts).nonzero()[0, 0])
             raise HistoryCacheError(
@@ -216,9 +222,9 @@ class CachedHistory:
                 f"{int(stops[bad] - starts[bad])} cached log-probs but {int(lengths[bad])} predicted tokens in the "
                 "batch. The training set changed after the cache was built; delete it to recompute."
             )
-        row_offsets = torch.cumsum(lengths, 0) - lengths
-        within_row = torch.arange(int(lengths.sum())) - torch.repeat_interleave(row_offsets, lengths)
-        gathered = self.values[torch.repeat_interleave(starts, lengths) + within_row]
+        example_offsets = torch.cumsum(lengths, 0) - lengths
+        within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(example_offsets, lengths)
+        gathered = self.values[torch.repeat_interleave(starts, lengths) + within]
         out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         out[mask] = gathered.to(mask.device)
         return out
@@ -238,6 +244,6 @@ class InitialWeightsHistory:
 
     parameter_bytes = 0
 
-    def log_probs(self, model, inputs, example_ids=None) -> torch.Tensor:
+    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
         with torch.no_grad():
             return model(**inputs, fused_lm_head=True).log_probs

@@ -44,7 +44,7 @@ class ModelCopyHistory:
         self.copy_params = [copies[name] for name, _ in model.named_parameters()]
 
     @torch.no_grad()
-    def log_probs(self, model, inputs) -> torch.Tensor:
+    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
         device = next(iter(v for v in inputs.values() if torch.is_tensor(v))).device
         moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         return self.model(**moved, fused_lm_head=True).log_probs.to(device)
