@@ -28,7 +28,7 @@ ROWS = [
 ]
 
 
-def run(out_dir, batch_size, accumulation, method, normalization):
+def run(out_dir, batch_size, accumulation, method, normalization, fsdp=False):
     torch.set_num_threads(1)
     tokenizer = build_tiny_tokenizer([row["prompt"] + row["completion"] for row in ROWS])
     model = build_tiny_model(tokenizer)
@@ -37,6 +37,7 @@ def run(out_dir, batch_size, accumulation, method, normalization):
         gradient_accumulation_steps=accumulation, learning_rate=1e-2, report_to="none", use_cpu=True, bf16=False,
         save_strategy="no", seed=0, selection_method=method, selection_loss_normalization=normalization,
         attention_warmup_ratio=0.0, logging_steps=1, max_grad_norm=1e9, optim="sgd",
+        **(dict(fsdp=True, fsdp_config={"fsdp_version": 2}) if fsdp else {}),
     )
     trainer = SSTokenTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer,
@@ -52,14 +53,20 @@ def run(out_dir, batch_size, accumulation, method, normalization):
         initial = {n: p.detach().clone().contiguous() for n, p in trainer.model.named_parameters() if ".default." in n}
         save_file(initial, os.path.join(out_dir, "adapter_initial.safetensors"))
     trainer.train()
+    sharded = any(type(p).__name__ == "DTensor" for p in trainer.model_wrapped.parameters())
+    adapter = {
+        n: (p.full_tensor() if type(p).__name__ == "DTensor" else p).detach().contiguous()
+        for n, p in trainer.model.named_parameters()
+        if ".default." in n
+    }
     if trainer.accelerator.is_main_process:
-        adapter = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if ".default." in n}
         save_file(adapter, os.path.join(out_dir, "adapter.safetensors"))
         loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][0]
         with open(os.path.join(out_dir, "result.json"), "w") as handle:
-            json.dump({"loss": loss, "world_size": trainer.accelerator.num_processes}, handle)
+            json.dump({"loss": loss, "world_size": trainer.accelerator.num_processes, "fsdp": trainer.is_fsdp_enabled,
+                       "sharded": sharded}, handle)
 
 
 if __name__ == "__main__":
     out, batch, accumulation, method, normalization = sys.argv[1:6]
-    run(out, int(batch), int(accumulation), method, normalization)
+    run(out, int(batch), int(accumulation), method, normalization, fsdp=sys.argv[6:7] == ["fsdp"])

@@ -122,6 +122,12 @@ class SSTokenTrainer(SFTTrainer):
 
     def _build_history(self, args: SSTokenConfig):
         if args.history_cache_dir is None:
+            if not is_peft_model(self.model) and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                raise ValueError(
+                    f"history={args.history!r} with full fine-tuning under FSDP or DeepSpeed would copy the whole, "
+                    "unsharded model on every process. Use history='base' with history_cache_dir (no copy at all) "
+                    "or train a LoRA adapter (peft_config), whose history shards with the model."
+                )
             return build_history(
                 self.model, args.history, args.history_update_steps, args.history_ema_alpha,
                 device=args.history_device, max_copy_gb=args.history_copy_max_gb,
