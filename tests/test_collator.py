@@ -35,3 +35,28 @@ def test_attributes_of_the_wrapped_collator_stay_visible(make_trainer):
     trainer = make_trainer()
     assert isinstance(trainer.data_collator, SelectionCollator)
     assert trainer.data_collator.pad_token_id == trainer.data_collator.collator.pad_token_id
+
+
+def test_a_user_collator_passed_to_the_trainer_is_wrapped(make_trainer, tokenizer, dataset, tmp_path):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from conftest import config, lora_config
+    from trl_sstoken import SSTokenTrainer
+    from trl_sstoken.tiny import build_tiny_model
+
+    calls = []
+    inner = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=16)
+
+    def user_collator(examples):
+        calls.append(len(examples))
+        return inner(examples)
+
+    trainer = SSTokenTrainer(
+        model=build_tiny_model(tokenizer), args=config(tmp_path, max_steps=2, attention_warmup_ratio=0.0),
+        train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(), data_collator=user_collator,
+    )
+    assert trainer.data_collator.collator is user_collator
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[1] % 16 == 0 and EXAMPLE_IDS_KEY in batch
+    trainer.train()
+    assert calls and trainer.state.global_step == 2
