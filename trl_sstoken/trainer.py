@@ -31,11 +31,22 @@ from .history.cache import (
     tokenizer_fingerprint,
 )
 from .regions import Regions, regions_from_batch
-from .scoring import keep_counts, retrospective_excess_loss, select_random, select_tokens
+from .reference import ReferenceAdapter, ReferenceModel
+from .scoring import (
+    excess_loss,
+    keep_counts,
+    probability_weights,
+    retrospective_excess_loss,
+    select_by_probability,
+    select_random,
+    select_tokens,
+    top_k_per_batch,
+)
 
 METRIC_PREFIX = "sstoken/"
 REL_METHODS = ("sstoken", "rel")
 ATTENTION_METHODS = ("sstoken", "rel", "attention")  # "rel" uses attention during the warm-up
+SEQUENCE_TOP_K_METHODS = ("sstoken", "rel", "attention", "random")  # keep ceil(ratio * n) per sequence
 
 
 @dataclass
@@ -56,6 +67,7 @@ class StepPlan:
     needs_history: bool
     needs_attention: bool
     in_warmup: bool
+    needs_reference: bool = False
 
 
 @dataclass
@@ -67,6 +79,7 @@ class Selection:
     rel: torch.Tensor | None  # log p_cur - log p_hist, where the history forward ran
     attention: torch.Tensor | None  # attention mass on the context, where it was captured
     plan: StepPlan
+    excess_loss: torch.Tensor | None = None  # rho1: L_cur - L_ref
 
 
 class SSTokenTrainer(SFTTrainer):
@@ -113,6 +126,9 @@ class SSTokenTrainer(SFTTrainer):
         if method in REL_METHODS:
             self._history = self._build_history(args)
             self.add_callback(HistoryUpdateCallback(self._history))
+        self._reference = None
+        if method == "rho1":
+            self._reference = self._build_reference(args)
         self._attention = None
         if method in ATTENTION_METHODS:
             self._attention = AttentionCapture(self.model, args.attention_layer, args.attention_chunk_size)
@@ -134,6 +150,12 @@ class SSTokenTrainer(SFTTrainer):
             )
         source = FrozenBaseHistory(self.model) if is_peft_model(self.model) else InitialWeightsHistory()
         return CachedHistory(source, os.path.join(args.history_cache_dir, CACHE_FILE), identity=None)
+
+    def _build_reference(self, args: SSTokenConfig):
+        if args.reference_adapter is not None:
+            return ReferenceAdapter(args.reference_adapter, self.model)
+        model = self.accelerator.unwrap_model(self.model)
+        return ReferenceModel(args.reference_model, model, self.processing_class, args.trust_remote_code)
 
     def _prepare_history_cache(self):
         """Loads the cached base history, or builds it in one no-grad pass over the training set."""
@@ -189,6 +211,9 @@ class SSTokenTrainer(SFTTrainer):
         regions = regions_from_batch({**inputs, **fields})
         plan = self._plan_step(regions)
         history_logps = self._history_log_probs(model, inputs, fields) if plan.needs_history else None
+        reference_logps = (
+            self._reference.log_probs(self.accelerator.unwrap_model(model), inputs) if plan.needs_reference else None
+        )
         capture = (
             self._attention.armed(regions.context, regions.valid, regions.sequence_ids)
             if plan.needs_attention
@@ -198,9 +223,10 @@ class SSTokenTrainer(SFTTrainer):
             outputs = model(**inputs, fused_lm_head=True)
         attention = self._attention.take()[:, 1:] if plan.needs_attention else None
         current_logps = outputs.log_probs.detach()
-        keep = self._select(current_logps, history_logps, attention, regions, plan)
+        excess = excess_loss(current_logps, reference_logps) if reference_logps is not None else None
+        keep = self._select(current_logps, history_logps, attention, regions, plan, excess)
         rel = retrospective_excess_loss(current_logps, history_logps) if history_logps is not None else None
-        return outputs, Selection(keep=keep, regions=regions, rel=rel, attention=attention, plan=plan)
+        return outputs, Selection(keep, regions, rel, attention, plan, excess)
 
     @torch.no_grad()
     def preview_selection(self, inputs: dict) -> "Selection":
@@ -226,8 +252,8 @@ class SSTokenTrainer(SFTTrainer):
         method = args.selection_method
         in_warmup = method in REL_METHODS and self.state.global_step < self._warmup_steps()
         gamma = torch.full(regions.num_response.shape, 0.0 if in_warmup else args.effective_gamma)
-        if method in ("random", "full"):
-            return StepPlan(gamma, needs_history=False, needs_attention=False, in_warmup=False)
+        if method not in ATTENTION_METHODS:  # random, full and the baselines need neither REL nor attention
+            return StepPlan(gamma, False, False, in_warmup=False, needs_reference=method == "rho1")
 
         has_response = (regions.num_response > 0).cpu()
         no_context = has_response & ~regions.has_context.cpu()
@@ -262,12 +288,16 @@ class SSTokenTrainer(SFTTrainer):
             self._prepare_history_cache()
         return self._history.log_probs(self.accelerator.unwrap_model(model), inputs, fields)
 
-    def _select(self, current_logps, history_logps, attention, regions: Regions, plan: StepPlan) -> torch.Tensor:
-        """The keep mask, (B, T-1). Scoring runs on one row per original sequence (`regions.layout`), so packed and
-        padding-free batches are selected exactly like padded ones."""
+    def _select(self, current_logps, history_logps, attention, regions: Regions, plan: StepPlan, excess=None):
+        """The keep mask, (B, T-1). Per-sequence methods score one row per original sequence (`regions.layout`), so
+        packed and padding-free batches are selected exactly like padded ones."""
         args = self.args
-        if args.selection_method == "full":
+        if args.selection_method in ("full", "dft"):
             return regions.response
+        if args.selection_method == "rho1":
+            return top_k_per_batch(excess, regions.response, args.selection_ratio)
+        if args.selection_method == "profit":
+            return select_by_probability(current_logps, regions.response, args.profit_threshold)
         layout = regions.layout
         response = layout.predictions_to_sequences(regions.response, False)
         if args.selection_method == "random":
@@ -288,7 +318,10 @@ class SSTokenTrainer(SFTTrainer):
     def _selected_loss(self, log_probs: torch.Tensor, keep: torch.Tensor, regions: Regions) -> torch.Tensor:
         """NLL of the kept tokens over the configured denominator."""
         window = self._window if self._window is not None else self._count_window([regions], log_probs.device)
-        kept_nll = -log_probs * keep.to(log_probs.dtype)  # (B, T-1)
+        weights = keep.to(log_probs.dtype)
+        if self.args.selection_method == "dft":
+            weights = probability_weights(log_probs, keep).to(log_probs.dtype)
+        kept_nll = -log_probs * weights  # (B, T-1)
         normalization = self.args.selection_loss_normalization
         if normalization == "selected":
             loss = kept_nll.sum() / window.selected.clamp(min=1)
@@ -314,13 +347,19 @@ class SSTokenTrainer(SFTTrainer):
         return batch_samples, num_items_in_batch
 
     def _count_window(self, window_regions: list[Regions], device) -> WindowCounts:
-        ratio = 1.0 if self.args.selection_method == "full" else self.args.selection_ratio
+        """Kept tokens, sequences with a response and response tokens of the window. The kept count follows from
+        labels alone for every method that allows `selected` normalisation (`profit` does not)."""
+        method, ratio = self.args.selection_method, self.args.selection_ratio
         counts = torch.zeros(3, dtype=torch.long, device=device)
         for regions in window_regions:
             num_response = regions.num_response
-            counts += torch.stack(
-                [keep_counts(num_response, ratio).sum(), (num_response > 0).sum(), num_response.sum()]
-            ).to(device)
+            if method in SEQUENCE_TOP_K_METHODS:
+                kept = keep_counts(num_response, ratio).sum()
+            elif method == "rho1":  # top-k over the whole micro-batch
+                kept = keep_counts(num_response.sum().reshape(1), ratio).sum()
+            else:  # full, dft (and profit, whose kept count is never used as a denominator)
+                kept = num_response.sum()
+            counts += torch.stack([kept, (num_response > 0).sum(), num_response.sum()]).to(device)
         across = self.args.average_tokens_across_devices and self.args.world_size > 1
         if across:
             counts = self.accelerator.gather(counts).view(-1, 3).sum(dim=0)
@@ -396,16 +435,16 @@ class SSTokenTrainer(SFTTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints keep the history adapter (exact resume); the final artifact holds only the trained adapter."""
-        history_adapter = getattr(self._history, "trained_adapter", None)
         if _internal_call:
             super().save_model(output_dir, _internal_call)
             if self._history is not None and self.args.should_save:
                 self._history.save_checkpoint(output_dir or self.args.output_dir)
             return None
-        if history_adapter is None:
-            return super().save_model(output_dir, _internal_call)
         peft_model = self.accelerator.unwrap_model(self.model)
-        peft_model.save_pretrained = _with_selected_adapters(peft_model.save_pretrained, [history_adapter])
+        if not is_peft_model(peft_model) or len(peft_model.peft_config) == 1:
+            return super().save_model(output_dir, _internal_call)
+        # Only the trained adapter is the artefact: not the history adapter, not a Rho-1 reference adapter
+        peft_model.save_pretrained = _with_selected_adapters(peft_model.save_pretrained, [peft_model.active_adapter])
         try:
             return super().save_model(output_dir, _internal_call)
         finally:
