@@ -16,6 +16,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CAPTURE_ATTRIBUTE = "_sstoken_attention_capture"
+PACKING_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+
+
+class AttentionUnavailableError(ValueError):
+    """The model's attention cannot be captured (unknown architecture or attention implementation)."""
 IMPLEMENTATION_PREFIX = "sstoken_"
 
 
@@ -177,9 +182,10 @@ def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The self-attention module of each decoder layer, in depth order."""
     modules = [module for name, module in model.named_modules() if name.endswith("self_attn")]
     if not modules:
-        raise ValueError(
+        raise AttentionUnavailableError(
             f"Cannot find the self-attention layers of {type(model).__name__} (no module named '*.self_attn'), so its "
-            "attention to the context cannot be captured. Use selection_method='rel', 'random' or 'full'."
+            "attention to the context cannot be captured. Set allow_rel_fallback=True to select by REL alone, or use "
+            "selection_method='random', 'full' or a baseline."
         )
     return modules
 
@@ -200,7 +206,10 @@ def _register_capturing_implementation(base_name: str) -> str:
     if name in ALL_ATTENTION_FUNCTIONS:
         return name
     if base_name != "eager" and base_name not in ALL_ATTENTION_FUNCTIONS:
-        raise ValueError(f"Cannot capture attention under the unknown implementation {base_name!r}.")
+        raise AttentionUnavailableError(
+            f"Cannot capture attention under the attention implementation {base_name!r}; supported: 'eager' and "
+            f"{sorted(ALL_ATTENTION_FUNCTIONS)}. Set allow_rel_fallback=True to select by REL alone."
+        )
 
     def capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
         capture = getattr(module, CAPTURE_ATTRIBUTE, None)

@@ -31,6 +31,9 @@ class SSTokenConfig(SFTConfig):
         Decoder layer whose attention to the context is measured. Negative values count from the end.
     attention_warmup_ratio (`float`, *optional*, defaults to `0.2`):
         Fraction of the training steps at the start during which REL-based methods select by attention only.
+    allow_rel_fallback (`bool`, *optional*, defaults to `False`):
+        If the model's attention cannot be captured (an architecture without `*.self_attn` modules or an unknown
+        attention implementation), select by REL alone (warm-up included) instead of raising.
     attention_chunk_size (`int`, *optional*, defaults to `256`):
         Number of query rows whose attention is materialised at a time when computing the attention score.
     selection_loss_normalization (`str`, *optional*, defaults to `"selected"`):
@@ -101,6 +104,13 @@ class SSTokenConfig(SFTConfig):
         metadata={
             "help": "Fraction of training steps at the start during which 'sstoken' and 'rel' select by attention "
             "only, because the history still equals the current model. In [0, 1]."
+        },
+    )
+    allow_rel_fallback: bool = field(
+        default=False,
+        metadata={
+            "help": "If the model's attention cannot be captured, select by REL alone (warm-up included) instead of "
+            "raising. Only for 'sstoken' and 'rel'."
         },
     )
     attention_chunk_size: int = field(

@@ -9,6 +9,7 @@ losses stay comparable with plain SFT.
 import hashlib
 import math
 import os
+import re
 import textwrap
 import warnings
 from contextlib import nullcontext
@@ -18,7 +19,7 @@ import torch
 from transformers import TrainingArguments
 from trl import SFTTrainer
 
-from .attention import AttentionCapture
+from .attention import PACKING_IMPLEMENTATIONS, AttentionCapture, AttentionUnavailableError
 from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_selection_fields
 from .config import SSTokenConfig
 from .history import FrozenBaseHistory, HistoryUpdateCallback, build_history, is_peft_model
@@ -44,6 +45,7 @@ from .scoring import (
 )
 
 METRIC_PREFIX = "sstoken/"
+CHECKPOINT_MARKER = "sstoken_checkpoint_complete.json"
 REL_METHODS = ("sstoken", "rel")
 ATTENTION_METHODS = ("sstoken", "rel", "attention")  # "rel" uses attention during the warm-up
 SEQUENCE_TOP_K_METHODS = ("sstoken", "rel", "attention", "random")  # keep ceil(ratio * n) per sequence
@@ -131,7 +133,8 @@ class SSTokenTrainer(SFTTrainer):
             self._reference = self._build_reference(args)
         self._attention = None
         if method in ATTENTION_METHODS:
-            self._attention = AttentionCapture(self.model, args.attention_layer, args.attention_chunk_size)
+            self._attention = self._build_attention_capture(args)
+        self._warn_about_dropped_examples(args, trainer_args, trainer_kwargs)
         self._window: WindowCounts | None = None
         self._micro_step = 0
         self._warned: set[str] = set()
@@ -150,6 +153,36 @@ class SSTokenTrainer(SFTTrainer):
             )
         source = FrozenBaseHistory(self.model) if is_peft_model(self.model) else InitialWeightsHistory()
         return CachedHistory(source, os.path.join(args.history_cache_dir, CACHE_FILE), identity=None)
+
+    def _build_attention_capture(self, args: SSTokenConfig):
+        implementation = self.accelerator.unwrap_model(self.model).config._attn_implementation
+        if self.padding_free and implementation not in PACKING_IMPLEMENTATIONS:
+            raise ValueError(
+                f"padding-free batches (padding_free=True or packing with a 'bfd' strategy) need an attention "
+                f"implementation that keeps packed sequences apart; {implementation!r} does not. Use one of "
+                f"{list(PACKING_IMPLEMENTATIONS)} (attn_implementation when loading the model)."
+            )
+        try:
+            return AttentionCapture(self.model, args.attention_layer, args.attention_chunk_size)
+        except AttentionUnavailableError as error:
+            if args.selection_method == "attention" or not args.allow_rel_fallback:
+                raise
+            warnings.warn(f"{error} Falling back to REL-only selection (allow_rel_fallback=True).", stacklevel=3)
+            return None
+
+    def _warn_about_dropped_examples(self, args, trainer_args, trainer_kwargs):
+        """TRL silently drops examples with no response token left (e.g. truncated away by max_length): say so."""
+        original = trainer_kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        prepared = self.train_dataset
+        if args.packing or not hasattr(original, "__len__") or not hasattr(prepared, "__len__"):
+            return
+        dropped = len(original) - len(prepared)
+        if dropped > 0:
+            warnings.warn(
+                f"{dropped} of {len(original)} training examples have no response token left after preparation "
+                f"(e.g. truncated away by max_length={args.max_length}) and were dropped; check max_length.",
+                stacklevel=3,
+            )
 
     def _build_reference(self, args: SSTokenConfig):
         if args.reference_adapter is not None:
@@ -178,10 +211,6 @@ class SSTokenTrainer(SFTTrainer):
         finally:
             model.train(was_training)
 
-    def train(self, *args, **kwargs):
-        self._prepare_history_cache()
-        return super().train(*args, **kwargs)
-
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if EXAMPLE_ID_COLUMN not in self._signature_columns:
@@ -197,6 +226,11 @@ class SSTokenTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
         outputs, selection = self._forward_and_select(model, inputs, fields)
+        if not self._signals_are_finite(outputs.log_probs, selection):
+            loss = self._skipped_batch_loss()
+            self._micro_step += 1
+            return (loss, outputs) if return_outputs else loss
+        self._metrics["train"][METRIC_PREFIX + "nonfinite_skipped"].append(0.0)
         loss = self._selected_loss(outputs.log_probs, selection.keep, selection.regions)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / self.current_gradient_accumulation_steps
@@ -247,6 +281,31 @@ class SSTokenTrainer(SFTTrainer):
             self.model.train(was_training)
         return selection
 
+    def _signals_are_finite(self, log_probs, selection: "Selection") -> bool:
+        """NaN or inf in the current, history or reference log-probs of response tokens would turn the selection and
+        the update into garbage: such a micro-batch is skipped (warning + `sstoken/nonfinite_skipped`)."""
+        response = selection.regions.response
+        finite = torch.isfinite(log_probs.detach()[response]).all()
+        for signal in (selection.rel, selection.excess_loss):
+            if signal is not None:
+                finite = finite & torch.isfinite(signal[response]).all()
+        if bool(finite):
+            return True
+        self._metrics["train"][METRIC_PREFIX + "nonfinite_skipped"].append(1.0)
+        self._warn_once(
+            "nonfinite",
+            f"Non-finite log-probabilities (NaN or inf) in a training batch at step {self.state.global_step}: the "
+            "batch is skipped (it adds no gradient) and counted in sstoken/nonfinite_skipped. Frequent skips point "
+            "at a diverging model (lower the learning rate) or at fp16 overflow (use bf16).",
+        )
+        return False
+
+    def _skipped_batch_loss(self) -> torch.Tensor:
+        """A zero loss that still touches every trainable parameter (with zero gradient), so that DDP's gradient
+        all-reduce sees the same parameters on every process."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return sum((p.reshape(-1)[:1].nan_to_num(0.0, 0.0, 0.0) * 0.0).sum() for p in params)
+
     def _plan_step(self, regions: Regions) -> StepPlan:
         args = self.args
         method = args.selection_method
@@ -254,6 +313,8 @@ class SSTokenTrainer(SFTTrainer):
         gamma = torch.full(regions.num_response.shape, 0.0 if in_warmup else args.effective_gamma)
         if method not in ATTENTION_METHODS:  # random, full and the baselines need neither REL nor attention
             return StepPlan(gamma, False, False, in_warmup=False, needs_reference=method == "rho1")
+        if self._attention is None:  # allow_rel_fallback: the attention cannot be captured
+            return StepPlan(torch.ones_like(gamma), needs_history=True, needs_attention=False, in_warmup=False)
 
         has_response = (regions.num_response > 0).cpu()
         no_context = has_response & ~regions.has_context.cpu()
@@ -431,7 +492,28 @@ class SSTokenTrainer(SFTTrainer):
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    # ----- saving -----
+    # ----- saving and resuming -----
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            mark_checkpoint_complete(checkpoint, self.state.global_step)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """As `Trainer.train`, but `resume_from_checkpoint=True` takes the last *complete* checkpoint: one that a
+        crash interrupted while it was being written is skipped, never loaded."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        elif isinstance(resume_from_checkpoint, str) and not is_checkpoint_complete(resume_from_checkpoint):
+            raise ValueError(
+                f"The checkpoint {resume_from_checkpoint} is incomplete: it has no {CHECKPOINT_MARKER}, which "
+                "SSTokenTrainer writes after everything else, so writing it was interrupted. Resume from an earlier "
+                "checkpoint, or pass resume_from_checkpoint=True to take the last complete one."
+            )
+        self._prepare_history_cache()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints keep the history adapter (exact resume); the final artifact holds only the trained adapter."""
@@ -455,6 +537,30 @@ class SSTokenTrainer(SFTTrainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self._history is not None:
             self._history.load_checkpoint(resume_from_checkpoint)
+
+
+def mark_checkpoint_complete(checkpoint: str, global_step: int) -> None:
+    with open(os.path.join(checkpoint, CHECKPOINT_MARKER), "w") as handle:
+        handle.write(f'{{"global_step": {global_step}}}\n')
+
+
+def is_checkpoint_complete(checkpoint: str) -> bool:
+    return os.path.isfile(os.path.join(checkpoint, CHECKPOINT_MARKER))
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The highest-step `checkpoint-N` of `output_dir` that was completely written."""
+    pattern = re.compile(r"^checkpoint-(\d+)$")
+    found = sorted(
+        ((int(match.group(1)), name) for name in os.listdir(output_dir) if (match := pattern.match(name))),
+        reverse=True,
+    )
+    for _, name in found:
+        path = os.path.join(output_dir, name)
+        if is_checkpoint_complete(path):
+            return path
+        warnings.warn(f"Skipping the incomplete checkpoint {path} (its writing was interrupted).", stacklevel=3)
+    raise ValueError(f"No complete checkpoint found in output directory ({output_dir}).")
 
 
 def _with_selected_adapters(save_pretrained, adapters):

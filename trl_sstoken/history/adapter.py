@@ -104,8 +104,12 @@ class AdapterHistory:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """lagged: history <- adapter. ema: history <- alpha * history + (1 - alpha) * adapter."""
+        """lagged: history <- adapter. ema: history <- alpha * history + (1 - alpha) * adapter. Never from a
+        non-finite adapter: the history keeps its last good state instead."""
         trained = [p.detach() for p in self.trained_params]
+        if not all_finite(trained):
+            skip_refresh_warning(self.mode)
+            return
         if self.mode == "lagged":
             torch._foreach_copy_(self.history_params, trained)
         else:
@@ -120,6 +124,18 @@ class AdapterHistory:
 
     def load_checkpoint(self, directory: str) -> None:
         """`Trainer._load_from_checkpoint` restores every adapter saved in the checkpoint, the history one too."""
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def skip_refresh_warning(mode: str) -> None:
+    warnings.warn(
+        f"The trained weights hold NaN or inf: the {mode} history is not updated from them and keeps its last "
+        "finite state.",
+        stacklevel=3,
+    )
 
 
 @contextmanager
