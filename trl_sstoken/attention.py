@@ -33,6 +33,7 @@ def context_attention_mass(
     scaling: float,
     attention_mask: torch.Tensor | None = None,
     sequence_ids: torch.Tensor | None = None,
+    query_needed: torch.Tensor | None = None,
     chunk_size: int = 256,
     softcap: float | None = None,
 ) -> torch.Tensor:
@@ -49,6 +50,8 @@ def context_attention_mass(
             (for example a sliding window); the causal mask is always applied, even when the model passes None.
         sequence_ids: (B, Tk) long, the sequence of each position in packed or padding-free rows: a query only
             attends within its own sequence (block-diagonal), whatever the kernel was given.
+        query_needed: (B, Tq) bool, the queries whose mass is wanted (response tokens). Chunks with none of them
+            are skipped and read 0; with None every query is computed.
         chunk_size: query rows per block.
         softcap: attention logit soft-capping (Gemma 2 style), if the layer uses it.
 
@@ -63,22 +66,27 @@ def context_attention_mass(
     model_allowed = _mask_to_allowed(attention_mask)
     key_positions = torch.arange(k_len, device=query.device)
     context_weights = context.float()[:, None, None, None, :]  # (B, 1, 1, 1, Tk)
+    needed_rows = None if query_needed is None else query_needed.any(dim=0).tolist()  # one host sync per call
     masses = []
     for start in range(0, q_len, chunk_size):
         stop = min(start + chunk_size, q_len)
+        if needed_rows is not None and not any(needed_rows[start:stop]):
+            masses.append(query.new_zeros((batch, stop - start), dtype=torch.float32))
+            continue
+        # Causality: queries up to `stop` never see keys at or after `stop`, so the block is (chunk x stop), not T
         q_chunk = query[:, :, start:stop].float().reshape(batch, num_kv_heads, groups, stop - start, head_dim)
-        logits = torch.matmul(q_chunk, key_t) * scaling  # (B, H_kv, G, c, Tk)
+        logits = torch.matmul(q_chunk, key_t[..., :stop]) * scaling  # (B, H_kv, G, c, stop)
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         query_positions = torch.arange(start, stop, device=query.device)
-        allowed = (key_positions[None, :] <= query_positions[:, None])[None] & key_valid[:, None, :]  # (B, c, Tk)
+        allowed = (key_positions[None, :stop] <= query_positions[:, None])[None] & key_valid[:, None, :stop]
         if model_allowed is not None:
-            allowed = allowed & _chunk_rows(model_allowed, start, stop)
+            allowed = allowed & _chunk_rows(model_allowed, start, stop)[..., :stop]
         if sequence_ids is not None:
-            allowed = allowed & (sequence_ids[:, start:stop, None] == sequence_ids[:, None, :])
-        allowed = allowed[:, None, None]  # (B, 1, 1, c, Tk)
+            allowed = allowed & (sequence_ids[:, start:stop, None] == sequence_ids[:, None, :stop])
+        allowed = allowed[:, None, None]  # (B, 1, 1, c, stop)
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        masses.append((probs * context_weights).sum(dim=-1).mean(dim=(1, 2)))  # (B, c)
+        masses.append((probs * context_weights[..., :stop]).sum(dim=-1).mean(dim=(1, 2)))  # (B, c)
     # Query i is key i: a padding query gets 0, whatever it could attend to
     return torch.cat(masses, dim=-1) * key_valid[:, :q_len]
 
@@ -132,10 +140,10 @@ class AttentionCapture:
         setattr(self.module, CAPTURE_ATTRIBUTE, self)
 
     @contextmanager
-    def armed(self, context: torch.Tensor, key_valid: torch.Tensor, sequence_ids: torch.Tensor | None = None):
+    def armed(self, context, key_valid, sequence_ids=None, query_needed=None):
         """Arms the capture for the forward run inside the block. context, key_valid: (B, T) bool; sequence_ids:
-        (B, T) long for packed or padding-free batches."""
-        self._armed = (context, key_valid, sequence_ids)
+        (B, T) long for packed or padding-free batches; query_needed: (B, T) bool, the queries to compute."""
+        self._armed = (context, key_valid, sequence_ids, query_needed)
         self._result = None
         try:
             yield self
@@ -155,7 +163,7 @@ class AttentionCapture:
     def record(self, query, key, attention_mask, kwargs):
         if self._armed is None:
             return
-        context, key_valid, sequence_ids = self._armed
+        context, key_valid, sequence_ids, query_needed = self._armed
         self._armed = None
         with torch.no_grad():
             self._result = context_attention_mass(
@@ -166,6 +174,7 @@ class AttentionCapture:
                 scaling=kwargs.get("scaling") or query.size(-1) ** -0.5,
                 attention_mask=None if attention_mask is None else attention_mask.detach(),
                 sequence_ids=None if sequence_ids is None else sequence_ids.to(query.device),
+                query_needed=query_needed,
                 chunk_size=self.chunk_size,
                 softcap=kwargs.get("softcap"),
             )

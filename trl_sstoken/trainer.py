@@ -249,7 +249,7 @@ class SSTokenTrainer(SFTTrainer):
             self._reference.log_probs(self.accelerator.unwrap_model(model), inputs) if plan.needs_reference else None
         )
         capture = (
-            self._attention.armed(regions.context, regions.valid, regions.sequence_ids)
+            self._attention.armed(regions.context, regions.valid, regions.sequence_ids, regions.response_tokens)
             if plan.needs_attention
             else nullcontext()
         )
