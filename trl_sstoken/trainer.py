@@ -8,6 +8,7 @@ losses stay comparable with plain SFT.
 
 import hashlib
 import math
+import os
 import textwrap
 import warnings
 from contextlib import nullcontext
@@ -20,6 +21,7 @@ from trl import SFTTrainer
 from .attention import AttentionCapture
 from .config import SSTokenConfig
 from .history import HistoryUpdateCallback, build_history
+from .reference import add_to_model_card
 from .regions import Regions, regions_from_batch
 from .scoring import num_to_keep, retrospective_excess_loss, select_random, select_tokens
 
@@ -316,6 +318,16 @@ class SSTokenTrainer(SFTTrainer):
             warnings.warn(message, stacklevel=3)
 
     # ----- saving -----
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, plus a section that records the method and every ssToken setting of this run."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                card = file.read()
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(add_to_model_card(card, self.args))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints keep the history adapter (exact resume); the final artifact holds only the trained adapter."""
