@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = make_parser(command)
     try:
-        parsed = _parse(parser, rest)
+        parsed = parse_command_args(parser, rest)
         runner = {"train": run_train, "demo": run_demo, "inspect": run_inspect}[command]
         runner(*parsed)
     except ValueError as error:  # bad flag values: from our checks and from the config dataclasses
@@ -151,7 +151,7 @@ def entry_point():
 
 def run_train(script_args, training_args, model_args, dataset_args, loading_args):
     """`trl sft` with `SSTokenTrainer`: load, train, save the adapter (or model) and a model card."""
-    from trl import get_peft_config, get_quantization_config
+    from trl import get_quantization_config
 
     from .loading import load_sft_datasets, load_tokenizer, pick_split
     from .trainer import SSTokenTrainer
@@ -182,7 +182,7 @@ def run_train(script_args, training_args, model_args, dataset_args, loading_args
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config_from(model_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("Training completed.")
@@ -370,7 +370,22 @@ def run_demo(demo_args, sstoken_args):
 # ----- shared helpers -----
 
 
-def _parse(parser, args: list[str]):
+def peft_config_from(model_args):
+    """TRL's `get_peft_config`, except that `--lora_target_modules all-linear` means PEFT's "all-linear" shorthand.
+
+    On the command line the flag is a list (`["all-linear"]`), which PEFT would read as a module *named* all-linear
+    and fail to find; only the plain string selects every linear layer.
+    """
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, (set, list, tuple)) and {str(target).lower() for target in targets} == {"all-linear"}:
+        config.target_modules = "all-linear"
+    return config
+
+
+def parse_command_args(parser, args: list[str]):
     """`parse_args_and_config`, failing on unknown flags and YAML keys with a suggestion of the closest flag."""
     *parsed, config_unknown, cli_unknown = parser.parse_args_and_config(
         args, return_remaining_strings=True, separate_remaining_strings=True
