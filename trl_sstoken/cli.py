@@ -386,21 +386,43 @@ def peft_config_from(model_args):
 
 
 def parse_command_args(parser, args: list[str]):
-    """`parse_args_and_config`, failing on unknown flags and YAML keys with a suggestion of the closest flag."""
-    *parsed, config_unknown, cli_unknown = parser.parse_args_and_config(
-        args, return_remaining_strings=True, separate_remaining_strings=True
-    )
-    unknown = [item for item in config_unknown + cli_unknown if item.startswith("--")]
-    if unknown or cli_unknown:
+    """`parse_args_and_config`, after checking that every flag and YAML key exists (with the closest flag if not)."""
+    args = list(args)
+    config_keys = []
+    if "--config" in args:
+        index = args.index("--config")
+        if index + 1 >= len(args):
+            raise ValueError("--config needs the path of a YAML file.")
+        config_keys = list(_read_yaml_config(args[index + 1]))
+        rest = args[:index] + args[index + 2 :]
+    else:
+        rest = args
+    destinations = {action.dest for action in parser._actions}
+    unknown = [(f"--{key}", "in the --config YAML") for key in config_keys if key != "env" and key not in destinations]
+    _, unknown_cli = parser.parse_known_args(rest)
+    unknown += [(item.split("=", 1)[0], "on the command line") for item in unknown_cli]
+    if unknown:
         names = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
         messages = []
-        for item in unknown or cli_unknown:
-            flag = item.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, names, n=1)
-            where = "in the --config YAML" if item in config_unknown else "on the command line"
+        for flag, where in unknown:
+            close = difflib.get_close_matches(flag, names, n=1) if flag.startswith("--") else []
             messages.append(f"{flag} ({where})" + (f", did you mean {close[0]}?" if close else "."))
-        raise ValueError(f"unknown flag(s): {'; '.join(messages)} See `{parser.prog} --help` for every flag.")
-    return parsed
+        raise ValueError(
+            f"unknown flag(s) or stray value(s): {'; '.join(messages)} See `{parser.prog} --help` for every flag."
+        )
+    return parser.parse_args_and_config(args)
+
+
+def _read_yaml_config(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path!r}: no such file. Pass the path of a YAML file whose keys are flag names.")
+    with open(path) as file:
+        config = yaml.safe_load(file)
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path!r} must hold a YAML mapping of flag names to values, got {type(config).__name__}.")
+    return config
 
 
 def _model_init_kwargs(model_args, training_args) -> dict:
@@ -438,15 +460,21 @@ def _check_at_least(flag: str, value: int, minimum: int):
 
 
 def _with_flag_hint(message: str, parser) -> str:
-    """Adds the flag that sets a field a dataclass check complained about ("selection_ratio=2 is ..." -> --selection_ratio)."""
-    if re.search(r"--\w", message):
+    """Names the flags that set the fields a dataclass check complained about ("selection_ratio=2 is ..." ->
+    --selection_ratio), in the order the message mentions them."""
+    if re.search(r"(^|\s)--\w", message):
         return message
     fields = {action.dest for action in parser._actions if action.option_strings}
-    found = [(match.start(), match.group(0)) for name in fields for match in [re.search(rf"\b{re.escape(name)}\b", message)] if match]
-    if not found:
+    mentioned = sorted(
+        (match.start(), name)
+        for name in fields
+        for match in [re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message)]
+        if match
+    )
+    if not mentioned:
         return message
-    name = min(found)[1]
-    return f"{message} (set by --{name}, or `{name}:` in the --config YAML)"
+    flags = ", ".join(f"--{name}" for _, name in mentioned[:4])
+    return f"{message} (flags: {flags}; the same names are keys of the --config YAML)"
 
 
 def _summary_text(summary) -> str:
