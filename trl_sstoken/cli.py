@@ -85,6 +85,7 @@ DEMO_DEFAULTS = dict(
     max_length=128,
     history="lagged",
     history_update_steps=10,
+    seed=0,
 )
 INSPECT_DEFAULTS = dict(report_to="none", per_device_train_batch_size=8)
 

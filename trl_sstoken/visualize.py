@@ -237,45 +237,48 @@ def render_html(
 
 def render_svg(examples: list[ExampleView], width: int = 760, font_size: int = 14, title: str | None = None) -> str:
     """A static picture of a few examples (for documentation): context in grey, response tokens coloured by score,
-    dropped tokens struck through. A monospace font keeps the layout independent of the renderer."""
-    char_width, line_height, pad = font_size * 0.6, font_size * 1.9, 4
-    elements, y = [], 8.0
+    kept tokens framed in green, dropped tokens struck through. A monospace font keeps the layout independent of the
+    renderer."""
+    char_width, line_height, pad, margin = font_size * 0.6, font_size * 1.9, 4, 8.0
+    elements, y = [], margin
     if title:
+        y += font_size + 4
+        elements.append(f'<text x="{margin}" y="{y:.1f}" font-size="{font_size + 2}" font-weight="bold">{_escape(title)}</text>')
+    for example in examples:
         y += line_height
         elements.append(
-            f'<text x="8" y="{y - 8:.1f}" font-size="{font_size + 2}" font-weight="bold">{_escape(title)}</text>'
+            f'<text x="{margin}" y="{y:.1f}" font-size="{font_size - 2}" fill="#555555">example {example.index}</text>'
         )
-    for example in examples:
-        x = 8.0
-        y += line_height
-        elements.append(f'<text x="8" y="{y - 6:.1f}" font-size="{font_size - 2}" fill="#555">example {example.index}</text>')
-        y += line_height
+        x = margin
+        y += line_height * 0.9
         for token in example.tokens:
             text = _display_text(token.text)
             box = len(text) * char_width + 2 * pad
-            if x + box > width - 8:
-                x, y = 8.0, y + line_height
-            top = y - font_size - 3
+            if x + box > width - margin:
+                x, y = margin, y + line_height
             if token.is_response:
+                kept = token.role == KEPT
                 elements.append(
-                    f'<rect x="{x:.1f}" y="{top:.1f}" width="{box:.1f}" height="{font_size + 8}" rx="3" '
-                    f'fill="{score_color(token.score)}" stroke="{"#1b7f3b" if token.role == KEPT else "#bbbbbb"}" '
-                    f'stroke-width="{2 if token.role == KEPT else 1}"/>'
+                    f'<rect x="{x:.1f}" y="{y - font_size - 2:.1f}" width="{box:.1f}" height="{font_size + 8}" rx="3" '
+                    f'fill="{score_color(token.score)}" stroke="{"#1b7f3b" if kept else "#bbbbbb"}" '
+                    f'stroke-width="{2 if kept else 1}"/>'
                 )
-                decoration = ' text-decoration="line-through"' if token.role == DROPPED else ""
+                decoration = "" if kept else ' text-decoration="line-through"'
                 elements.append(
                     f'<text x="{x + pad:.1f}" y="{y:.1f}" fill="{text_color(token.score)}"{decoration}>{_escape(text)}</text>'
                 )
             else:
                 elements.append(f'<text x="{x + pad:.1f}" y="{y:.1f}" fill="#888888">{_escape(text)}</text>')
             x += box + 3
-        y += 6
-    height = y + line_height
-    legend_y = height - 10
-    elements.append(
-        f'<text x="8" y="{legend_y:.1f}" font-size="{font_size - 2}" fill="#333">grey: prompt (context) · '
-        "box: response token, darker = higher score · green border: kept · struck through: dropped</text>"
-    )
+    legend = [
+        "grey: the prompt (context, never trained on); boxes: response tokens, darker = higher score;",
+        "green frame: kept (trained on); struck through: dropped.",
+    ]
+    y += line_height * 0.5
+    for line in legend:
+        y += font_size + 4
+        elements.append(f'<text x="{margin}" y="{y:.1f}" font-size="{font_size - 2}" fill="#333333">{_escape(line)}</text>')
+    height = y + margin + 4
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" '
         f'viewBox="0 0 {width} {height:.0f}" font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" '
