@@ -439,6 +439,13 @@ def _require_model(model_args):
     path = model_args.model_name_or_path
     if not path:
         raise ValueError("--model_name_or_path is required: a hub id (e.g. Qwen/Qwen2.5-0.5B) or a local model folder.")
+    from .loading import looks_like_a_path
+
+    if not os.path.exists(path) and looks_like_a_path(path):
+        raise ValueError(
+            f"--model_name_or_path {path!r} looks like a local path, but no such folder exists. Pass a folder written "
+            "by save_pretrained, or a hub id such as Qwen/Qwen2.5-0.5B."
+        )
     if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(
             f"--model_name_or_path {path!r} holds a PEFT adapter, not a model. Pass the base model as "

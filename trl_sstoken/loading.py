@@ -98,7 +98,7 @@ def load_sft_datasets(
             loaded = load_from_disk(dataset_name)
             return loaded if isinstance(loaded, DatasetDict) else DatasetDict({train_split: loaded})
         return load_dataset(dataset_name, name=dataset_config, streaming=streaming)
-    if _looks_like_a_path(dataset_name):
+    if looks_like_a_path(dataset_name):
         raise UsageError(
             f"--dataset_name {dataset_name!r} looks like a local path, but no such file or folder exists. Pass an "
             f"existing {', '.join(LOCAL_DATA_FORMATS)} file, a folder, or a hub id such as 'trl-lib/Capybara'."
@@ -121,7 +121,8 @@ def _data_extension(path: str) -> str:
     return os.path.splitext(name)[1]
 
 
-def _looks_like_a_path(name: str) -> bool:
+def looks_like_a_path(name: str) -> bool:
+    """True for names a hub id cannot be: relative or absolute paths, more than one '/', a data file's extension."""
     return (
         name.startswith((".", "/", "~"))
         or "\\" in name
