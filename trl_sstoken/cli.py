@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         parsed = parse_command_args(parser, rest)
         runner = {"train": run_train, "demo": run_demo, "inspect": run_inspect}[command]
         runner(*parsed)
-    except ValueError as error:  # bad flag values: from our checks and from the config dataclasses
+    except ValueError as error:  # bad flag values: from our checks, the config dataclasses and the trainer's checks
+        if os.environ.get("TRL_SSTOKEN_TRACEBACK"):
+            raise
         print(f"{PROG} {command}: error: {_with_flag_hint(str(error), parser)}", file=sys.stderr)
+        print("(set TRL_SSTOKEN_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         return 2
     return 0
 
