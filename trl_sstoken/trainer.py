@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 import textwrap
 import warnings
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from trl import SFTTrainer
 from .attention import PACKING_IMPLEMENTATIONS, AttentionCapture, AttentionUnavailableError
 from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_selection_fields
 from .config import SSTokenConfig
+from .config_reference import add_to_model_card
 from .history import FrozenBaseHistory, HistoryUpdateCallback, build_history, is_peft_model
 from .history.cache import (
     CACHE_FILE,
@@ -515,23 +517,46 @@ class SSTokenTrainer(SFTTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, plus a section that records the method and every ssToken setting of this run."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                card = file.read()
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(add_to_model_card(card, self.args))
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Checkpoints keep the history adapter (exact resume); the final artifact holds only the trained adapter."""
+        """Checkpoints keep the history adapter (exact resume). The final artefact holds only what a user ships: the
+        trained adapter (or model), the tokenizer, and a model card that records the method and its settings."""
         if _internal_call:
             super().save_model(output_dir, _internal_call)
             if self._history is not None and self.args.should_save:
                 self._history.save_checkpoint(output_dir or self.args.output_dir)
-            return None
+            return
+        output_dir = output_dir or self.args.output_dir
         peft_model = self.accelerator.unwrap_model(self.model)
-        if not is_peft_model(peft_model) or len(peft_model.peft_config) == 1:
-            return super().save_model(output_dir, _internal_call)
-        # Only the trained adapter is the artefact: not the history adapter, not a Rho-1 reference adapter
-        peft_model.save_pretrained = _with_selected_adapters(peft_model.save_pretrained, [peft_model.active_adapter])
-        try:
-            return super().save_model(output_dir, _internal_call)
-        finally:
-            del peft_model.save_pretrained
+        if is_peft_model(peft_model) and len(peft_model.peft_config) > 1:
+            # Not the history adapter, not a Rho-1 reference adapter: only the trained one
+            peft_model.save_pretrained = _with_selected_adapters(peft_model.save_pretrained, [peft_model.active_adapter])
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                del peft_model.save_pretrained
+        else:
+            super().save_model(output_dir, _internal_call)
+        self._write_model_card(output_dir)
 
+    def _write_model_card(self, output_dir: str):
+        """TRL writes its card into `args.output_dir`; the saved artefact gets that card, with the ssToken section."""
+        if not self.is_world_process_zero():
+            return
+        self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
+        card = os.path.join(self.args.output_dir, "README.md")
+        target = os.path.join(output_dir, "README.md")
+        if os.path.isfile(card) and os.path.abspath(card) != os.path.abspath(target):
+            shutil.copyfile(card, target)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
