@@ -46,6 +46,8 @@ from trl_sstoken.tiny import build_tiny_tokenizer  # noqa: E402
 
 VARIANTS = ("sft", "floor", "attention", "base", "base-cached", "lagged", "ema")
 SCALES = {
+    "toy": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab=200),  # for the smoke test only
     # big enough on 2 CPU cores that the matrix products dominate, small enough for a few minutes
     "cpu": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
                 num_key_value_heads=2, vocab=4000),
