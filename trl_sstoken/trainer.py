@@ -450,7 +450,9 @@ class SSTokenTrainer(SFTTrainer):
                 (has_response & ~regions.has_context).sum().double(),
             ]
         )
-        totals = self.accelerator.gather_for_metrics(local).view(-1, local.numel()).sum(dim=0).tolist()
+        # gather, not gather_for_metrics: the latter trims the last, incomplete batch's tensors as if they were
+        # per-sample rows, which this vector of sums is not
+        totals = self.accelerator.gather(local).view(-1, local.numel()).sum(dim=0).tolist()
         kept, responses, rel_sum, rel_sq, rel_n, attn_sum, attn_n, empty, no_context = totals
         metrics = self._metrics["train"]
         metrics[METRIC_PREFIX + "selected_fraction"].append(kept / responses if responses else 0.0)
