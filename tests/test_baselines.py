@@ -36,7 +36,7 @@ def test_probability_selection_and_weights():
 
 def test_dft_equals_trls_dft_loss_and_gradients(make_trainer):
     ours = make_trainer(selection_method="dft", **DETERMINISTIC)
-    plain = make_trainer(trainer_class=SFTTrainer, loss_type="dft", selection_method="full", **DETERMINISTIC)
+    plain = make_trainer(trainer_class=SFTTrainer, loss_type="dft", **DETERMINISTIC)
     randomize_adapter(ours.model)
     randomize_adapter(plain.model)
     batch = first_batch(ours)

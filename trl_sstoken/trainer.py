@@ -67,7 +67,7 @@ class WindowCounts:
 class StepPlan:
     """What one micro-batch needs, decided from its labels before any forward pass."""
 
-    gamma: torch.Tensor  # (B,) REL weight per sequence
+    gamma: torch.Tensor  # (S,) REL weight per sequence (regions.layout)
     needs_history: bool
     needs_attention: bool
     in_warmup: bool
@@ -90,9 +90,9 @@ class SSTokenTrainer(SFTTrainer):
     """`SFTTrainer` that trains on the tokens selected by ssToken (Qin et al., 2025).
 
     A drop-in for `SFTTrainer`: it takes the same arguments, with an [`SSTokenConfig`] (a plain `SFTConfig` or
-    `TrainingArguments` is converted, with ssToken's defaults). REL-based selection (`"sstoken"`, `"rel"`) needs a PEFT
-    adapter (pass `peft_config`): the history model is the base weights, optionally plus a lagged or EMA copy of the
-    adapter.
+    `TrainingArguments` is converted, with ssToken's defaults). With a PEFT adapter (`peft_config`, LoRA or QLoRA) the
+    history model is the base weights, optionally plus a lagged or EMA copy of the adapter; with full fine-tuning it is
+    a copy of the model, or a cached base history (`history_cache_dir`) that needs no copy at all.
     """
 
     _tag_names = ["trl", "sft", "sstoken"]
@@ -120,8 +120,11 @@ class SSTokenTrainer(SFTTrainer):
                 "with it. Subclass SSTokenTrainer and override compute_loss instead."
             )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        if self.label_smoother is not None and args.selection_method != "full":
-            raise ValueError("label_smoothing_factor is not supported with ssToken selection; set it to 0.")
+        if self.label_smoother is not None:
+            raise ValueError(
+                "label_smoothing_factor is not supported by SSTokenTrainer (its loss is the NLL of the selected "
+                "tokens, which would silently ignore it); set it to 0."
+            )
         method = args.selection_method
         self.data_collator = SelectionCollator(self.data_collator)
         if self.train_dataset is not None:
