@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import first_batch, lora_config, randomize_adapter
 from trl import SFTTrainer
 
-from conftest import first_batch, lora_config, randomize_adapter
 from trl_sstoken.reference import REFERENCE_ADAPTER
 from trl_sstoken.scoring import excess_loss, keep_counts, probability_weights, select_by_probability, top_k_per_batch
 from trl_sstoken.tiny import build_tiny_model

@@ -1,15 +1,13 @@
 import math
-import os
 
 import pytest
 import torch
+from conftest import first_batch, lora_config, randomize_adapter
 from datasets import Dataset
 from safetensors import safe_open
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from conftest import first_batch, lora_config, randomize_adapter
-from trl_sstoken import SSTokenTrainer
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.scoring import num_to_keep
 

@@ -9,7 +9,6 @@ losses stay comparable with plain SFT.
 import hashlib
 import math
 import os
-import re
 import shutil
 import textwrap
 import warnings
@@ -21,6 +20,7 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 
 from .attention import PACKING_IMPLEMENTATIONS, AttentionCapture, AttentionUnavailableError
+from .checkpoints import CHECKPOINT_MARKER, is_checkpoint_complete, last_complete_checkpoint, mark_checkpoint_complete
 from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_selection_fields
 from .config import SSTokenConfig
 from .config_reference import add_to_model_card
@@ -33,8 +33,8 @@ from .history.cache import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
-from .regions import Regions, regions_from_batch
 from .reference import ReferenceAdapter, ReferenceModel
+from .regions import Regions, regions_from_batch
 from .scoring import (
     excess_loss,
     keep_counts,
@@ -47,7 +47,6 @@ from .scoring import (
 )
 
 METRIC_PREFIX = "sstoken/"
-CHECKPOINT_MARKER = "sstoken_checkpoint_complete.json"
 REL_METHODS = ("sstoken", "rel")
 ATTENTION_METHODS = ("sstoken", "rel", "attention")  # "rel" uses attention during the warm-up
 SEQUENCE_TOP_K_METHODS = ("sstoken", "rel", "attention", "random")  # keep ceil(ratio * n) per sequence
@@ -567,30 +566,6 @@ class SSTokenTrainer(SFTTrainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self._history is not None:
             self._history.load_checkpoint(resume_from_checkpoint)
-
-
-def mark_checkpoint_complete(checkpoint: str, global_step: int) -> None:
-    with open(os.path.join(checkpoint, CHECKPOINT_MARKER), "w") as handle:
-        handle.write(f'{{"global_step": {global_step}}}\n')
-
-
-def is_checkpoint_complete(checkpoint: str) -> bool:
-    return os.path.isfile(os.path.join(checkpoint, CHECKPOINT_MARKER))
-
-
-def last_complete_checkpoint(output_dir: str) -> str:
-    """The highest-step `checkpoint-N` of `output_dir` that was completely written."""
-    pattern = re.compile(r"^checkpoint-(\d+)$")
-    found = sorted(
-        ((int(match.group(1)), name) for name in os.listdir(output_dir) if (match := pattern.match(name))),
-        reverse=True,
-    )
-    for _, name in found:
-        path = os.path.join(output_dir, name)
-        if is_checkpoint_complete(path):
-            return path
-        warnings.warn(f"Skipping the incomplete checkpoint {path} (its writing was interrupted).", stacklevel=3)
-    raise ValueError(f"No complete checkpoint found in output directory ({output_dir}).")
 
 
 def _with_selected_adapters(save_pretrained, adapters):
