@@ -24,13 +24,15 @@ def retrospective_excess_loss(current_logps: torch.Tensor, history_logps: torch.
 def minmax_per_row(values: torch.Tensor, mask: torch.Tensor, eps: float = MINMAX_EPS) -> torch.Tensor:
     """Min-max normalise each row over its masked positions into [0, 1]; 0 off the mask.
 
-    A row whose masked values are all equal maps to 0, so the other score component decides it.
+    A row whose masked values are all equal maps to 0, so the other score component decides it. The arithmetic is
+    float64, so that no finite float32 row overflows (a span above float32's maximum would give inf / inf = NaN);
+    the result is float32.
     """
-    values = values.float()
+    values = values.double()
     row_min = values.masked_fill(~mask, math.inf).amin(dim=-1, keepdim=True)
     row_max = values.masked_fill(~mask, -math.inf).amax(dim=-1, keepdim=True)
     normalised = (values - row_min) / (row_max - row_min + eps)
-    return normalised.masked_fill(~mask, 0.0)
+    return normalised.masked_fill(~mask, 0.0).float()
 
 
 def num_to_keep(response_mask: torch.Tensor, ratio: float) -> torch.Tensor:
