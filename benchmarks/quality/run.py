@@ -117,7 +117,18 @@ def design() -> dict:
 _WORKER: dict = {}
 
 
+def quiet_libraries():
+    """No progress bars or per-step log dicts from transformers, datasets and TRL: one line per run instead."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _init_worker(scale: dict, base_path: str, device: str, threads: int):
+    quiet_libraries()
     torch.set_num_threads(threads)
     tokenizer = base_model.load_tokenizer(base_path)
     splits = data.build_splits(
@@ -245,6 +256,7 @@ def reference_jobs(scale: dict, seeds: list[int], base_hash: str, cache_dir: Pat
 
 def main(argv=None):
     args = parse_args(argv)
+    quiet_libraries()
     started, start_time = datetime.now(timezone.utc), time.time()
     scale = dict(SCALES[args.scale])
     seeds = args.seeds if args.seeds else scale["seeds"]

@@ -9,7 +9,7 @@ from collections import Counter
 
 import torch
 from peft import LoraConfig
-from transformers import set_seed
+from transformers import PrinterCallback, set_seed
 
 from trl_sstoken import SSTokenConfig, SSTokenTrainer
 
@@ -121,6 +121,7 @@ def train_and_evaluate(
         processing_class=tokenizer,
         peft_config=lora_config(scale),
     )
+    trainer.remove_callback(PrinterCallback)  # the per-step log dicts; the harness prints one line per run
     trainer.kind_tracker = KindTracker(train_dataset, tokenizer.pad_token_id)
     train_output = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
