@@ -103,3 +103,30 @@ def randomize_adapter(model, seed=1, scale=0.5):
         for name, param in model.named_parameters():
             if "lora_B.default" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def record_selections(trainer):
+    """Wraps the trainer's selection so every micro-batch's keep mask is recorded as (global_step, keep)."""
+    recorded = []
+    select = trainer._select
+
+    def recording_select(*args, **kwargs):
+        keep = select(*args, **kwargs)
+        recorded.append((trainer.state.global_step, keep.detach().cpu().clone()))
+        return keep
+
+    trainer._select = recording_select
+    return recorded
+
+
+def count_calls(obj, method_name):
+    """Counts calls of obj.method_name (an instance-level wrapper)."""
+    calls = []
+    original = getattr(obj, method_name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(obj, method_name, counted)
+    return calls

@@ -84,14 +84,6 @@ def test_effective_gamma(tmp_path):
     assert make(tmp_path, selection_gamma=0.3).effective_gamma == 0.3
 
 
-def test_packing_is_refused_until_supported(tmp_path):
-    with pytest.raises(ValueError, match="packing"):
-        make(tmp_path, packing=True)
-    with pytest.raises(ValueError, match="padding_free"):
-        make(tmp_path, padding_free=True)
-    assert make(tmp_path, selection_method="full", packing=True).packing
-
-
 def test_dft_loss_is_refused_with_selection(tmp_path):
     with pytest.raises(ValueError, match="loss_type"):
         make(tmp_path, loss_type="dft")

@@ -3,7 +3,7 @@ import torch
 from peft import get_peft_model
 
 from conftest import lora_config, randomize_adapter
-from trl_sstoken.history import HISTORY_ADAPTER, AdapterHistory, FrozenBaseHistory, build_history
+from trl_sstoken.history import HISTORY_ADAPTER, AdapterHistory, FrozenBaseHistory, ModelCopyHistory, build_history
 from trl_sstoken.tiny import build_tiny_model
 
 
@@ -91,9 +91,11 @@ def test_ema_update(peft_model):
         torch.testing.assert_close(param, 0.75 * old[name] + 0.25 * trained[name])
 
 
-def test_history_needs_peft_and_a_free_name(tokenizer, peft_model):
-    with pytest.raises(ValueError, match="PEFT"):
-        build_history(build_tiny_model(tokenizer), "base", 1, 0.5)
+def test_without_peft_the_history_is_a_model_copy(tokenizer):
+    assert isinstance(build_history(build_tiny_model(tokenizer), "base", 1, 0.5), ModelCopyHistory)
+
+
+def test_history_adapter_needs_a_free_name(peft_model):
     build_history(peft_model, "lagged", 1, 0.5)
     with pytest.raises(ValueError, match="already has an adapter named 'history'"):
         build_history(peft_model, "ema", 1, 0.5)

@@ -254,10 +254,9 @@ def test_random_selection_is_reproducible(make_trainer):
     assert runs[0] == runs[1]
 
 
-def test_rel_selection_needs_peft_but_attention_does_not(make_trainer):
-    with pytest.raises(ValueError, match="needs a PEFT model"):
-        make_trainer(peft=False)
+def test_attention_selection_with_full_fine_tuning_needs_no_history(make_trainer):
     trainer = make_trainer(peft=False, selection_method="attention", max_steps=2)
+    assert trainer._history is None
     trainer.train()
     assert logged(trainer, "sstoken/selected_fraction")
 

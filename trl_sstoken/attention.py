@@ -27,6 +27,7 @@ def context_attention_mass(
     key_valid: torch.Tensor,
     scaling: float,
     attention_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
     chunk_size: int = 256,
     softcap: float | None = None,
 ) -> torch.Tensor:
@@ -41,6 +42,8 @@ def context_attention_mass(
         attention_mask: the mask the model handed its kernel, or None. Bool (True = attend), additive float
             (0 = attend), 4D (B, 1, Tq, Tk) or 2D (B, Tk). Only ever narrows the explicit causal and padding mask
             (for example a sliding window); the causal mask is always applied, even when the model passes None.
+        sequence_ids: (B, Tk) long, the sequence of each position in packed or padding-free rows: a query only
+            attends within its own sequence (block-diagonal), whatever the kernel was given.
         chunk_size: query rows per block.
         softcap: attention logit soft-capping (Gemma 2 style), if the layer uses it.
 
@@ -66,6 +69,8 @@ def context_attention_mass(
         allowed = (key_positions[None, :] <= query_positions[:, None])[None] & key_valid[:, None, :]  # (B, c, Tk)
         if model_allowed is not None:
             allowed = allowed & _chunk_rows(model_allowed, start, stop)
+        if sequence_ids is not None:
+            allowed = allowed & (sequence_ids[:, start:stop, None] == sequence_ids[:, None, :])
         allowed = allowed[:, None, None]  # (B, 1, 1, c, Tk)
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
         masses.append((probs * context_weights).sum(dim=-1).mean(dim=(1, 2)))  # (B, c)
@@ -122,9 +127,10 @@ class AttentionCapture:
         setattr(self.module, CAPTURE_ATTRIBUTE, self)
 
     @contextmanager
-    def armed(self, context: torch.Tensor, key_valid: torch.Tensor):
-        """Arms the capture for the forward run inside the block. context and key_valid: (B, T) bool."""
-        self._armed = (context, key_valid)
+    def armed(self, context: torch.Tensor, key_valid: torch.Tensor, sequence_ids: torch.Tensor | None = None):
+        """Arms the capture for the forward run inside the block. context, key_valid: (B, T) bool; sequence_ids:
+        (B, T) long for packed or padding-free batches."""
+        self._armed = (context, key_valid, sequence_ids)
         self._result = None
         try:
             yield self
@@ -144,7 +150,7 @@ class AttentionCapture:
     def record(self, query, key, attention_mask, kwargs):
         if self._armed is None:
             return
-        context, key_valid = self._armed
+        context, key_valid, sequence_ids = self._armed
         self._armed = None
         with torch.no_grad():
             self._result = context_attention_mass(
@@ -154,6 +160,7 @@ class AttentionCapture:
                 key_valid=key_valid.to(query.device),
                 scaling=kwargs.get("scaling") or query.size(-1) ** -0.5,
                 attention_mask=None if attention_mask is None else attention_mask.detach(),
+                sequence_ids=None if sequence_ids is None else sequence_ids.to(query.device),
                 chunk_size=self.chunk_size,
                 softcap=kwargs.get("softcap"),
             )

@@ -45,6 +45,17 @@ class SSTokenConfig(SFTConfig):
         Optimizer steps between two updates of a `"lagged"` or `"ema"` history.
     history_ema_alpha (`float`, *optional*, defaults to `0.5`):
         Weight of the old history in an `"ema"` update: `history <- alpha * history + (1 - alpha) * adapter`.
+    history_cache_dir (`str` or `None`, *optional*, defaults to `None`):
+        With `history="base"`: compute the base model's log-probs once, in a no-grad pass over the training set
+        before training, store them in this directory and reuse them in later runs; training then runs no history
+        forward at all.
+    history_cache_batch_size (`int` or `None`, *optional*, defaults to `None`):
+        Batch size of the caching pass. `None` uses twice `per_device_train_batch_size`.
+    history_device (`str` or `None`, *optional*, defaults to `None`):
+        Full fine-tuning only: device of the history model copy (e.g. `"cpu"` or `"cuda:1"`). `None` keeps it on the
+        model's device.
+    history_copy_max_gb (`float` or `None`, *optional*, defaults to `None`):
+        Full fine-tuning only: refuse to build a history model copy larger than this many GiB of parameters.
     """
 
     selection_method: str = field(
@@ -118,6 +129,32 @@ class SSTokenConfig(SFTConfig):
         },
     )
 
+    history_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "With history='base': cache the base model's log-probs here in one no-grad pass before training "
+            "and reuse them (this run and later ones), so training runs no history forward."
+        },
+    )
+    history_cache_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Batch size of the history caching pass; None uses 2 x per_device_train_batch_size."},
+    )
+    history_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Full fine-tuning only: device of the history model copy, e.g. 'cpu' or 'cuda:1'. None keeps "
+            "it on the model's device."
+        },
+    )
+    history_copy_max_gb: float | None = field(
+        default=None,
+        metadata={
+            "help": "Full fine-tuning only: refuse to build a history model copy larger than this many GiB of "
+            "parameters. None sets no limit."
+        },
+    )
+
     def __post_init__(self):
         self._validate_selection_fields()
         super().__post_init__()
@@ -134,18 +171,20 @@ class SSTokenConfig(SFTConfig):
         _check_integer("history_update_steps", self.history_update_steps, minimum=1)
         _check_integer("attention_chunk_size", self.attention_chunk_size, minimum=1)
         _check_integer("attention_layer", self.attention_layer, minimum=None)
+        if self.history_cache_batch_size is not None:
+            _check_integer("history_cache_batch_size", self.history_cache_batch_size, minimum=1)
+        if self.history_copy_max_gb is not None:
+            _check_number("history_copy_max_gb", self.history_copy_max_gb, "> 0", lambda v: v > 0)
+        if self.history_cache_dir is not None and self.history != "base":
+            raise ValueError(
+                f"history_cache_dir is only valid with history='base' (got history={self.history!r}): only the base "
+                "model's log-probs stay fixed during training. Unset history_cache_dir or use history='base'."
+            )
         if self.selection_method != "full" and self.loss_type != "nll":
             raise ValueError(
                 f"loss_type={self.loss_type!r} cannot be combined with selection_method={self.selection_method!r}: "
                 "the selected tokens' loss is a plain NLL. Use loss_type='nll' (the default)."
             )
-        if self.selection_method != "full" and (self.packing or self.padding_free):
-            raise ValueError(
-                f"selection_method={self.selection_method!r} does not support packing=True or padding_free=True yet: "
-                "per-sequence selection in packed rows is not implemented. Set packing=False and padding_free=False, "
-                "or selection_method='full'."
-            )
-
     @property
     def effective_gamma(self) -> float:
         """The REL weight the selection method implies, outside the warm-up."""

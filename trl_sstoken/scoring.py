@@ -39,7 +39,12 @@ def num_to_keep(response_mask: torch.Tensor, ratio: float) -> torch.Tensor:
     The product is rounded to 6 decimals before the ceiling so that float error never adds a token (0.6 * 5 is
     3.0000000000000004 in floating point; this keeps 3). Any row with a response keeps at least one token.
     """
-    n = response_mask.sum(dim=-1)
+    return keep_counts(response_mask.sum(dim=-1), ratio)
+
+
+def keep_counts(num_response: torch.Tensor, ratio: float) -> torch.Tensor:
+    """ceil(ratio * n) for counts n, with `num_to_keep`'s rounding."""
+    n = num_response.long()
     k = torch.ceil(torch.round(n.double() * ratio, decimals=6)).long()
     return torch.where(n > 0, k.clamp(min=1), 0).minimum(n)
 

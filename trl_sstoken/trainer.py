@@ -8,6 +8,7 @@ losses stay comparable with plain SFT.
 
 import hashlib
 import math
+import os
 import textwrap
 import warnings
 from contextlib import nullcontext
@@ -18,10 +19,19 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 
 from .attention import AttentionCapture
+from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_selection_fields
 from .config import SSTokenConfig
-from .history import HistoryUpdateCallback, build_history
+from .history import FrozenBaseHistory, HistoryUpdateCallback, build_history, is_peft_model
+from .history.cache import (
+    CACHE_FILE,
+    CachedHistory,
+    InitialWeightsHistory,
+    dataset_fingerprint,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
 from .regions import Regions, regions_from_batch
-from .scoring import num_to_keep, retrospective_excess_loss, select_random, select_tokens
+from .scoring import keep_counts, retrospective_excess_loss, select_random, select_tokens
 
 METRIC_PREFIX = "sstoken/"
 REL_METHODS = ("sstoken", "rel")
@@ -96,11 +106,12 @@ class SSTokenTrainer(SFTTrainer):
         if self.label_smoother is not None and args.selection_method != "full":
             raise ValueError("label_smoothing_factor is not supported with ssToken selection; set it to 0.")
         method = args.selection_method
+        self.data_collator = SelectionCollator(self.data_collator)
+        if self.train_dataset is not None:
+            self.train_dataset = add_example_ids(self.train_dataset)
         self._history = None
         if method in REL_METHODS:
-            self._history = build_history(
-                self.model, args.history, args.history_update_steps, args.history_ema_alpha
-            )
+            self._history = self._build_history(args)
             self.add_callback(HistoryUpdateCallback(self._history))
         self._attention = None
         if method in ATTENTION_METHODS:
@@ -109,15 +120,61 @@ class SSTokenTrainer(SFTTrainer):
         self._micro_step = 0
         self._warned: set[str] = set()
 
+    def _build_history(self, args: SSTokenConfig):
+        if args.history_cache_dir is None:
+            if not is_peft_model(self.model) and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                raise ValueError(
+                    f"history={args.history!r} with full fine-tuning under FSDP or DeepSpeed would copy the whole, "
+                    "unsharded model on every process. Use history='base' with history_cache_dir (no copy at all) "
+                    "or train a LoRA adapter (peft_config), whose history shards with the model."
+                )
+            return build_history(
+                self.model, args.history, args.history_update_steps, args.history_ema_alpha,
+                device=args.history_device, max_copy_gb=args.history_copy_max_gb,
+            )
+        source = FrozenBaseHistory(self.model) if is_peft_model(self.model) else InitialWeightsHistory()
+        return CachedHistory(source, os.path.join(args.history_cache_dir, CACHE_FILE), identity=None)
+
+    def _prepare_history_cache(self):
+        """Loads the cached base history, or builds it in one no-grad pass over the training set."""
+        if not isinstance(self._history, CachedHistory) or self._history.ready:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        base_model = model.get_base_model() if is_peft_model(model) else model
+        self._history.identity = {
+            "dataset": dataset_fingerprint(self.train_dataset),
+            "model": model_fingerprint(base_model),
+            "tokenizer": tokenizer_fingerprint(self.processing_class),
+        }
+        batch_size = self.args.history_cache_batch_size or 2 * self.args.per_device_train_batch_size
+        was_training = model.training
+        model.eval()
+        try:
+            with self.accelerator.main_process_first():
+                dataset = self._remove_unused_columns(self.train_dataset, description="history cache")
+                self._history.load_or_build(model, dataset, self.data_collator, batch_size, self.accelerator.device)
+        finally:
+            model.train(was_training)
+
+    def train(self, *args, **kwargs):
+        self._prepare_history_cache()
+        return super().train(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if EXAMPLE_ID_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, EXAMPLE_ID_COLUMN]
+
     # ----- the training step -----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        fields = pop_selection_fields(inputs)
         if not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
-        outputs, selection = self._forward_and_select(model, inputs)
+        outputs, selection = self._forward_and_select(model, inputs, fields)
         loss = self._selected_loss(outputs.log_probs, selection.keep, selection.regions)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / self.current_gradient_accumulation_steps
@@ -126,13 +183,17 @@ class SSTokenTrainer(SFTTrainer):
         self._micro_step += 1
         return (loss, outputs) if return_outputs else loss
 
-    def _forward_and_select(self, model, inputs) -> tuple:
+    def _forward_and_select(self, model, inputs, fields) -> tuple:
         """History forward (no grad), current forward with the capture armed, then scoring: (outputs, Selection)."""
         inputs["use_cache"] = False
-        regions = regions_from_batch(inputs)
+        regions = regions_from_batch({**inputs, **fields})
         plan = self._plan_step(regions)
-        history_logps = self._history_log_probs(model, inputs) if plan.needs_history else None
-        capture = self._attention.armed(regions.context, regions.valid) if plan.needs_attention else nullcontext()
+        history_logps = self._history_log_probs(model, inputs, fields) if plan.needs_history else None
+        capture = (
+            self._attention.armed(regions.context, regions.valid, regions.sequence_ids)
+            if plan.needs_attention
+            else nullcontext()
+        )
         with capture:
             outputs = model(**inputs, fused_lm_head=True)
         attention = self._attention.take()[:, 1:] if plan.needs_attention else None
@@ -151,8 +212,11 @@ class SSTokenTrainer(SFTTrainer):
         """
         was_training = self.model.training
         self.model.eval()
+        inputs = self._prepare_inputs(dict(inputs))
+        fields = pop_selection_fields(inputs)
+        self._prepare_history_cache()
         try:
-            _, selection = self._forward_and_select(self.model, self._prepare_inputs(dict(inputs)))
+            _, selection = self._forward_and_select(self.model, inputs, fields)
         finally:
             self.model.train(was_training)
         return selection
@@ -193,21 +257,28 @@ class SSTokenTrainer(SFTTrainer):
         """Optimizer steps at the start that select by attention only: ceil(ratio * max_steps)."""
         return math.ceil(round(self.args.attention_warmup_ratio * self.state.max_steps, 6))
 
-    @torch.no_grad()
-    def _history_log_probs(self, model, inputs) -> torch.Tensor:
-        unwrapped = self.accelerator.unwrap_model(model)
-        with self._history.active():
-            return unwrapped(**inputs, fused_lm_head=True).log_probs
+    def _history_log_probs(self, model, inputs, fields) -> torch.Tensor:
+        if isinstance(self._history, CachedHistory):
+            self._prepare_history_cache()
+        return self._history.log_probs(self.accelerator.unwrap_model(model), inputs, fields)
 
     def _select(self, current_logps, history_logps, attention, regions: Regions, plan: StepPlan) -> torch.Tensor:
+        """The keep mask, (B, T-1). Scoring runs on one row per original sequence (`regions.layout`), so packed and
+        padding-free batches are selected exactly like padded ones."""
         args = self.args
         if args.selection_method == "full":
             return regions.response
+        layout = regions.layout
+        response = layout.predictions_to_sequences(regions.response, False)
         if args.selection_method == "random":
-            return select_random(regions.response, args.selection_ratio, self._random_generator())
-        return select_tokens(
-            current_logps, history_logps, attention, regions.response, args.selection_ratio, plan.gamma
-        )
+            keep = select_random(response, args.selection_ratio, self._random_generator())
+        else:
+            per_sequence = [
+                None if values is None else layout.predictions_to_sequences(values.float(), 0.0)
+                for values in (current_logps, history_logps, attention)
+            ]
+            keep = select_tokens(*per_sequence, response, args.selection_ratio, plan.gamma)
+        return layout.sequences_to_predictions(keep, False)
 
     def _random_generator(self) -> torch.Generator:
         """A generator seeded by (seed, step, micro-step, process): reproducible and independent of the history."""
@@ -223,9 +294,11 @@ class SSTokenTrainer(SFTTrainer):
             loss = kept_nll.sum() / window.selected.clamp(min=1)
         elif normalization == "all":
             loss = kept_nll.sum() / window.responses.clamp(min=1)
-        else:  # "sequence": the paper's Eq. 10
-            per_sequence = kept_nll.sum(dim=-1) / keep.sum(dim=-1).clamp(min=1)
-            loss = per_sequence.sum() / window.sequences.clamp(min=1)
+        else:  # "sequence": the paper's Eq. 10, per original sequence even in packed rows
+            layout = regions.layout
+            kept_per_sequence = layout.predictions_to_sequences(kept_nll, 0.0).sum(dim=-1)
+            count_per_sequence = layout.predictions_to_sequences(keep, False).sum(dim=-1)
+            loss = (kept_per_sequence / count_per_sequence.clamp(min=1)).sum() / window.sequences.clamp(min=1)
         if window.across_processes:
             # The denominator counts every process's tokens while DDP averages gradients: undo that average
             loss = loss * self.accelerator.num_processes
@@ -246,7 +319,7 @@ class SSTokenTrainer(SFTTrainer):
         for regions in window_regions:
             num_response = regions.num_response
             counts += torch.stack(
-                [num_to_keep(regions.response, ratio).sum(), (num_response > 0).sum(), num_response.sum()]
+                [keep_counts(num_response, ratio).sum(), (num_response > 0).sum(), num_response.sum()]
             ).to(device)
         across = self.args.average_tokens_across_devices and self.args.world_size > 1
         if across:
@@ -304,7 +377,11 @@ class SSTokenTrainer(SFTTrainer):
         num_correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum()).sum()
         metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         metrics["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
-        num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        if "attention_mask" in inputs:
+            local_tokens = inputs["attention_mask"].sum()
+        else:  # padding-free: one row of real tokens
+            local_tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        num_tokens = self.accelerator.gather_for_metrics(local_tokens).sum().item()
         self._total_train_tokens += num_tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
@@ -320,7 +397,12 @@ class SSTokenTrainer(SFTTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints keep the history adapter (exact resume); the final artifact holds only the trained adapter."""
         history_adapter = getattr(self._history, "trained_adapter", None)
-        if _internal_call or history_adapter is None:
+        if _internal_call:
+            super().save_model(output_dir, _internal_call)
+            if self._history is not None and self.args.should_save:
+                self._history.save_checkpoint(output_dir or self.args.output_dir)
+            return None
+        if history_adapter is None:
             return super().save_model(output_dir, _internal_call)
         peft_model = self.accelerator.unwrap_model(self.model)
         peft_model.save_pretrained = _with_selected_adapters(peft_model.save_pretrained, [history_adapter])
@@ -328,6 +410,12 @@ class SSTokenTrainer(SFTTrainer):
             return super().save_model(output_dir, _internal_call)
         finally:
             del peft_model.save_pretrained
+
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._history is not None:
+            self._history.load_checkpoint(resume_from_checkpoint)
 
 
 def _with_selected_adapters(save_pretrained, adapters):

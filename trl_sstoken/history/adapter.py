@@ -1,12 +1,12 @@
-"""History models: the earlier state of the model that REL compares the current model against.
+"""Histories for a model trained through a PEFT adapter (LoRA, QLoRA): no second copy of the base model.
 
-With a PEFT adapter the history never needs a second copy of the base model:
 - `base`: the base weights alone, i.e. the model with its adapter disabled (no extra memory);
 - `lagged`: the base weights plus a frozen copy of the adapter, refreshed every K optimizer steps;
 - `ema`: the base weights plus an exponential moving average of the adapter, updated every K optimizer steps.
-The copy is a second PEFT adapter named `history` on the same (possibly quantized) base layers, so it costs one more
-set of adapter weights and nothing else: no gradients, no optimizer state, no dropout. Because it is a real adapter,
-`Trainer` checkpoints save it under `checkpoint-N/history/` and resuming restores it.
+The copy is a second PEFT adapter named `history` on the same (possibly 4-bit or 8-bit) base layers, so it costs one
+more set of adapter weights, in the trained adapter's dtype, and nothing else: no gradients, no optimizer state, no
+dropout. Because it is a real adapter, `Trainer` checkpoints save it under `checkpoint-N/history/` and resuming
+restores it.
 """
 
 import copy
@@ -14,13 +14,20 @@ import warnings
 from contextlib import contextmanager
 
 import torch
-from transformers import TrainerCallback
 
 HISTORY_ADAPTER = "history"
 
 
+@torch.no_grad()
+def history_forward_log_probs(model, inputs) -> torch.Tensor:
+    """Label log-probs of a no-grad forward through TRL's fused LM head, (B, T-1)."""
+    return model(**inputs, fused_lm_head=True).log_probs
+
+
 class FrozenBaseHistory:
     """`base`: the pre-SFT model, obtained by disabling the adapter for the history forward."""
+
+    parameter_bytes = 0
 
     def __init__(self, peft_model):
         self.peft_model = peft_model
@@ -30,8 +37,18 @@ class FrozenBaseHistory:
         with self.peft_model.disable_adapter():
             yield
 
+    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
+        with self.active():
+            return history_forward_log_probs(model, inputs)
+
     def on_optimizer_step(self, global_step: int) -> None:
         """The base weights never change."""
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Nothing to save: the base weights are the model's own."""
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Nothing to load."""
 
 
 class AdapterHistory:
@@ -72,8 +89,8 @@ class AdapterHistory:
             )
 
     @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.history_params)
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.history_params)
 
     @contextmanager
     def active(self):
@@ -89,6 +106,10 @@ class AdapterHistory:
             for param in self.history_params:
                 param.requires_grad_(False)
 
+    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
+        with self.active():
+            return history_forward_log_probs(model, inputs)
+
     @torch.no_grad()
     def refresh(self) -> None:
         """lagged: history <- adapter. ema: history <- alpha * history + (1 - alpha) * adapter."""
@@ -102,29 +123,11 @@ class AdapterHistory:
         if global_step % self.update_steps == 0:
             self.refresh()
 
+    def save_checkpoint(self, directory: str) -> None:
+        """PEFT saves every adapter in a checkpoint, the history one under `history/`."""
 
-def build_history(model, mode: str, update_steps: int, ema_alpha: float):
-    """The history object for `mode`, or a clear error for a model it cannot serve yet."""
-    if not hasattr(model, "peft_config") or not hasattr(model, "disable_adapter"):
-        raise ValueError(
-            f"history={mode!r} needs a PEFT model (pass peft_config=LoraConfig(...) to the trainer); full fine-tuning "
-            "without PEFT is not supported yet. selection_method='attention', 'random' and 'full' need no history."
-        )
-    if model.peft_config[model.active_adapter].is_prompt_learning:
-        raise ValueError("ssToken's history needs an adapter on the model's layers (e.g. LoRA), not prompt learning.")
-    if mode == "base":
-        return FrozenBaseHistory(model)
-    return AdapterHistory(model, mode, update_steps, ema_alpha)
-
-
-class HistoryUpdateCallback(TrainerCallback):
-    """Moves the history forward after each optimizer step, on the schedule the history defines."""
-
-    def __init__(self, history):
-        self.history = history
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.history.on_optimizer_step(state.global_step)
+    def load_checkpoint(self, directory: str) -> None:
+        """`Trainer._load_from_checkpoint` restores every adapter saved in the checkpoint, the history one too."""
 
 
 def _pair_adapter_parameters(peft_model, history_name: str, trained_name: str):
@@ -147,4 +150,3 @@ def _pair_adapter_parameters(peft_model, history_name: str, trained_name: str):
 
 def _is_full_module_copy(name: str) -> bool:
     return f"modules_to_save.{HISTORY_ADAPTER}." in name
-

@@ -1,0 +1,93 @@
+"""History for full fine-tuning (no PEFT adapter): a second copy of the whole model.
+
+This costs one more model in memory (its parameters; no gradients, no optimizer state). The copy can live on
+another device (`history_device="cpu"`, or a second GPU) at the price of moving each batch there and back, and
+`history_copy_max_gb` refuses a copy larger than the user allows. A fixed `base` history needs no copy at all when
+its log-probs are cached (`history_cache_dir`).
+- `base`: a frozen copy of the weights the trainer was given;
+- `lagged`: a copy refreshed from the trained weights every K optimizer steps;
+- `ema`: `copy <- alpha * copy + (1 - alpha) * weights` every K optimizer steps.
+"""
+
+import copy
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_FILE = "sstoken_history_model.safetensors"
+
+
+class ModelCopyHistory:
+    def __init__(self, model, mode: str, update_steps: int, ema_alpha: float, device=None, max_copy_gb=None):
+        if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+            raise ValueError(
+                f"history={mode!r} with a quantized model and no PEFT adapter cannot work: a quantized model cannot "
+                "be fully fine-tuned, and a lagged or EMA copy of quantized weights cannot be updated. Train a LoRA "
+                "adapter on it (QLoRA: pass peft_config), whose history costs only adapter weights."
+            )
+        self.mode = mode
+        self.update_steps = update_steps
+        self.ema_alpha = ema_alpha
+        self.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if max_copy_gb is not None and self.parameter_bytes > max_copy_gb * 2**30:
+            raise ValueError(
+                f"history={mode!r} without a PEFT adapter copies the whole model ({self.parameter_bytes / 2**30:.2f} "
+                f"GiB of parameters), more than history_copy_max_gb={max_copy_gb}. Raise history_copy_max_gb, place "
+                "the copy elsewhere with history_device, cache a base history with history_cache_dir, or train a "
+                "LoRA adapter (peft_config)."
+            )
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
+        copies = dict(self.model.named_parameters())
+        self.trained_params = [p for _, p in model.named_parameters()]
+        self.copy_params = [copies[name] for name, _ in model.named_parameters()]
+
+    @torch.no_grad()
+    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
+        device = next(iter(v for v in inputs.values() if torch.is_tensor(v))).device
+        moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        return self.model(**moved, fused_lm_head=True).log_probs.to(device)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """lagged: copy <- weights. ema: copy <- alpha * copy + (1 - alpha) * weights. One tensor at a time across
+        devices, so the update never holds a second full copy in transit."""
+        for copy_param, param in zip(self.copy_params, self.trained_params):
+            source = param.detach().to(device=copy_param.device, dtype=copy_param.dtype)
+            if self.mode == "lagged":
+                copy_param.copy_(source)
+            else:
+                copy_param.lerp_(source, 1.0 - self.ema_alpha)
+
+    def on_optimizer_step(self, global_step: int) -> None:
+        if self.mode != "base" and global_step % self.update_steps == 0:
+            self.refresh()
+
+    def save_checkpoint(self, directory: str) -> None:
+        """A moving copy is part of the training state; a `base` copy is rebuilt from the model on resume."""
+        if self.mode != "base":
+            state = {name: tensor.contiguous() for name, tensor in self.model.state_dict().items()}
+            save_file(_untie(state), os.path.join(directory, CHECKPOINT_FILE))
+
+    def load_checkpoint(self, directory: str) -> None:
+        path = os.path.join(directory, CHECKPOINT_FILE)
+        if self.mode == "base":
+            return
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"Resuming a history={self.mode!r} run needs {CHECKPOINT_FILE} in the checkpoint {directory}, but it "
+                "is missing: the checkpoint was not written by SSTokenTrainer with this history mode."
+            )
+        self.model.load_state_dict(load_file(path, device=str(self.device)), strict=False)
+
+
+def _untie(state: dict) -> dict:
+    """safetensors refuses tensors that share memory (tied embeddings): keep one name per storage."""
+    seen, untied = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            untied[name] = tensor
+    return untied
