@@ -55,8 +55,8 @@ class BenchmarkTrainer(SSTokenTrainer):
 
     kind_tracker: KindTracker | None = None
 
-    def _forward_and_select(self, model, inputs):
-        outputs, selection = super()._forward_and_select(model, inputs)
+    def _forward_and_select(self, model, inputs, *args, **kwargs):
+        outputs, selection = super()._forward_and_select(model, inputs, *args, **kwargs)
         if self.kind_tracker is not None:
             self.kind_tracker.update(inputs["input_ids"], selection.keep, selection.regions.response)
         return outputs, selection
