@@ -49,6 +49,7 @@ def test_noise_rates_and_labels(instances):
                 assert word == truth
             else:  # a corrupted word is wrong, and of the same type as the true one
                 assert word != truth and (word in tasks.NUMBERS) == (truth in tasks.NUMBERS)
+                assert (word in tasks.KEYS) == (truth in tasks.KEYS)
         boilerplate = [w for w, k in zip(response.words, response.kinds) if k == "boilerplate"]
         assert boilerplate in ([], list(noise.BOILERPLATE))
         codes = [w for w, k in zip(response.words, response.kinds) if k == "random"]

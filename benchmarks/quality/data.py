@@ -24,7 +24,7 @@ FILLER_CODES_RATE = 0.10  # of filler sentences: "order number <codes> was sent 
 PRETRAIN_TASK_FRACTION = 0.6  # of pretraining sentences: a raw task instance; the rest is filler
 TEMPLATE_WORDS = (
     "reverse the list : add and table , . what is ? rule replace with answer "
-    "backwards together make one swapping for turns into order number was sent to a"
+    "backwards together make in look up swapping for turns into order number was sent to a"
 )
 
 

@@ -3,7 +3,7 @@
 The kinds and their rates are fixed here, before any method was compared (see benchmarks/quality/README.md):
 
 - `corrupt` (CORRUPT_RATE = 0.2 per answer word): the answer word is replaced by a different word of the same type
-  (an item by another item, a number by another number). The response then teaches a wrong answer at that position.
+  (an item by another item, a key by another key, a number by another number). The response then teaches a wrong answer at that position.
 - `boilerplate` (BOILERPLATE_RATE = 0.5 per response): the response opens with BOILERPLATE, a sentence that the base
   model saw often in its pretraining filler text, so it already predicts it (after its first word).
 - `random` (RANDOM_RATE = 0.3 per response): the response ends with "ref :" and 4 to 6 codes drawn uniformly from
@@ -16,7 +16,7 @@ Word kinds in a (noisy or clean) response: `answer` (a correct answer word), `co
 import random
 from dataclasses import dataclass
 
-from .tasks import ANSWER_CLOSE, ANSWER_OPEN, ITEMS, NUMBERS, Instance
+from .tasks import ANSWER_CLOSE, ANSWER_OPEN, ITEMS, KEYS, NUMBERS, Instance
 
 CORRUPT_RATE = 0.2
 BOILERPLATE_RATE = 0.5
@@ -57,7 +57,7 @@ def clean_response(instance: Instance) -> Response:
 
 
 def _corrupt_word(word: str, rng: random.Random) -> str:
-    pool = NUMBERS if word in NUMBERS else ITEMS
+    pool = NUMBERS if word in NUMBERS else KEYS if word in KEYS else ITEMS
     return rng.choice([other for other in pool if other != word])
 
 

@@ -10,14 +10,14 @@ Within a scale, every method and ablation uses the same LoRA, steps, batch size 
 SCALES = {
     "tiny": dict(
         hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-        pretrain_steps=30, pretrain_batch_size=8, pretrain_block_size=48, pretrain_lr=3e-3, pretrain_seed=0,
+        pretrain_steps=30, pretrain_batch_size=8, pretrain_block_size=48, pretrain_lr=1e-3, pretrain_seed=0,
         data_seed=1234, train_per_family=12, eval_per_family=5, reference_per_family=4,
         sft_steps=6, sft_batch_size=8, sft_lr=2e-3, lora_r=8, lora_alpha=16, lora_dropout=0.1,
         reference_steps=4, max_length=64, seeds=[0],
     ),
     "cpu": dict(
         hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-        pretrain_steps=1500, pretrain_batch_size=32, pretrain_block_size=96, pretrain_lr=3e-3, pretrain_seed=0,
+        pretrain_steps=2500, pretrain_batch_size=32, pretrain_block_size=64, pretrain_lr=1e-3, pretrain_seed=0,
         data_seed=1234, train_per_family=400, eval_per_family=100, reference_per_family=50,
         sft_steps=150, sft_batch_size=16, sft_lr=2e-3, lora_r=16, lora_alpha=32, lora_dropout=0.1,
         reference_steps=150, max_length=64, seeds=[0, 1, 2],

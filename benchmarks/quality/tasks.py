@@ -9,8 +9,8 @@ Families (the chat prompt -> the clean response; the raw pretraining form of the
            raw: "ant cat fox backwards is fox cat ant ."
 - add:     "add 7 and 5"                                    -> "answer : 12 ."
            raw: "7 and 5 together make 12 ."
-- lookup:  "table : red 4 , blue 7 , gold 2 . what is blue ?" -> "answer : 7 ."
-           raw: "with red 4 , blue 7 , gold 2 the blue one is 7 ."
+- lookup:  "table : red 4 , blue 7 , gold 2 . what is blue ?" -> "answer : blue 7 ."
+           raw: "in red 4 , blue 7 , gold 2 look up blue : blue 7 ."
 - replace: "rule : replace cat with owl . list : ant cat fox" -> "answer : ant owl fox ."
            raw: "swapping cat for owl turns ant cat fox into ant owl fox ."
 """
@@ -77,8 +77,8 @@ def _lookup(rng: random.Random) -> Instance:
     return Instance(
         "lookup",
         f"table : {table} . what is {keys[query]} ?",
-        (values[query],),
-        f"with {table} the {keys[query]} one is",
+        (keys[query], values[query]),
+        f"in {table} look up {keys[query]} :",
     )
 
 
@@ -112,7 +112,7 @@ def ground_truth(family: str, prompt: str) -> tuple[str, ...]:
     if family == "lookup":
         table = words[2 : words.index(".")]
         pairs = dict(zip(table[0::3], table[1::3]))
-        return (pairs[words[-2]],)
+        return (words[-2], pairs[words[-2]])
     if family == "replace":
         source, target = words[3], words[5]
         items = words[words.index("list") + 2 :]
