@@ -47,6 +47,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--ablations", nargs="*", default=None, help="ablation names to run (default: all; pass none for none)"
     )
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+        help="override a number of the scale, e.g. --set sft_steps=300 sft_lr=1e-3 (recorded in the JSON)",
+    )
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="parallel runs")
     parser.add_argument("--threads-per-run", type=int, default=1, help="torch threads inside each run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -259,6 +263,11 @@ def main(argv=None):
     quiet_libraries()
     started, start_time = datetime.now(timezone.utc), time.time()
     scale = dict(SCALES[args.scale])
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if key not in scale or key == "seeds":
+            raise SystemExit(f"--set {item}: unknown scale key {key!r}; known: {sorted(set(scale) - {'seeds'})}")
+        scale[key] = type(scale[key])(float(value)) if isinstance(scale[key], (int, float)) else value
     seeds = args.seeds if args.seeds else scale["seeds"]
     chosen_methods = args.methods or list(methods.METHODS)
     torch.set_num_threads(max(1, args.workers * args.threads_per_run))
@@ -289,6 +298,7 @@ def main(argv=None):
         },
         "scale_name": args.scale,
         "scale": scale,
+        "scale_overrides": args.overrides,
         "seeds": seeds,
         "design": design(),
         "data": {
