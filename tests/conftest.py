@@ -130,3 +130,20 @@ def count_calls(obj, method_name):
 
     setattr(obj, method_name, counted)
     return calls
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Qwen2 model and its tokenizer saved with `save_pretrained`: a local folder to load by path."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def jsonl_file(tmp_path_factory):
+    """The quickstart rows as a local .jsonl file."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in QUICKSTART_ROWS))
+    return path

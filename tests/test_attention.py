@@ -151,3 +151,22 @@ def test_out_of_range_layer_names_the_field(tokenizer, layer):
     model = build_tiny_model(tokenizer, num_layers=3)
     with pytest.raises(ValueError, match=r"attention_layer=.*-3 to 2"):
         AttentionCapture(model, layer)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_only_needed_queries_are_computed_and_they_are_unchanged(chunk_size):
+    generator = torch.Generator().manual_seed(7)
+    query, key = torch.randn(2, 4, 10, 8, generator=generator), torch.randn(2, 2, 10, 8, generator=generator)
+    context = torch.rand(2, 10, generator=generator) > 0.5
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    needed = torch.zeros(2, 10, dtype=torch.bool)
+    needed[0, 7:] = True
+    needed[1, 8] = True
+    full = context_attention_mass(query, key, context=context, key_valid=valid, scaling=0.3, chunk_size=chunk_size)
+    part = context_attention_mass(
+        query, key, context=context, key_valid=valid, scaling=0.3, chunk_size=chunk_size, query_needed=needed
+    )
+    rows_needed = needed.any(0)
+    torch.testing.assert_close(part[:, rows_needed], full[:, rows_needed])
+    if chunk_size == 1:
+        assert (part[:, ~rows_needed] == 0).all()

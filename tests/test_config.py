@@ -74,8 +74,26 @@ def test_invalid_values_name_the_field(tmp_path, field, value, allowed):
 @pytest.mark.parametrize("history", HISTORY_MODES)
 @pytest.mark.parametrize("normalization", LOSS_NORMALIZATIONS)
 def test_every_allowed_combination_is_accepted(tmp_path, method, history, normalization):
-    config = make(tmp_path, selection_method=method, history=history, selection_loss_normalization=normalization)
+    if method == "profit" and normalization == "selected":
+        pytest.skip("refused on purpose: see test_profit_needs_a_window_independent_normalization")
+    extra = {"reference_adapter": str(tmp_path)} if method == "rho1" else {}
+    config = make(tmp_path, selection_method=method, history=history, selection_loss_normalization=normalization, **extra)
     assert config.selection_method == method
+
+
+def test_rho1_needs_exactly_one_reference(tmp_path):
+    with pytest.raises(ValueError, match="reference_model.*reference_adapter"):
+        make(tmp_path, selection_method="rho1")
+    with pytest.raises(ValueError, match="exactly one reference"):
+        make(tmp_path, selection_method="rho1", reference_model="a", reference_adapter="b")
+
+
+def test_profit_needs_a_window_independent_normalization(tmp_path):
+    with pytest.raises(ValueError, match="selection_loss_normalization='all'"):
+        make(tmp_path, selection_method="profit")
+    assert make(tmp_path, selection_method="profit", selection_loss_normalization="all").profit_threshold == 0.1
+    with pytest.raises(ValueError, match="profit_threshold"):
+        make(tmp_path, selection_method="profit", selection_loss_normalization="all", profit_threshold=1.0)
 
 
 def test_effective_gamma(tmp_path):

@@ -97,10 +97,8 @@ def test_save_model_writes_no_history_but_checkpoints_do(make_trainer, tmp_path)
         keys = list(weights.keys())
     assert keys and not any(HISTORY_ADAPTER in key for key in keys)
     assert (final / "tokenizer.json").exists()
-    card = (final / "README.md").read_text() if (final / "README.md").exists() else ""
-    trainer.create_model_card(model_name="final")
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert "ssToken" in card and "2510.18250" in card
+    card = (final / "README.md").read_text()
+    assert "ssToken" in card and "2510.18250" in card and "history" in card
     # the live model still has its history adapter after saving
     assert HISTORY_ADAPTER in trainer.model.peft_config
 
@@ -137,9 +135,11 @@ def test_full_selection_trains_like_plain_sft(make_trainer):
         torch.testing.assert_close(param, expected, msg=name)
 
 
-@pytest.mark.parametrize("method", ["sstoken", "rel", "attention", "full"])
+@pytest.mark.parametrize("method", ["sstoken", "rel", "attention", "full", "dft", "profit"])
 @pytest.mark.parametrize("normalization", ["selected", "sequence", "all"])
 def test_gradient_accumulation_split_invariance(make_trainer, method, normalization):
+    if method == "profit" and normalization == "selected":
+        pytest.skip("profit refuses 'selected': its kept count is only known after the forward")
     trainer = make_trainer(selection_method=method, selection_loss_normalization=normalization, **DETERMINISTIC_LORA)
     randomize_adapter(trainer.model)  # REL is zero at initialisation; make it informative
     examples = [trainer.train_dataset[i] for i in range(4)]

@@ -16,6 +16,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CAPTURE_ATTRIBUTE = "_sstoken_attention_capture"
+PACKING_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+
+
+class AttentionUnavailableError(ValueError):
+    """The model's attention cannot be captured (unknown architecture or attention implementation)."""
 IMPLEMENTATION_PREFIX = "sstoken_"
 
 
@@ -28,6 +33,7 @@ def context_attention_mass(
     scaling: float,
     attention_mask: torch.Tensor | None = None,
     sequence_ids: torch.Tensor | None = None,
+    query_needed: torch.Tensor | None = None,
     chunk_size: int = 256,
     softcap: float | None = None,
 ) -> torch.Tensor:
@@ -44,6 +50,8 @@ def context_attention_mass(
             (for example a sliding window); the causal mask is always applied, even when the model passes None.
         sequence_ids: (B, Tk) long, the sequence of each position in packed or padding-free rows: a query only
             attends within its own sequence (block-diagonal), whatever the kernel was given.
+        query_needed: (B, Tq) bool, the queries whose mass is wanted (response tokens). Chunks with none of them
+            are skipped and read 0; with None every query is computed.
         chunk_size: query rows per block.
         softcap: attention logit soft-capping (Gemma 2 style), if the layer uses it.
 
@@ -58,22 +66,27 @@ def context_attention_mass(
     model_allowed = _mask_to_allowed(attention_mask)
     key_positions = torch.arange(k_len, device=query.device)
     context_weights = context.float()[:, None, None, None, :]  # (B, 1, 1, 1, Tk)
+    needed_rows = None if query_needed is None else query_needed.any(dim=0).tolist()  # one host sync per call
     masses = []
     for start in range(0, q_len, chunk_size):
         stop = min(start + chunk_size, q_len)
+        if needed_rows is not None and not any(needed_rows[start:stop]):
+            masses.append(query.new_zeros((batch, stop - start), dtype=torch.float32))
+            continue
+        # Causality: queries up to `stop` never see keys at or after `stop`, so the block is (chunk x stop), not T
         q_chunk = query[:, :, start:stop].float().reshape(batch, num_kv_heads, groups, stop - start, head_dim)
-        logits = torch.matmul(q_chunk, key_t) * scaling  # (B, H_kv, G, c, Tk)
+        logits = torch.matmul(q_chunk, key_t[..., :stop]) * scaling  # (B, H_kv, G, c, stop)
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         query_positions = torch.arange(start, stop, device=query.device)
-        allowed = (key_positions[None, :] <= query_positions[:, None])[None] & key_valid[:, None, :]  # (B, c, Tk)
+        allowed = (key_positions[None, :stop] <= query_positions[:, None])[None] & key_valid[:, None, :stop]
         if model_allowed is not None:
-            allowed = allowed & _chunk_rows(model_allowed, start, stop)
+            allowed = allowed & _chunk_rows(model_allowed, start, stop)[..., :stop]
         if sequence_ids is not None:
-            allowed = allowed & (sequence_ids[:, start:stop, None] == sequence_ids[:, None, :])
-        allowed = allowed[:, None, None]  # (B, 1, 1, c, Tk)
+            allowed = allowed & (sequence_ids[:, start:stop, None] == sequence_ids[:, None, :stop])
+        allowed = allowed[:, None, None]  # (B, 1, 1, c, stop)
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        masses.append((probs * context_weights).sum(dim=-1).mean(dim=(1, 2)))  # (B, c)
+        masses.append((probs * context_weights[..., :stop]).sum(dim=-1).mean(dim=(1, 2)))  # (B, c)
     # Query i is key i: a padding query gets 0, whatever it could attend to
     return torch.cat(masses, dim=-1) * key_valid[:, :q_len]
 
@@ -127,10 +140,10 @@ class AttentionCapture:
         setattr(self.module, CAPTURE_ATTRIBUTE, self)
 
     @contextmanager
-    def armed(self, context: torch.Tensor, key_valid: torch.Tensor, sequence_ids: torch.Tensor | None = None):
+    def armed(self, context, key_valid, sequence_ids=None, query_needed=None):
         """Arms the capture for the forward run inside the block. context, key_valid: (B, T) bool; sequence_ids:
-        (B, T) long for packed or padding-free batches."""
-        self._armed = (context, key_valid, sequence_ids)
+        (B, T) long for packed or padding-free batches; query_needed: (B, T) bool, the queries to compute."""
+        self._armed = (context, key_valid, sequence_ids, query_needed)
         self._result = None
         try:
             yield self
@@ -150,7 +163,7 @@ class AttentionCapture:
     def record(self, query, key, attention_mask, kwargs):
         if self._armed is None:
             return
-        context, key_valid, sequence_ids = self._armed
+        context, key_valid, sequence_ids, query_needed = self._armed
         self._armed = None
         with torch.no_grad():
             self._result = context_attention_mass(
@@ -161,6 +174,7 @@ class AttentionCapture:
                 scaling=kwargs.get("scaling") or query.size(-1) ** -0.5,
                 attention_mask=None if attention_mask is None else attention_mask.detach(),
                 sequence_ids=None if sequence_ids is None else sequence_ids.to(query.device),
+                query_needed=query_needed,
                 chunk_size=self.chunk_size,
                 softcap=kwargs.get("softcap"),
             )
@@ -177,9 +191,10 @@ def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The self-attention module of each decoder layer, in depth order."""
     modules = [module for name, module in model.named_modules() if name.endswith("self_attn")]
     if not modules:
-        raise ValueError(
+        raise AttentionUnavailableError(
             f"Cannot find the self-attention layers of {type(model).__name__} (no module named '*.self_attn'), so its "
-            "attention to the context cannot be captured. Use selection_method='rel', 'random' or 'full'."
+            "attention to the context cannot be captured. Set allow_rel_fallback=True to select by REL alone, or use "
+            "selection_method='random', 'full' or a baseline."
         )
     return modules
 
@@ -200,7 +215,10 @@ def _register_capturing_implementation(base_name: str) -> str:
     if name in ALL_ATTENTION_FUNCTIONS:
         return name
     if base_name != "eager" and base_name not in ALL_ATTENTION_FUNCTIONS:
-        raise ValueError(f"Cannot capture attention under the unknown implementation {base_name!r}.")
+        raise AttentionUnavailableError(
+            f"Cannot capture attention under the attention implementation {base_name!r}; supported: 'eager' and "
+            f"{sorted(ALL_ATTENTION_FUNCTIONS)}. Set allow_rel_fallback=True to select by REL alone."
+        )
 
     def capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
         capture = getattr(module, CAPTURE_ATTRIBUTE, None)

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-SELECTION_METHODS = ("sstoken", "rel", "attention", "random", "full")
+SELECTION_METHODS = ("sstoken", "rel", "attention", "random", "full", "rho1", "profit", "dft")
 HISTORY_MODES = ("base", "lagged", "ema")
 LOSS_NORMALIZATIONS = ("selected", "sequence", "all")
 
@@ -19,7 +19,10 @@ class SSTokenConfig(SFTConfig):
     selection_method (`str`, *optional*, defaults to `"sstoken"`):
         How response tokens are scored. `"sstoken"`: `gamma * minmax(REL) + (1 - gamma) * attention`; `"rel"`: REL
         only (gamma = 1); `"attention"`: attention only (gamma = 0, no history forward); `"random"`: a uniform random
-        subset of the same size; `"full"`: every response token (plain SFT on the same code path).
+        subset of the same size; `"full"`: every response token (plain SFT on the same code path). Baselines:
+        `"rho1"`: Rho-1's excess loss `L_cur - L_ref` against `reference_model` or `reference_adapter`, top
+        `selection_ratio` of the micro-batch's response tokens; `"profit"`: tokens whose current probability is at
+        least `profit_threshold`; `"dft"`: every token, its NLL weighted by its detached probability.
     selection_ratio (`float`, *optional*, defaults to `0.6`):
         Fraction of each sequence's response tokens that is trained on: `ceil(selection_ratio * n)` per sequence.
     selection_gamma (`float`, *optional*, defaults to `0.5`):
@@ -28,6 +31,9 @@ class SSTokenConfig(SFTConfig):
         Decoder layer whose attention to the context is measured. Negative values count from the end.
     attention_warmup_ratio (`float`, *optional*, defaults to `0.2`):
         Fraction of the training steps at the start during which REL-based methods select by attention only.
+    allow_rel_fallback (`bool`, *optional*, defaults to `False`):
+        If the model's attention cannot be captured (an architecture without `*.self_attn` modules or an unknown
+        attention implementation), select by REL alone (warm-up included) instead of raising.
     attention_chunk_size (`int`, *optional*, defaults to `256`):
         Number of query rows whose attention is materialised at a time when computing the attention score.
     selection_loss_normalization (`str`, *optional*, defaults to `"selected"`):
@@ -45,6 +51,12 @@ class SSTokenConfig(SFTConfig):
         Optimizer steps between two updates of a `"lagged"` or `"ema"` history.
     history_ema_alpha (`float`, *optional*, defaults to `0.5`):
         Weight of the old history in an `"ema"` update: `history <- alpha * history + (1 - alpha) * adapter`.
+    profit_threshold (`float`, *optional*, defaults to `0.1`):
+        `"profit"` keeps the response tokens whose current probability is at least this.
+    reference_model (`str` or `None`, *optional*, defaults to `None`):
+        `"rho1"`: hub id or local path of the reference model, loaded frozen next to the trained one.
+    reference_adapter (`str` or `None`, *optional*, defaults to `None`):
+        `"rho1"`: local path of a LoRA adapter loaded as a frozen extra adapter on the trained model's base.
     history_cache_dir (`str` or `None`, *optional*, defaults to `None`):
         With `history="base"`: compute the base model's log-probs once, in a no-grad pass over the training set
         before training, store them in this directory and reuse them in later runs; training then runs no history
@@ -94,6 +106,13 @@ class SSTokenConfig(SFTConfig):
             "only, because the history still equals the current model. In [0, 1]."
         },
     )
+    allow_rel_fallback: bool = field(
+        default=False,
+        metadata={
+            "help": "If the model's attention cannot be captured, select by REL alone (warm-up included) instead of "
+            "raising. Only for 'sstoken' and 'rel'."
+        },
+    )
     attention_chunk_size: int = field(
         default=256,
         metadata={
@@ -129,6 +148,18 @@ class SSTokenConfig(SFTConfig):
         },
     )
 
+    profit_threshold: float = field(
+        default=0.1,
+        metadata={"help": "'profit' keeps the response tokens whose current probability is at least this. In (0, 1)."},
+    )
+    reference_model: str | None = field(
+        default=None,
+        metadata={"help": "'rho1': hub id or local path of the reference model (same tokenizer), loaded frozen."},
+    )
+    reference_adapter: str | None = field(
+        default=None,
+        metadata={"help": "'rho1': local path of a LoRA adapter loaded as a frozen extra adapter on the trained base."},
+    )
     history_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -171,6 +202,19 @@ class SSTokenConfig(SFTConfig):
         _check_integer("history_update_steps", self.history_update_steps, minimum=1)
         _check_integer("attention_chunk_size", self.attention_chunk_size, minimum=1)
         _check_integer("attention_layer", self.attention_layer, minimum=None)
+        _check_number("profit_threshold", self.profit_threshold, "in (0, 1)", lambda v: 0 < v < 1)
+        if self.selection_method == "rho1" and (self.reference_model is None) == (self.reference_adapter is None):
+            raise ValueError(
+                "selection_method='rho1' needs exactly one reference: set reference_model (a model path or hub id) or "
+                f"reference_adapter (a LoRA adapter path); got reference_model={self.reference_model!r}, "
+                f"reference_adapter={self.reference_adapter!r}."
+            )
+        if self.selection_method == "profit" and self.selection_loss_normalization == "selected":
+            raise ValueError(
+                "selection_method='profit' keeps a number of tokens that is only known after the forward pass, so "
+                "selection_loss_normalization='selected' cannot be normalised over the accumulation window. Use "
+                "selection_loss_normalization='all' (ProFit's own normalisation) or 'sequence'."
+            )
         if self.history_cache_batch_size is not None:
             _check_integer("history_cache_batch_size", self.history_cache_batch_size, minimum=1)
         if self.history_copy_max_gb is not None:
@@ -180,10 +224,11 @@ class SSTokenConfig(SFTConfig):
                 f"history_cache_dir is only valid with history='base' (got history={self.history!r}): only the base "
                 "model's log-probs stay fixed during training. Unset history_cache_dir or use history='base'."
             )
-        if self.selection_method != "full" and self.loss_type != "nll":
+        if self.selection_method not in ("full", "dft") and self.loss_type != "nll":
             raise ValueError(
                 f"loss_type={self.loss_type!r} cannot be combined with selection_method={self.selection_method!r}: "
-                "the selected tokens' loss is a plain NLL. Use loss_type='nll' (the default)."
+                "the selected tokens' loss is a plain NLL. Use loss_type='nll' (the default); for DFT use "
+                "selection_method='dft'."
             )
     @property
     def effective_gamma(self) -> float:

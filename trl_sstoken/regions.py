@@ -75,6 +75,11 @@ class Regions:
     layout: SequenceLayout
 
     @property
+    def response_tokens(self) -> torch.Tensor:
+        """(B, T) bool, the response tokens in token space (the queries whose attention score is needed)."""
+        return torch.cat([torch.zeros_like(self.response[:, :1]), self.response], dim=1)
+
+    @property
     def sequence_response(self) -> torch.Tensor:
         """(S, L) bool, response tokens per sequence row."""
         return self.layout.predictions_to_sequences(self.response, False)

@@ -116,6 +116,31 @@ def select_random(response_mask: torch.Tensor, ratio: float, generator: torch.Ge
     return top_k_per_row(noise.to(response_mask.device), response_mask, num_to_keep(response_mask, ratio))
 
 
+# ----- baselines -----
+
+
+def excess_loss(current_logps: torch.Tensor, reference_logps: torch.Tensor) -> torch.Tensor:
+    """Rho-1's excess loss, L_cur - L_ref = log p_ref - log p_cur, (B, T-1): high where the reference model, trained
+    on clean data, predicts the token and the current model does not yet (Lin et al., 2024)."""
+    return reference_logps.float() - current_logps.float()
+
+
+def top_k_per_batch(scores: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.BoolTensor:
+    """Rho-1's selection: the top ceil(ratio * n) masked positions of the whole batch, not of each row."""
+    keep = top_k_per_row(scores.reshape(1, -1), mask.reshape(1, -1), keep_counts(mask.sum().reshape(1), ratio))
+    return keep.reshape(mask.shape)
+
+
+def select_by_probability(current_logps: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.BoolTensor:
+    """ProFit's selection: the masked tokens whose current probability is at least `threshold`."""
+    return mask & (current_logps.float() >= math.log(threshold))
+
+
+def probability_weights(current_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """DFT's per-token weight: the detached probability of the token (Wu et al., 2025), 0 off the mask."""
+    return current_logps.detach().float().exp() * mask
+
+
 def masked_mean_std(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, int]:
     """Mean, population standard deviation and count of `values` over `mask`, for logging."""
     selected = values[mask].double()

@@ -9,6 +9,8 @@ losses stay comparable with plain SFT.
 import hashlib
 import math
 import os
+import re
+import shutil
 import textwrap
 import warnings
 from contextlib import nullcontext
@@ -18,9 +20,10 @@ import torch
 from transformers import TrainingArguments
 from trl import SFTTrainer
 
-from .attention import AttentionCapture
+from .attention import PACKING_IMPLEMENTATIONS, AttentionCapture, AttentionUnavailableError
 from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_selection_fields
 from .config import SSTokenConfig
+from .config_reference import add_to_model_card
 from .history import FrozenBaseHistory, HistoryUpdateCallback, build_history, is_peft_model
 from .history.cache import (
     CACHE_FILE,
@@ -31,11 +34,23 @@ from .history.cache import (
     tokenizer_fingerprint,
 )
 from .regions import Regions, regions_from_batch
-from .scoring import keep_counts, retrospective_excess_loss, select_random, select_tokens
+from .reference import ReferenceAdapter, ReferenceModel
+from .scoring import (
+    excess_loss,
+    keep_counts,
+    probability_weights,
+    retrospective_excess_loss,
+    select_by_probability,
+    select_random,
+    select_tokens,
+    top_k_per_batch,
+)
 
 METRIC_PREFIX = "sstoken/"
+CHECKPOINT_MARKER = "sstoken_checkpoint_complete.json"
 REL_METHODS = ("sstoken", "rel")
 ATTENTION_METHODS = ("sstoken", "rel", "attention")  # "rel" uses attention during the warm-up
+SEQUENCE_TOP_K_METHODS = ("sstoken", "rel", "attention", "random")  # keep ceil(ratio * n) per sequence
 
 
 @dataclass
@@ -56,6 +71,7 @@ class StepPlan:
     needs_history: bool
     needs_attention: bool
     in_warmup: bool
+    needs_reference: bool = False
 
 
 @dataclass
@@ -67,6 +83,7 @@ class Selection:
     rel: torch.Tensor | None  # log p_cur - log p_hist, where the history forward ran
     attention: torch.Tensor | None  # attention mass on the context, where it was captured
     plan: StepPlan
+    excess_loss: torch.Tensor | None = None  # rho1: L_cur - L_ref
 
 
 class SSTokenTrainer(SFTTrainer):
@@ -113,9 +130,13 @@ class SSTokenTrainer(SFTTrainer):
         if method in REL_METHODS:
             self._history = self._build_history(args)
             self.add_callback(HistoryUpdateCallback(self._history))
+        self._reference = None
+        if method == "rho1":
+            self._reference = self._build_reference(args)
         self._attention = None
         if method in ATTENTION_METHODS:
-            self._attention = AttentionCapture(self.model, args.attention_layer, args.attention_chunk_size)
+            self._attention = self._build_attention_capture(args)
+        self._warn_about_dropped_examples(args, trainer_args, trainer_kwargs)
         self._window: WindowCounts | None = None
         self._micro_step = 0
         self._warned: set[str] = set()
@@ -134,6 +155,42 @@ class SSTokenTrainer(SFTTrainer):
             )
         source = FrozenBaseHistory(self.model) if is_peft_model(self.model) else InitialWeightsHistory()
         return CachedHistory(source, os.path.join(args.history_cache_dir, CACHE_FILE), identity=None)
+
+    def _build_attention_capture(self, args: SSTokenConfig):
+        implementation = self.accelerator.unwrap_model(self.model).config._attn_implementation
+        if self.padding_free and implementation not in PACKING_IMPLEMENTATIONS:
+            raise ValueError(
+                f"padding-free batches (padding_free=True or packing with a 'bfd' strategy) need an attention "
+                f"implementation that keeps packed sequences apart; {implementation!r} does not. Use one of "
+                f"{list(PACKING_IMPLEMENTATIONS)} (attn_implementation when loading the model)."
+            )
+        try:
+            return AttentionCapture(self.model, args.attention_layer, args.attention_chunk_size)
+        except AttentionUnavailableError as error:
+            if args.selection_method == "attention" or not args.allow_rel_fallback:
+                raise
+            warnings.warn(f"{error} Falling back to REL-only selection (allow_rel_fallback=True).", stacklevel=3)
+            return None
+
+    def _warn_about_dropped_examples(self, args, trainer_args, trainer_kwargs):
+        """TRL silently drops examples with no response token left (e.g. truncated away by max_length): say so."""
+        original = trainer_kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        prepared = self.train_dataset
+        if args.packing or not hasattr(original, "__len__") or not hasattr(prepared, "__len__"):
+            return
+        dropped = len(original) - len(prepared)
+        if dropped > 0:
+            warnings.warn(
+                f"{dropped} of {len(original)} training examples have no response token left after preparation "
+                f"(e.g. truncated away by max_length={args.max_length}) and were dropped; check max_length.",
+                stacklevel=3,
+            )
+
+    def _build_reference(self, args: SSTokenConfig):
+        if args.reference_adapter is not None:
+            return ReferenceAdapter(args.reference_adapter, self.model)
+        model = self.accelerator.unwrap_model(self.model)
+        return ReferenceModel(args.reference_model, model, self.processing_class, args.trust_remote_code)
 
     def _prepare_history_cache(self):
         """Loads the cached base history, or builds it in one no-grad pass over the training set."""
@@ -156,10 +213,6 @@ class SSTokenTrainer(SFTTrainer):
         finally:
             model.train(was_training)
 
-    def train(self, *args, **kwargs):
-        self._prepare_history_cache()
-        return super().train(*args, **kwargs)
-
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if EXAMPLE_ID_COLUMN not in self._signature_columns:
@@ -175,6 +228,11 @@ class SSTokenTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
         outputs, selection = self._forward_and_select(model, inputs, fields)
+        if not self._signals_are_finite(outputs.log_probs, selection):
+            loss = self._skipped_batch_loss()
+            self._micro_step += 1
+            return (loss, outputs) if return_outputs else loss
+        self._metrics["train"][METRIC_PREFIX + "nonfinite_skipped"].append(0.0)
         loss = self._selected_loss(outputs.log_probs, selection.keep, selection.regions)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / self.current_gradient_accumulation_steps
@@ -189,8 +247,11 @@ class SSTokenTrainer(SFTTrainer):
         regions = regions_from_batch({**inputs, **fields})
         plan = self._plan_step(regions)
         history_logps = self._history_log_probs(model, inputs, fields) if plan.needs_history else None
+        reference_logps = (
+            self._reference.log_probs(self.accelerator.unwrap_model(model), inputs) if plan.needs_reference else None
+        )
         capture = (
-            self._attention.armed(regions.context, regions.valid, regions.sequence_ids)
+            self._attention.armed(regions.context, regions.valid, regions.sequence_ids, regions.response_tokens)
             if plan.needs_attention
             else nullcontext()
         )
@@ -198,9 +259,10 @@ class SSTokenTrainer(SFTTrainer):
             outputs = model(**inputs, fused_lm_head=True)
         attention = self._attention.take()[:, 1:] if plan.needs_attention else None
         current_logps = outputs.log_probs.detach()
-        keep = self._select(current_logps, history_logps, attention, regions, plan)
+        excess = excess_loss(current_logps, reference_logps) if reference_logps is not None else None
+        keep = self._select(current_logps, history_logps, attention, regions, plan, excess)
         rel = retrospective_excess_loss(current_logps, history_logps) if history_logps is not None else None
-        return outputs, Selection(keep=keep, regions=regions, rel=rel, attention=attention, plan=plan)
+        return outputs, Selection(keep, regions, rel, attention, plan, excess)
 
     @torch.no_grad()
     def preview_selection(self, inputs: dict) -> "Selection":
@@ -221,13 +283,40 @@ class SSTokenTrainer(SFTTrainer):
             self.model.train(was_training)
         return selection
 
+    def _signals_are_finite(self, log_probs, selection: "Selection") -> bool:
+        """NaN or inf in the current, history or reference log-probs of response tokens would turn the selection and
+        the update into garbage: such a micro-batch is skipped (warning + `sstoken/nonfinite_skipped`)."""
+        response = selection.regions.response
+        finite = torch.isfinite(log_probs.detach()[response]).all()
+        for signal in (selection.rel, selection.excess_loss):
+            if signal is not None:
+                finite = finite & torch.isfinite(signal[response]).all()
+        if bool(finite):
+            return True
+        self._metrics["train"][METRIC_PREFIX + "nonfinite_skipped"].append(1.0)
+        self._warn_once(
+            "nonfinite",
+            f"Non-finite log-probabilities (NaN or inf) in a training batch at step {self.state.global_step}: the "
+            "batch is skipped (it adds no gradient) and counted in sstoken/nonfinite_skipped. Frequent skips point "
+            "at a diverging model (lower the learning rate) or at fp16 overflow (use bf16).",
+        )
+        return False
+
+    def _skipped_batch_loss(self) -> torch.Tensor:
+        """A zero loss that still touches every trainable parameter (with zero gradient), so that DDP's gradient
+        all-reduce sees the same parameters on every process."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return sum((p.reshape(-1)[:1].nan_to_num(0.0, 0.0, 0.0) * 0.0).sum() for p in params)
+
     def _plan_step(self, regions: Regions) -> StepPlan:
         args = self.args
         method = args.selection_method
         in_warmup = method in REL_METHODS and self.state.global_step < self._warmup_steps()
         gamma = torch.full(regions.num_response.shape, 0.0 if in_warmup else args.effective_gamma)
-        if method in ("random", "full"):
-            return StepPlan(gamma, needs_history=False, needs_attention=False, in_warmup=False)
+        if method not in ATTENTION_METHODS:  # random, full and the baselines need neither REL nor attention
+            return StepPlan(gamma, False, False, in_warmup=False, needs_reference=method == "rho1")
+        if self._attention is None:  # allow_rel_fallback: the attention cannot be captured
+            return StepPlan(torch.ones_like(gamma), needs_history=True, needs_attention=False, in_warmup=False)
 
         has_response = (regions.num_response > 0).cpu()
         no_context = has_response & ~regions.has_context.cpu()
@@ -262,12 +351,16 @@ class SSTokenTrainer(SFTTrainer):
             self._prepare_history_cache()
         return self._history.log_probs(self.accelerator.unwrap_model(model), inputs, fields)
 
-    def _select(self, current_logps, history_logps, attention, regions: Regions, plan: StepPlan) -> torch.Tensor:
-        """The keep mask, (B, T-1). Scoring runs on one row per original sequence (`regions.layout`), so packed and
-        padding-free batches are selected exactly like padded ones."""
+    def _select(self, current_logps, history_logps, attention, regions: Regions, plan: StepPlan, excess=None):
+        """The keep mask, (B, T-1). Per-sequence methods score one row per original sequence (`regions.layout`), so
+        packed and padding-free batches are selected exactly like padded ones."""
         args = self.args
-        if args.selection_method == "full":
+        if args.selection_method in ("full", "dft"):
             return regions.response
+        if args.selection_method == "rho1":
+            return top_k_per_batch(excess, regions.response, args.selection_ratio)
+        if args.selection_method == "profit":
+            return select_by_probability(current_logps, regions.response, args.profit_threshold)
         layout = regions.layout
         response = layout.predictions_to_sequences(regions.response, False)
         if args.selection_method == "random":
@@ -288,7 +381,10 @@ class SSTokenTrainer(SFTTrainer):
     def _selected_loss(self, log_probs: torch.Tensor, keep: torch.Tensor, regions: Regions) -> torch.Tensor:
         """NLL of the kept tokens over the configured denominator."""
         window = self._window if self._window is not None else self._count_window([regions], log_probs.device)
-        kept_nll = -log_probs * keep.to(log_probs.dtype)  # (B, T-1)
+        weights = keep.to(log_probs.dtype)
+        if self.args.selection_method == "dft":
+            weights = probability_weights(log_probs, keep).to(log_probs.dtype)
+        kept_nll = -log_probs * weights  # (B, T-1)
         normalization = self.args.selection_loss_normalization
         if normalization == "selected":
             loss = kept_nll.sum() / window.selected.clamp(min=1)
@@ -314,13 +410,19 @@ class SSTokenTrainer(SFTTrainer):
         return batch_samples, num_items_in_batch
 
     def _count_window(self, window_regions: list[Regions], device) -> WindowCounts:
-        ratio = 1.0 if self.args.selection_method == "full" else self.args.selection_ratio
+        """Kept tokens, sequences with a response and response tokens of the window. The kept count follows from
+        labels alone for every method that allows `selected` normalisation (`profit` does not)."""
+        method, ratio = self.args.selection_method, self.args.selection_ratio
         counts = torch.zeros(3, dtype=torch.long, device=device)
         for regions in window_regions:
             num_response = regions.num_response
-            counts += torch.stack(
-                [keep_counts(num_response, ratio).sum(), (num_response > 0).sum(), num_response.sum()]
-            ).to(device)
+            if method in SEQUENCE_TOP_K_METHODS:
+                kept = keep_counts(num_response, ratio).sum()
+            elif method == "rho1":  # top-k over the whole micro-batch
+                kept = keep_counts(num_response.sum().reshape(1), ratio).sum()
+            else:  # full, dft (and profit, whose kept count is never used as a denominator)
+                kept = num_response.sum()
+            counts += torch.stack([kept, (num_response > 0).sum(), num_response.sum()]).to(device)
         across = self.args.average_tokens_across_devices and self.args.world_size > 1
         if across:
             counts = self.accelerator.gather(counts).view(-1, 3).sum(dim=0)
@@ -392,30 +494,98 @@ class SSTokenTrainer(SFTTrainer):
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    # ----- saving -----
+    # ----- saving and resuming -----
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            mark_checkpoint_complete(checkpoint, self.state.global_step)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """As `Trainer.train`, but `resume_from_checkpoint=True` takes the last *complete* checkpoint: one that a
+        crash interrupted while it was being written is skipped, never loaded."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        elif isinstance(resume_from_checkpoint, str) and not is_checkpoint_complete(resume_from_checkpoint):
+            raise ValueError(
+                f"The checkpoint {resume_from_checkpoint} is incomplete: it has no {CHECKPOINT_MARKER}, which "
+                "SSTokenTrainer writes after everything else, so writing it was interrupted. Resume from an earlier "
+                "checkpoint, or pass resume_from_checkpoint=True to take the last complete one."
+            )
+        self._prepare_history_cache()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, plus a section that records the method and every ssToken setting of this run."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                card = file.read()
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(add_to_model_card(card, self.args))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Checkpoints keep the history adapter (exact resume); the final artifact holds only the trained adapter."""
-        history_adapter = getattr(self._history, "trained_adapter", None)
+        """Checkpoints keep the history adapter (exact resume). The final artefact holds only what a user ships: the
+        trained adapter (or model), the tokenizer, and a model card that records the method and its settings."""
         if _internal_call:
             super().save_model(output_dir, _internal_call)
             if self._history is not None and self.args.should_save:
                 self._history.save_checkpoint(output_dir or self.args.output_dir)
-            return None
-        if history_adapter is None:
-            return super().save_model(output_dir, _internal_call)
+            return
+        output_dir = output_dir or self.args.output_dir
         peft_model = self.accelerator.unwrap_model(self.model)
-        peft_model.save_pretrained = _with_selected_adapters(peft_model.save_pretrained, [history_adapter])
-        try:
-            return super().save_model(output_dir, _internal_call)
-        finally:
-            del peft_model.save_pretrained
+        if is_peft_model(peft_model) and len(peft_model.peft_config) > 1:
+            # Not the history adapter, not a Rho-1 reference adapter: only the trained one
+            peft_model.save_pretrained = _with_selected_adapters(peft_model.save_pretrained, [peft_model.active_adapter])
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                del peft_model.save_pretrained
+        else:
+            super().save_model(output_dir, _internal_call)
+        self._write_model_card(output_dir)
 
+    def _write_model_card(self, output_dir: str):
+        """TRL writes its card into `args.output_dir`; the saved artefact gets that card, with the ssToken section."""
+        if not self.is_world_process_zero():
+            return
+        self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
+        card = os.path.join(self.args.output_dir, "README.md")
+        target = os.path.join(output_dir, "README.md")
+        if os.path.isfile(card) and os.path.abspath(card) != os.path.abspath(target):
+            shutil.copyfile(card, target)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self._history is not None:
             self._history.load_checkpoint(resume_from_checkpoint)
+
+
+def mark_checkpoint_complete(checkpoint: str, global_step: int) -> None:
+    with open(os.path.join(checkpoint, CHECKPOINT_MARKER), "w") as handle:
+        handle.write(f'{{"global_step": {global_step}}}\n')
+
+
+def is_checkpoint_complete(checkpoint: str) -> bool:
+    return os.path.isfile(os.path.join(checkpoint, CHECKPOINT_MARKER))
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The highest-step `checkpoint-N` of `output_dir` that was completely written."""
+    pattern = re.compile(r"^checkpoint-(\d+)$")
+    found = sorted(
+        ((int(match.group(1)), name) for name in os.listdir(output_dir) if (match := pattern.match(name))),
+        reverse=True,
+    )
+    for _, name in found:
+        path = os.path.join(output_dir, name)
+        if is_checkpoint_complete(path):
+            return path
+        warnings.warn(f"Skipping the incomplete checkpoint {path} (its writing was interrupted).", stacklevel=3)
+    raise ValueError(f"No complete checkpoint found in output directory ({output_dir}).")
 
 
 def _with_selected_adapters(save_pretrained, adapters):

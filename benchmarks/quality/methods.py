@@ -26,15 +26,17 @@ METHODS = {
     "rel": {"selection_method": "rel"},
     "attention": {"selection_method": "attention"},
     "sstoken": {"selection_method": "sstoken"},
-    "rho1": {"selection_method": "rho1"},  # + the reference adapter path, filled in by the harness
-    "profit": {"selection_method": "profit"},
+    "rho1": {"selection_method": "rho1"},  # + reference_adapter=<path>, filled in by the harness
+    # ProFit keeps a data-dependent number of tokens, so the package refuses "selected" normalisation for it;
+    # "all" (divide by every response token) is ProFit's own normalisation.
+    "profit": {"selection_method": "profit", "selection_loss_normalization": "all"},
     "dft": {"selection_method": "dft"},
 }
 
 # Names of the field that may carry the Rho-1 reference adapter's path, in order of preference.
 REFERENCE_FIELD_CANDIDATES = (
-    "rho1_reference",
     "reference_adapter",
+    "rho1_reference",
     "reference_adapter_path",
     "reference_model",
     "reference_model_path",

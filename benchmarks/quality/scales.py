@@ -19,7 +19,7 @@ SCALES = {
         hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
         pretrain_steps=2500, pretrain_batch_size=32, pretrain_block_size=64, pretrain_lr=1e-3, pretrain_seed=0,
         data_seed=1234, train_per_family=400, eval_per_family=100, reference_per_family=50,
-        sft_steps=150, sft_batch_size=16, sft_lr=2e-3, lora_r=16, lora_alpha=32, lora_dropout=0.1,
+        sft_steps=300, sft_batch_size=16, sft_lr=2e-3, lora_r=16, lora_alpha=32, lora_dropout=0.1,
         reference_steps=150, max_length=64, seeds=[0, 1, 2],
     ),
     "gpu": dict(

@@ -95,16 +95,8 @@ class AdapterHistory:
     @contextmanager
     def active(self):
         """Runs the block with the history adapter active and the trained adapter's flags untouched."""
-        previous_flags = [p.requires_grad for p in self.trained_params]
-        self.peft_model.set_adapter(HISTORY_ADAPTER, inference_mode=True)
-        try:
+        with adapter_activated(self.peft_model, HISTORY_ADAPTER, self.trained_adapter, self.trained_params):
             yield
-        finally:
-            self.peft_model.set_adapter(self.trained_adapter)
-            for param, flag in zip(self.trained_params, previous_flags):
-                param.requires_grad_(flag)
-            for param in self.history_params:
-                param.requires_grad_(False)
 
     def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
         with self.active():
@@ -112,8 +104,12 @@ class AdapterHistory:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """lagged: history <- adapter. ema: history <- alpha * history + (1 - alpha) * adapter."""
+        """lagged: history <- adapter. ema: history <- alpha * history + (1 - alpha) * adapter. Never from a
+        non-finite adapter: the history keeps its last good state instead."""
         trained = [p.detach() for p in self.trained_params]
+        if not all_finite(trained):
+            skip_refresh_warning(self.mode)
+            return
         if self.mode == "lagged":
             torch._foreach_copy_(self.history_params, trained)
         else:
@@ -128,6 +124,35 @@ class AdapterHistory:
 
     def load_checkpoint(self, directory: str) -> None:
         """`Trainer._load_from_checkpoint` restores every adapter saved in the checkpoint, the history one too."""
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def skip_refresh_warning(mode: str) -> None:
+    warnings.warn(
+        f"The trained weights hold NaN or inf: the {mode} history is not updated from them and keeps its last "
+        "finite state.",
+        stacklevel=3,
+    )
+
+
+@contextmanager
+def adapter_activated(peft_model, name: str, trained_adapter: str, trained_params: list):
+    """Makes `name` the active adapter for the block, then restores `trained_adapter` with its exact
+    `requires_grad` flags (PEFT's `set_adapter` would mark every trained parameter trainable) and freezes `name`."""
+    previous_flags = [p.requires_grad for p in trained_params]
+    peft_model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(trained_adapter)
+        for param, flag in zip(trained_params, previous_flags):
+            param.requires_grad_(flag)
+        for param_name, param in peft_model.named_parameters():
+            if f".{name}." in param_name:
+                param.requires_grad_(False)
 
 
 def _pair_adapter_parameters(peft_model, history_name: str, trained_name: str):

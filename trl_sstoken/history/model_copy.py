@@ -15,6 +15,8 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapter import all_finite, skip_refresh_warning
+
 CHECKPOINT_FILE = "sstoken_history_model.safetensors"
 
 
@@ -52,7 +54,10 @@ class ModelCopyHistory:
     @torch.no_grad()
     def refresh(self) -> None:
         """lagged: copy <- weights. ema: copy <- alpha * copy + (1 - alpha) * weights. One tensor at a time across
-        devices, so the update never holds a second full copy in transit."""
+        devices, so the update never holds a second full copy in transit. Never from non-finite weights."""
+        if not all_finite(p.detach() for p in self.trained_params):
+            skip_refresh_warning(self.mode)
+            return
         for copy_param, param in zip(self.copy_params, self.trained_params):
             source = param.detach().to(device=copy_param.device, dtype=copy_param.dtype)
             if self.mode == "lagged":

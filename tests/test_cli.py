@@ -1,0 +1,362 @@
+"""The trl-sstoken console script: train from a YAML config with overrides, demo, inspect, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_visualize import parse_spans
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import QUICKSTART_ROWS, lora_config, randomize_adapter
+from trl_sstoken import SSTokenConfig, SSTokenTrainer, cli
+from trl_sstoken.history import HISTORY_ADAPTER
+from trl_sstoken.loading import UsageError, load_sft_datasets, load_tokenizer, pick_split
+from trl_sstoken.config_reference import sstoken_fields
+
+REPO = Path(__file__).resolve().parent.parent
+SENTENCE = "what is two plus three ? sure ! five ."
+
+
+def write_yaml(path, settings):
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def train_settings(model_dir, data_file, output_dir, **overrides):
+    settings = dict(
+        model_name_or_path=str(model_dir),
+        dataset_name=str(data_file),
+        output_dir=str(output_dir),
+        use_peft=True,
+        lora_r=4,
+        lora_alpha=8,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        max_length=64,
+        selection_ratio=0.9,
+        history="lagged",
+        history_update_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        seed=0,
+    )
+    settings.update(overrides)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir, jsonl_file):
+    """`trl-sstoken train --config run.yaml --selection_ratio 0.5 --lora_target_modules all-linear`, run once."""
+    folder = tmp_path_factory.mktemp("train")
+    config = write_yaml(folder / "run.yaml", train_settings(tiny_model_dir, jsonl_file, folder / "out"))
+    status = cli.main(["train", "--config", str(config), "--selection_ratio", "0.5", "--lora_target_modules", "all-linear"])
+    return status, folder / "out"
+
+
+# ----- train -----
+
+
+def test_train_applies_the_flag_override_and_saves_the_adapter_without_history(trained_run, tokenizer):
+    status, out = trained_run
+    assert status == 0
+    # the override beat the YAML value (0.9), as the saved training arguments and the model card record
+    saved_args = torch.load(out / "training_args.bin", weights_only=False)
+    assert isinstance(saved_args, SSTokenConfig)
+    assert saved_args.selection_ratio == 0.5 and saved_args.history == "lagged"
+    card = (out / "README.md").read_text()
+    assert "| `selection_ratio` | `0.5` |" in card and "| `history` | `'lagged'` |" in card
+    assert "ssToken" in card and "2510.18250" in card
+    # and the training logged a kept fraction that ceil(0.5 * n) explains, not ceil(0.9 * n)
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    fractions = [entry["sstoken/selected_fraction"] for entry in state["log_history"] if "sstoken/selected_fraction" in entry]
+    assert len(fractions) == 2 and all(0.5 <= f < 0.7 for f in fractions)
+    # the final artifact: the trained adapter only, on every linear layer (the all-linear flag reached PEFT)
+    assert not (out / HISTORY_ADAPTER).exists()
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as weights:
+        keys = list(weights.keys())
+    assert keys and not any(HISTORY_ADAPTER in key for key in keys)
+    assert any("mlp.down_proj.lora_A" in key for key in keys) and any("self_attn.o_proj.lora_B" in key for key in keys)
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert {name.rsplit(".", 1)[-1] for name in adapter_config["target_modules"]} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    }
+    # the checkpoint keeps the history adapter, for an exact resume
+    assert (out / "checkpoint-2" / HISTORY_ADAPTER / "adapter_model.safetensors").exists()
+    # the saved tokenizer is the one that was trained with
+    assert load_tokenizer(str(out))(SENTENCE).input_ids == tokenizer(SENTENCE).input_ids
+
+
+def test_train_accepts_dataset_mixtures_from_the_yaml(tmp_path, tiny_model_dir, jsonl_file):
+    settings = train_settings(tiny_model_dir, None, tmp_path / "out", max_steps=1, save_strategy="no", history="base")
+    del settings["dataset_name"]
+    settings["datasets"] = [{"path": "json", "data_files": str(jsonl_file)}]
+    assert cli.main(["train", "--config", str(write_yaml(tmp_path / "mix.yaml", settings))]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+# ----- errors name the flag and what is allowed -----
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["--selection_ratio", "1.5"], ["selection_ratio=1.5", "(0, 1]", "--selection_ratio"]),
+        (["--selection_gamma", "-1"], ["selection_gamma", "[0, 1]", "--selection_gamma"]),
+        (["--history_update_steps", "0"], ["history_update_steps", ">= 1", "--history_update_steps"]),
+        (["--history_ema_alpha", "1"], ["history_ema_alpha", "[0, 1)"]),
+        (["--selection_ration", "0.5"], ["--selection_ration", "did you mean --selection_ratio?"]),
+        (["--dataset_name", "missing/folder/train.jsonl"], ["--dataset_name", "no such file", ".jsonl"]),
+        (["--model_name_or_path", ""], ["--model_name_or_path is required"]),
+        (["--model_name_or_path", "./no/such/model"], ["--model_name_or_path './no/such/model'", "no such folder"]),
+        (["--selection_method", "rho1"], ["selection_method='rho1' needs exactly one reference", "--reference_model"]),
+        (["--attention_chunk_size", "0"], ["attention_chunk_size=0", ">= 1", "flags: --attention_chunk_size"]),
+    ],
+)
+def test_bad_values_fail_early_naming_the_flag(tmp_path, tiny_model_dir, jsonl_file, capsys, overrides, expected):
+    config = write_yaml(tmp_path / "run.yaml", train_settings(tiny_model_dir, jsonl_file, tmp_path / "out"))
+    assert cli.main(["train", "--config", str(config), *overrides]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("trl-sstoken train: error:")
+    for text in expected:
+        assert text in error
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [
+        ("--selection_method", "best", "'sstoken', 'rel', 'attention', 'random', 'full'"),
+        ("--history", "old", "'base', 'lagged', 'ema'"),
+        ("--selection_loss_normalization", "mean", "'selected', 'sequence', 'all'"),
+    ],
+)
+def test_choices_are_checked_by_the_parser(tmp_path, capsys, flag, value, allowed):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--model_name_or_path", "m", flag, value])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {flag}" in error and f"invalid choice: '{value}'" in error and allowed in error
+
+
+def test_unknown_yaml_keys_and_commands_are_errors(tmp_path, capsys):
+    config = write_yaml(tmp_path / "run.yaml", {"model_name_or_path": "m", "selection_rato": 0.5})
+    assert cli.main(["train", "--config", str(config), "--histroy", "base"]) == 2
+    error = capsys.readouterr().err
+    assert "--selection_rato (in the --config YAML), did you mean --selection_ratio?" in error
+    assert "--histroy (on the command line), did you mean --history?" in error
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml': no such file" in capsys.readouterr().err
+    assert cli.main(["trian"]) == 2
+    assert "unknown command 'trian'; allowed: train, demo, inspect. Did you mean 'train'?" in capsys.readouterr().err
+    assert cli.main([]) == 2 and "commands:" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+
+
+def test_bad_values_from_the_yaml_are_caught_too(tmp_path, capsys):
+    config = write_yaml(tmp_path / "run.yaml", {"model_name_or_path": "m", "history": "old", "use_peft": True})
+    assert cli.main(["train", "--config", str(config)]) == 2
+    assert "history='old' is not supported; allowed values: 'base', 'lagged', 'ema'" in capsys.readouterr().err
+
+
+# ----- loading by path -----
+
+
+def test_tokenizer_next_to_a_qwen2_config_loads_as_saved(tiny_model_dir, tokenizer):
+    expected = tokenizer(SENTENCE).input_ids
+    assert load_tokenizer(str(tiny_model_dir))(SENTENCE).input_ids == expected
+    # why load_tokenizer exists: AutoTokenizer builds a Qwen2 tokenizer from config.json and tokenizes differently
+    assert AutoTokenizer.from_pretrained(str(tiny_model_dir))(SENTENCE).input_ids != expected
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_local_data_files_of_every_supported_type(tmp_path, suffix):
+    rows = QUICKSTART_ROWS[:5]
+    path = tmp_path / f"data{suffix}"
+    dataset = Dataset.from_list(rows)
+    {".json": lambda: path.write_text(json.dumps(rows)), ".jsonl": lambda: dataset.to_json(str(path)),
+     ".csv": lambda: dataset.to_csv(str(path), index=False), ".parquet": lambda: dataset.to_parquet(str(path))}[suffix]()
+    loaded = pick_split(load_sft_datasets(str(path), train_split="train"), "train", "--dataset_train_split")
+    assert loaded.to_list() == rows
+
+
+def test_saved_datasets_and_bad_paths(tmp_path):
+    Dataset.from_list(QUICKSTART_ROWS[:3]).save_to_disk(str(tmp_path / "saved"))
+    assert len(load_sft_datasets(str(tmp_path / "saved"))["train"]) == 3
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match=r"unsupported type '.txt'; allowed file types: .json, .jsonl, .csv, .parquet"):
+        load_sft_datasets(str(tmp_path / "notes.txt"))
+    with pytest.raises(UsageError, match="No dataset given. Pass --dataset_name"):
+        load_sft_datasets(None)
+    with pytest.raises(UsageError, match=r"--dataset_test_split 'test' is not a split of the dataset; its splits are: train"):
+        pick_split(load_sft_datasets(str(tmp_path / "saved")), "test", "--dataset_test_split")
+
+
+# ----- inspect -----
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tmp_path_factory, tiny_model_dir):
+    """A LoRA adapter with non-zero weights, saved next to nothing else: the adapted model differs from its base."""
+    folder = tmp_path_factory.mktemp("adapter")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config(lora_dropout=0.0))
+    randomize_adapter(model)
+    model.save_pretrained(folder)
+    return folder
+
+
+def expected_selection(model_dir, adapter_dir, rows, batch_size, history_weights=None, **config):
+    """(response positions, kept positions) per example, straight from SSTokenTrainer.preview_selection."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir, is_trainable=True)
+    args = SSTokenConfig(output_dir=str(model_dir / "scratch"), report_to="none", use_cpu=True, bf16=False, **config)
+    trainer = SSTokenTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(str(model_dir)))
+    if history_weights is not None:
+        cli._load_history_adapter(trainer.model, str(history_weights))
+    expected = []
+    for start in range(0, len(rows), batch_size):
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(start, min(start + batch_size, len(rows)))])
+        selection = trainer.preview_selection(batch)
+        for response, keep in zip(selection.regions.response.tolist(), selection.keep.tolist()):
+            expected.append(({j + 1 for j, r in enumerate(response) if r}, {j + 1 for j, k in enumerate(keep) if k}))
+    return expected, trainer
+
+
+def page_selection(page):
+    by_example = {}
+    for span in parse_spans(page):
+        if "data-kept" in span:
+            response, kept = by_example.setdefault(span["example"], (set(), set()))
+            response.add(int(span["data-pos"]))
+            if span["data-kept"] == "1":
+                kept.add(int(span["data-pos"]))
+    return [by_example[i] for i in sorted(by_example)]
+
+
+def test_inspect_page_marks_exactly_what_preview_selection_keeps(tmp_path, tiny_model_dir, jsonl_file, random_adapter, capsys):
+    report = tmp_path / "report.html"
+    status = cli.main([
+        "inspect", "--model_name_or_path", str(tiny_model_dir), "--adapter_path", str(random_adapter),
+        "--dataset_name", str(jsonl_file), "--num_examples", "6", "--per_device_train_batch_size", "4",
+        "--max_length", "64", "--use_cpu", "--report_path", str(report),
+    ])
+    assert status == 0
+    assert f"Report written to {report}" in capsys.readouterr().out
+    page = report.read_text()
+    expected, _ = expected_selection(tiny_model_dir, random_adapter, QUICKSTART_ROWS[:6], 4, max_length=64)
+    shown = page_selection(page)
+    assert len(shown) == 6
+    assert shown == expected
+    assert any(len(kept) < len(response) for response, kept in shown)  # something was dropped
+    assert "REL " in page and "attention " in page and 'id="by-position"' in page and 'id="by-type"' in page
+
+
+def test_inspect_a_checkpoint_with_its_lagged_history(tmp_path, trained_run, tiny_model_dir, jsonl_file):
+    _, out = trained_run
+    checkpoint = out / "checkpoint-2"
+    report = tmp_path / "lagged.html"
+    arguments = [
+        "inspect", "--model_name_or_path", str(tiny_model_dir), "--adapter_path", str(checkpoint), "--history", "lagged",
+        "--dataset_name", str(jsonl_file), "--num_examples", "4", "--max_length", "64", "--use_cpu", "--report_path", str(report),
+    ]
+    assert cli.main(arguments) == 0
+    # the reference: a trainer whose history (a copy of the adapter at first) gets the checkpoint's history weights
+    weights = checkpoint / HISTORY_ADAPTER / "adapter_model.safetensors"
+    expected, trainer = expected_selection(
+        tiny_model_dir, checkpoint, QUICKSTART_ROWS[:4], 8, history_weights=weights, max_length=64, history="lagged"
+    )
+    saved = load_file(str(weights))  # keys without the adapter name
+    loaded = {name: p for name, p in trainer.model.named_parameters() if f".{HISTORY_ADAPTER}." in name}
+    assert len(loaded) == len(saved) > 0
+    for name, param in loaded.items():
+        assert not param.requires_grad
+        torch.testing.assert_close(param.detach(), saved[name.replace(f".{HISTORY_ADAPTER}.", ".")])
+    assert page_selection(report.read_text()) == expected
+
+
+def test_inspect_needs_an_adapter_for_rel_and_a_checkpoint_for_lagged(tmp_path, tiny_model_dir, jsonl_file, random_adapter, capsys):
+    base = ["inspect", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(jsonl_file), "--use_cpu"]
+    assert cli.main(base) == 2
+    assert "--selection_method sstoken needs a LoRA adapter" in capsys.readouterr().err
+    assert cli.main(base + ["--adapter_path", str(random_adapter), "--history", "ema"]) == 2
+    assert "--history ema needs the history adapter saved with a checkpoint" in capsys.readouterr().err
+    assert cli.main(base + ["--adapter_path", str(tmp_path)]) == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err
+    assert cli.main(base + ["--num_examples", "0", "--selection_method", "attention"]) == 2
+    assert "--num_examples=0 is out of range" in capsys.readouterr().err
+    assert cli.main(["inspect", "--model_name_or_path", str(random_adapter), "--dataset_name", str(jsonl_file), "--use_cpu"]) == 2
+    assert "holds a PEFT adapter, not a model" in capsys.readouterr().err
+
+
+def test_inspect_without_adapter_by_attention(tmp_path, tiny_model_dir, jsonl_file):
+    report = tmp_path / "attention.html"
+    arguments = ["inspect", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(jsonl_file),
+                 "--selection_method", "attention", "--num_examples", "3", "--use_cpu", "--report_path", str(report)]
+    assert cli.main(arguments) == 0
+    spans = [s for s in parse_spans(report.read_text()) if "data-kept" in s]
+    assert spans and all("attention " in s["title"] and "REL" not in s["title"] for s in spans)
+
+
+# ----- demo -----
+
+
+def test_demo_runs_offline_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    status = cli.main(["demo", "--output_dir", str(out), "--max_steps", "4", "--num_report_examples", "5",
+                       "--logging_steps", "2", "--history_update_steps", "2", "--use_cpu"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "Plain NLL over every response token" in printed and "Selection report:" in printed
+    assert (out / "adapter_model.safetensors").exists() and not (out / HISTORY_ADAPTER).exists()
+    assert (out / "base_model" / "config.json").exists()
+    card = (out / "README.md").read_text()
+    assert "## ssToken token selection" in card and "| `history` | `'lagged'` |" in card
+    page = (out / "selection_report.html").read_text()
+    assert len(page_selection(page)) == 5
+    assert (out / "selection.svg").read_text().startswith("<svg")
+    # the printed "inspect it again" command works on what the demo saved
+    command = next(line for line in printed.splitlines() if line.startswith("Inspect it again:"))
+    arguments = command.split("trl-sstoken ", 1)[1].split() + ["--num_examples", "2", "--use_cpu", "--report_path", str(tmp_path / "again.html")]
+    assert cli.main(arguments) == 0 and (tmp_path / "again.html").exists()
+
+
+def test_demo_rejects_bad_values(capsys):
+    assert cli.main(["demo", "--hidden_size", "12"]) == 2
+    assert "--hidden_size must be a multiple of 8" in capsys.readouterr().err
+
+
+# ----- the console script -----
+
+
+def test_console_script_is_declared_and_runs_as_a_module():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["trl-sstoken"].split(":")
+    assert (module, function) == ("trl_sstoken.cli", "entry_point")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "trl_sstoken.cli", "train", "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0
+    assert "usage: trl-sstoken train" in result.stdout
+    for field in sstoken_fields():
+        assert f"--{field.name}" in result.stdout
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config):
+    parser = cli.make_parser("train")
+    script_args, training_args, model_args, dataset_args, _ = cli.parse_command_args(parser, ["--config", str(config), "--bf16", "false"])
+    assert model_args.model_name_or_path and script_args.dataset_name
+    assert training_args.selection_method in ("sstoken", "full") and model_args.use_peft
+    assert training_args.assistant_only_loss  # the shipped configs use conversational data

@@ -1,0 +1,52 @@
+"""MkDocs hooks: pages that are generated from the code, so that nothing is written twice.
+
+- `<!-- sstoken:config-reference -->` becomes the reference of every ssToken field of `SSTokenConfig` (name, type,
+  default, allowed values, and the `help` text of the field's metadata), grouped as in the class docstring.
+- `<!-- sstoken:cli-options COMMAND -->` becomes the table of the options a `trl-sstoken` command adds to TRL's.
+- `<!-- sstoken:demo-defaults -->` becomes the table of the settings `trl-sstoken demo` changes.
+"""
+
+import dataclasses
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_MARKER = re.compile(r"<!-- sstoken:([a-z-]+)(?: ([a-z]+))? -->")
+
+
+def _options_table(*dataclass_types) -> str:
+    from trl_sstoken.config_reference import default_value, type_name
+
+    rows = ["| Flag | Type | Default | Description |", "|---|---|---|---|"]
+    for dataclass_type in dataclass_types:
+        for field in dataclasses.fields(dataclass_type):
+            help_text = field.metadata.get("help", "").replace("|", "\\|")
+            rows.append(f"| `--{field.name}` | `{type_name(field)}` | `{default_value(field)!r}` | {help_text} |")
+    return "\n".join(rows) + "\n"
+
+
+def _replacement(match) -> str:
+    from trl_sstoken import cli
+    from trl_sstoken.config_reference import config_reference_markdown
+
+    kind, argument = match.group(1), match.group(2)
+    if kind == "config-reference":
+        return config_reference_markdown()
+    if kind == "cli-options":
+        return _options_table(*{
+            "train": (cli.LoadingArguments,),
+            "inspect": (cli.LoadingArguments, cli.InspectArguments),
+            "demo": (cli.DemoArguments,),
+        }[argument])
+    if kind == "demo-defaults":
+        rows = ["| Setting | `demo` default |", "|---|---|"]
+        rows += [f"| `{name}` | `{value!r}` |" for name, value in cli.DEMO_DEFAULTS.items()]
+        return "\n".join(rows) + "\n"
+    raise ValueError(f"Unknown docs marker {match.group(0)}")
+
+
+def on_page_markdown(markdown, page, config, files):
+    return _MARKER.sub(_replacement, markdown)
