@@ -214,7 +214,7 @@ def summarize(runs: list[dict]) -> dict:
     """Mean and standard deviation over seeds of every (group, name, data) cell."""
     cells: dict = {}
     for run in runs:
-        if run["status"] != "ok":
+        if run["status"] != "ok" or run["group"] not in ("main", "ablation"):
             continue
         cells.setdefault((run["group"], run["name"], run["data"]), []).append(run)
     summary: dict = {"main": {}, "ablations": {}}
