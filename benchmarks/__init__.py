@@ -1,0 +1,1 @@
+"""Benchmarks for trl_sstoken (not part of the installed package)."""

@@ -1,0 +1,232 @@
+"""Tables (markdown) and a plot (PNG) from a results JSON, and the generated section of docs/benchmarks.md.
+
+    python -m benchmarks.quality.report benchmarks/results/quality-cpu.json [--no-docs]
+
+Everything printed comes from the JSON; nothing is typed in by hand.
+"""
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+from .noise import KINDS
+from .tasks import FAMILIES
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DOCS = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+def _pm(cell: dict | None, scale: float = 100.0) -> str:
+    if not cell:
+        return "-"
+    return f"{cell['mean'] * scale:.1f} ± {cell['std'] * scale:.1f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def markdown(results: dict) -> str:
+    summary, lines = results["summary"], []
+    status = results["status"]
+    lines.append(f"Scale `{results['scale_name']}`, seeds {results['seeds']}, status **{status}**. "
+                 f"Command: `{results['command']}` "
+                 f"({results.get('wall_seconds', 0) / 60:.1f} min wall, {results['machine']['workers']} worker(s) x "
+                 f"{results['machine']['threads_per_run']} thread(s) on {results['machine']['cpu_count']} CPU(s), "
+                 f"device {results['machine']['device']}).")  # fmt: skip
+    if not status.startswith("complete"):
+        lines.append("")
+        lines.append("**PARTIAL RESULTS**: the run did not finish; only the cells below were measured.")
+    base = results.get("base_model", {})
+    if base:
+        lines.append("")
+        lines.append(
+            f"Base model before SFT: exact match {100 * base['chat_eval_before_sft']['exact_match']['overall']:.1f}% "
+            f"on the chat eval prompts, {100 * base['raw_form_exact_match']['overall']:.1f}% on the same instances "
+            "in the raw pretraining form (per family: "
+            + ", ".join(f"{f} {100 * base['raw_form_exact_match'].get(f, 0):.0f}%" for f in FAMILIES)
+            + ")."
+        )
+    refs = results.get("rho1_reference")
+    if refs:
+        scores = [r["exact_match"]["overall"] for r in refs.values() if r.get("exact_match")]
+        if scores:
+            lines.append(f"rho1 reference alone (base + LoRA on the clean subset): exact match "
+                         f"{', '.join(f'{100 * s:.1f}%' for s in scores)} (per seed).")  # fmt: skip
+
+    lines += ["", "**Exact match (%) on held-out clean prompts, mean ± std over seeds**", ""]
+    lines.append("| method | noisy SFT data | clean SFT data | noisy: strict match | noisy: kept answer / corrupt / "
+                 "boilerplate / random tokens |")  # fmt: skip
+    lines.append("|---|---|---|---|---|")
+    for name, info in results.get("methods", {}).items():
+        if info["status"] != "ok":
+            lines.append(f"| {name} | {info['status']} | {info['status']} | - | - |")
+            continue
+        cell = summary["main"].get(name, {})
+        noisy, clean = cell.get("noisy"), cell.get("clean")
+        kept = noisy["kept_fraction_by_kind"] if noisy else {}
+        kept_text = " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random"))
+        lines.append(f"| {name} | {_pm(noisy and noisy['exact_match'])} | {_pm(clean and clean['exact_match'])} | "
+                     f"{_pm(noisy and noisy['strict_match'])} | {kept_text if noisy else '-'} |")  # fmt: skip
+
+    lines += ["", "**Exact match (%) per task family, noisy SFT data**", ""]
+    lines.append("| method | " + " | ".join(FAMILIES) + " |")
+    lines.append("|---|" + "---|" * len(FAMILIES))
+    for name, cell in summary["main"].items():
+        if "noisy" in cell:
+            by_family = cell["noisy"]["exact_match_by_family"]
+            lines.append(f"| {name} | " + " | ".join(_pm(by_family[f]) for f in FAMILIES) + " |")
+
+    if summary.get("ablations"):
+        reference = summary["main"].get("sstoken", {}).get("noisy")
+        lines += ["", "**Ablations of sstoken on the noisy data (exact match %, mean ± std)**; the first row is the "
+                  "main `sstoken` run (ratio 0.6, gamma 0.5, history base, warm-up 0.2, last layer)", ""]  # fmt: skip
+        lines.append("| setting | exact match | difference to main sstoken | kept answer / corrupt / boilerplate / "
+                     "random tokens |")  # fmt: skip
+        lines.append("|---|---|---|---|")
+        if reference:
+            kept = reference["kept_fraction_by_kind"]
+            lines.append(f"| main sstoken | {_pm(reference['exact_match'])} | 0 | "
+                         + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random")) + " |")
+        for name, cell in summary["ablations"].items():
+            noisy = cell["noisy"]
+            diff = (
+                f"{100 * (noisy['exact_match']['mean'] - reference['exact_match']['mean']):+.1f}" if reference else "-"
+            )
+            kept = noisy["kept_fraction_by_kind"]
+            lines.append(f"| {name} | {_pm(noisy['exact_match'])} | {diff} | "
+                         + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random")) + " |")
+
+    failed = [r for r in results.get("runs", []) if r["status"] != "ok"]
+    if failed:
+        lines += ["", f"**{len(failed)} run(s) failed** (recorded in the JSON with their errors):"]
+        lines += [f"- {r['group']}/{r['name']} {r['data']} seed {r['seed']}: {r['error']}" for r in failed]
+    v = results["versions"]
+    lines += ["", f"Versions: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, peft {v['peft']}, "
+              f"trl_sstoken {v['trl_sstoken']} (commit {str(v['git_commit'])[:10]}"
+              f"{', uncommitted changes' if v['git_dirty'] else ''})."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = results["summary"]
+    names = [n for n in results.get("methods", {}) if n in summary["main"]]
+    ablations = list(summary.get("ablations", {}))
+    panels = 3 if ablations else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+
+    ax = axes[0]
+    width = 0.38
+    for offset, dataset, color in ((-width / 2, "noisy", "tab:red"), (width / 2, "clean", "tab:blue")):
+        xs, means, stds = [], [], []
+        for i, name in enumerate(names):
+            cell = summary["main"][name].get(dataset)
+            if cell:
+                xs.append(i + offset)
+                means.append(100 * cell["exact_match"]["mean"])
+                stds.append(100 * cell["exact_match"]["std"])
+        ax.bar(xs, means, width, yerr=stds, capsize=3, color=color, alpha=0.8, label=f"{dataset} SFT data")
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_ylabel("exact match on held-out prompts (%)")
+    ax.set_title("Methods (mean ± std over seeds)")
+    ax.legend()
+
+    ax = axes[1]
+    kinds = [k for k in ("answer", "corrupt", "format", "boilerplate", "random")]
+    width = 0.8 / len(kinds)
+    for j, kind in enumerate(kinds):
+        values = [100 * summary["main"][n].get("noisy", {}).get("kept_fraction_by_kind", {}).get(kind, 0) for n in names]
+        ax.bar([i - 0.4 + (j + 0.5) * width for i in range(len(names))], values, width, label=kind)
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_ylabel("response tokens of the kind trained on (%)")
+    ax.set_title("What each method trained on (noisy data)")
+    ax.legend(fontsize=8)
+
+    if ablations:
+        ax = axes[2]
+        labels, means, stds = [], [], []
+        main = summary["main"].get("sstoken", {}).get("noisy")
+        if main:
+            labels.append("main sstoken")
+            means.append(100 * main["exact_match"]["mean"])
+            stds.append(100 * main["exact_match"]["std"])
+        for name in ablations:
+            cell = summary["ablations"][name]["noisy"]
+            labels.append(name)
+            means.append(100 * cell["exact_match"]["mean"])
+            stds.append(100 * cell["exact_match"]["std"])
+        ax.barh(range(len(labels)), means, xerr=stds, capsize=3, color="tab:green", alpha=0.8)
+        full = summary["main"].get("full", {}).get("noisy")
+        if full:
+            ax.axvline(100 * full["exact_match"]["mean"], color="black", linestyle="--", label="full SFT (noisy)")
+            ax.legend(fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("exact match (%)")
+        ax.set_title("Ablations of sstoken (noisy data)")
+
+    status = "" if results["status"].startswith("complete") else " [PARTIAL]"
+    fig.suptitle(f"trl_sstoken quality benchmark, scale {results['scale_name']}{status}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_docs_section(results: dict, table: str, png: Path, docs: Path = DOCS) -> bool:
+    """Replaces the generated block of this scale in docs/benchmarks.md (between its markers)."""
+    if not docs.exists():
+        return False
+    begin, end = f"<!-- quality:{results['scale_name']}:begin -->", f"<!-- quality:{results['scale_name']}:end -->"
+    text = docs.read_text()
+    if begin not in text or end not in text:
+        return False
+    # the docs site only serves files under docs/, so the plot is copied there
+    assets = docs.parent / "assets"
+    assets.mkdir(exist_ok=True)
+    shown = assets / png.name
+    if png.exists():
+        shutil.copyfile(png, shown)
+    block = (
+        f"{begin}\n<!-- generated by python -m benchmarks.quality.report from "
+        f"benchmarks/results/{png.with_suffix('.json').name}; do not edit by hand -->\n\n{table}\n"
+        f"![quality benchmark, scale {results['scale_name']}](assets/{shown.name})\n\n{end}"
+    )
+    docs.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+    return True
+
+
+def write_reports(results_path: Path, update_docs: bool = True) -> list[Path]:
+    results_path = Path(results_path)
+    results = json.loads(results_path.read_text())
+    table = markdown(results)
+    md_path, png_path = results_path.with_suffix(".md"), results_path.with_suffix(".png")
+    md_path.write_text(f"# Quality benchmark results ({results['scale_name']})\n\n{table}")
+    written = [md_path]
+    try:
+        plot(results, png_path)
+        written.append(png_path)
+    except ImportError as error:
+        print(f"no plot: {error} (pip install matplotlib, or the 'bench' extra)")
+    if update_docs and update_docs_section(results, table, png_path):
+        written.append(DOCS)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.report")
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args(argv)
+    for path in write_reports(args.results, update_docs=not args.no_docs):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

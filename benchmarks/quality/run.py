@@ -1,0 +1,420 @@
+"""The quality benchmark, end to end: data -> base model (cached) -> rho1 references -> every method and ablation on
+every seed -> JSON, markdown table, PNG plot and docs/benchmarks.md.
+
+    python -m benchmarks.quality.run                 # default CPU scale, ~30 min on 2 cores
+    python -m benchmarks.quality.run --quick         # smoke test of the whole pipeline (tiny scale), ~1 min
+    python -m benchmarks.quality.run --scale gpu --device cuda
+
+Runs are independent and each one is deterministic given its seed: every run uses `--threads-per-run` threads
+(default 1), whatever `--workers` is, so the numbers do not depend on how many runs go in parallel.
+"""
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from . import base_model, data, evaluate, methods, noise, tasks  # noqa: E402
+from .scales import SCALES  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATASETS = ("noisy", "clean")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="model, data and step sizes")
+    parser.add_argument("--quick", action="store_true", help="same as --scale tiny: a smoke test of the pipeline")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the scale's, 0 1 2)")
+    parser.add_argument("--methods", nargs="+", choices=list(methods.METHODS), help="default: all")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument(
+        "--ablations", nargs="*", default=None, help="ablation names to run (default: all; pass none for none)"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+        help="override a number of the scale, e.g. --set sft_steps=300 sft_lr=1e-3 (recorded in the JSON)",
+    )
+    parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="parallel runs")
+    parser.add_argument("--threads-per-run", type=int, default=1, help="torch threads inside each run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--cache-dir", default=str(REPO_ROOT / "benchmarks" / ".cache"), help="base models, refs")
+    parser.add_argument("--output", help="results JSON (default: benchmarks/results/quality-<scale>.json)")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.scale = "tiny"
+    return args
+
+
+def log(message: str):
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----- provenance -----
+
+
+def versions() -> dict:
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    import trl_sstoken
+
+    def git(*command):
+        try:
+            return subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "datasets": datasets.__version__,
+        "accelerate": accelerate.__version__,
+        "trl_sstoken": trl_sstoken.__version__,
+        "trl_sstoken_path": str(Path(trl_sstoken.__file__).parent),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def design() -> dict:
+    """The fixed design of the benchmark (see README.md): tasks, noise, shared selection settings, scoring."""
+    return {
+        "families": list(tasks.FAMILIES),
+        "noise_rates": noise.NOISE_RATES,
+        "boilerplate": " ".join(noise.BOILERPLATE),
+        "shared_selection_settings": methods.SHARED,
+        "methods": methods.METHODS,
+        "headline_metric": "exact_match: words between the first 'answer :' and the next '.' equal the ground truth",
+        "secondary_metric": "strict_match: the whole generation equals 'answer : <answer> .'",
+        "decoding": "greedy, max 32 new tokens, stop at <|im_end|>",
+        "std": "sample standard deviation over seeds (n - 1 denominator)",
+    }
+
+
+# ----- the work of one run, in a worker process -----
+
+_WORKER: dict = {}
+
+
+def quiet_libraries():
+    """No progress bars or per-step log dicts from transformers, datasets and TRL: one line per run instead."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _init_worker(scale: dict, base_path: str, device: str, threads: int):
+    quiet_libraries()
+    torch.set_num_threads(threads)
+    tokenizer = base_model.load_tokenizer(base_path)
+    splits = data.build_splits(
+        scale["data_seed"], scale["train_per_family"], scale["eval_per_family"], scale["reference_per_family"]
+    )
+    _WORKER.update(
+        scale=scale,
+        base_path=base_path,
+        device=device,
+        threads=threads,
+        tokenizer=tokenizer,
+        splits=splits,
+        datasets={
+            "noisy": data.sft_dataset(tokenizer, splits.train, splits.train_noisy),
+            "clean": data.sft_dataset(tokenizer, splits.train, splits.train_clean),
+            "reference": data.sft_dataset(tokenizer, splits.reference, splits.reference_responses()),
+        },
+    )
+
+
+def _run_job(job: dict) -> dict:
+    from .sft import train_and_evaluate
+
+    torch.set_num_threads(_WORKER["threads"])
+    with tempfile.TemporaryDirectory() as output_dir:
+        try:
+            result = train_and_evaluate(
+                _WORKER["base_path"],
+                _WORKER["tokenizer"],
+                _WORKER["datasets"][job["data"]],
+                _WORKER["splits"].eval,
+                _WORKER["scale"],
+                job["overrides"],
+                job["seed"],
+                output_dir,
+                device=_WORKER["device"],
+                max_steps=job.get("max_steps"),
+                save_adapter_to=job.get("save_adapter_to"),
+            )
+            return {**job, "status": "ok", "result": result}
+        except Exception as error:  # a failed run is recorded, never dropped
+            import traceback
+
+            return {**job, "status": "failed", "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
+
+
+def run_jobs(jobs: list[dict], workers: int, init_args: tuple, on_done) -> list[dict]:
+    results = []
+    if workers <= 1:
+        _init_worker(*init_args)
+        for job in jobs:
+            results.append(_run_job(job))
+            on_done(results[-1], len(results), len(jobs))
+        return results
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                initargs=init_args) as pool:  # fmt: skip
+        futures = [pool.submit(_run_job, job) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            results.append(future.result())
+            on_done(results[-1], len(results), len(jobs))
+    return sorted(results, key=lambda r: r["index"])
+
+
+# ----- aggregation -----
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of every (group, name, data) cell."""
+    cells: dict = {}
+    for run in runs:
+        if run["status"] != "ok" or run["group"] not in ("main", "ablation"):
+            continue
+        cells.setdefault((run["group"], run["name"], run["data"]), []).append(run)
+    summary: dict = {"main": {}, "ablations": {}}
+    for (group, name, dataset), cell in sorted(cells.items()):
+        cell.sort(key=lambda r: r["seed"])
+        result = {
+            "seeds": [r["seed"] for r in cell],
+            "exact_match": _mean_std([r["result"]["exact_match"]["overall"] for r in cell]),
+            "strict_match": _mean_std([r["result"]["strict_match"]["overall"] for r in cell]),
+            "exact_match_by_family": {
+                family: _mean_std([r["result"]["exact_match"][family] for r in cell]) for family in tasks.FAMILIES
+            },
+            "kept_fraction_by_kind": {
+                kind: statistics.fmean(r["result"]["selection"]["kept_fraction_by_kind"].get(kind, 0.0) for r in cell)
+                for kind in noise.KINDS
+                if any(kind in r["result"]["selection"]["kept_fraction_by_kind"] for r in cell)
+            },
+            "train_loss_mean": statistics.fmean(r["result"]["train_loss_mean"] for r in cell),
+            "cpu_seconds_mean": statistics.fmean(r["result"]["cpu_seconds"] for r in cell),
+        }
+        summary["main" if group == "main" else "ablations"].setdefault(name, {})[dataset] = result
+    return summary
+
+
+# ----- the benchmark -----
+
+
+def reference_jobs(scale: dict, seeds: list[int], base_hash: str, cache_dir: Path) -> list[dict]:
+    """One rho1 reference per seed: the base model + LoRA trained (full SFT) on the clean reference subset."""
+    recipe = {k: scale[k] for k in ("data_seed", "reference_per_family", "reference_steps", "sft_batch_size", "sft_lr",
+                                    "lora_r", "lora_alpha", "lora_dropout", "max_length")}  # fmt: skip
+    digest = hashlib.sha256(json.dumps([base_hash, recipe], sort_keys=True).encode()).hexdigest()[:12]
+    jobs = []
+    for seed in seeds:
+        path = cache_dir / f"rho1-ref-{digest}-seed{seed}"
+        jobs.append({
+            "group": "rho1_reference", "name": "reference", "data": "reference", "seed": seed,
+            "overrides": {**methods.SHARED, "selection_method": "full"},
+            "max_steps": scale["reference_steps"], "save_adapter_to": str(path), "path": str(path),
+        })  # fmt: skip
+    return jobs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    quiet_libraries()
+    started, start_time = datetime.now(timezone.utc), time.time()
+    scale = dict(SCALES[args.scale])
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if key not in scale or key == "seeds":
+            raise SystemExit(f"--set {item}: unknown scale key {key!r}; known: {sorted(set(scale) - {'seeds'})}")
+        scale[key] = type(scale[key])(float(value)) if isinstance(scale[key], (int, float)) else value
+    seeds = args.seeds if args.seeds else scale["seeds"]
+    chosen_methods = args.methods or list(methods.METHODS)
+    torch.set_num_threads(max(1, args.workers * args.threads_per_run))
+    output = Path(args.output) if args.output else REPO_ROOT / "benchmarks" / "results" / f"quality-{args.scale}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    command = f"python -m benchmarks.quality.run {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+    log(f"quality benchmark, scale {args.scale}, seeds {seeds}, {args.workers} worker(s) x "
+        f"{args.threads_per_run} thread(s), device {args.device}")  # fmt: skip
+
+    # data
+    splits = data.build_splits(
+        scale["data_seed"], scale["train_per_family"], scale["eval_per_family"], scale["reference_per_family"]
+    )
+    report = {
+        "benchmark": "trl_sstoken quality benchmark (issue 5)",
+        "status": "running",
+        "command": command,
+        "started_at": started.isoformat(timespec="seconds"),
+        "versions": versions(),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "workers": args.workers,
+            "threads_per_run": args.threads_per_run,
+            "device": args.device,
+        },
+        "scale_name": args.scale,
+        "scale": scale,
+        "scale_overrides": args.overrides,
+        "seeds": seeds,
+        "design": design(),
+        "data": {
+            "train_examples": len(splits.train),
+            "eval_examples": len(splits.eval),
+            "reference_examples": len(splits.reference),
+            "eval_prompts_in_train": len({i.prompt for i in splits.eval} & {i.prompt for i in splits.train}),
+            "noisy_realised": data.kind_counts(splits.train_noisy),
+            "clean_realised": data.kind_counts(splits.train_clean),
+        },
+    }
+
+    # base model, and where it starts on the chat eval (the "before") and on the raw form it was pretrained on
+    model, tokenizer, info = base_model.load_or_pretrain(scale, cache_dir, device=args.device, log=log)
+    report["base_model"] = {
+        **info,
+        "chat_eval_before_sft": evaluate.evaluate_chat(model, tokenizer, splits.eval, samples=4),
+        "raw_form_exact_match": evaluate.evaluate_raw(model, tokenizer, splits.eval),
+    }
+    log(f"base model: chat exact match {report['base_model']['chat_eval_before_sft']['exact_match']['overall']:.3f}, "
+        f"raw-form exact match {report['base_model']['raw_form_exact_match']['overall']:.3f}")  # fmt: skip
+    del model
+
+    # which methods can run
+    report["methods"] = {}
+    for name in chosen_methods:
+        available, reason = methods.availability(name)
+        report["methods"][name] = {"status": "ok" if available else "skipped (not available)", "reason": reason}
+        if not available:
+            log(f"SKIPPED method {name}: not available in the installed trl_sstoken: {reason}")
+    runnable = [name for name in chosen_methods if report["methods"][name]["status"] == "ok"]
+
+    def save(status: str, runs: list[dict]):
+        report["status"] = status
+        report["runs"] = runs
+        report["summary"] = summarize(runs)
+        report["wall_seconds"] = time.time() - start_time
+        tmp = output.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        tmp.replace(output)
+
+    init_args = (scale, info["path"], args.device, args.threads_per_run)
+    done: list[dict] = []
+
+    def on_done(run, finished, total):
+        done.append(run)
+        if run["status"] == "ok":
+            r = run["result"]
+            log(f"[{finished}/{total}] {run['group']}/{run['name']} {run['data']} seed {run['seed']}: "
+                f"exact {r['exact_match']['overall']:.3f} strict {r['strict_match']['overall']:.3f} "
+                f"({r['wall_seconds']:.0f}s wall, {r['cpu_seconds']:.0f}s cpu)")  # fmt: skip
+        else:
+            log(f"[{finished}/{total}] {run['group']}/{run['name']} {run['data']} seed {run['seed']}: FAILED "
+                f"{run['error']}")  # fmt: skip
+        save(f"partial ({len(done)} runs finished)", done)
+
+    # rho1 references first: the rho1 runs need their adapters
+    reference_path = {}
+    if "rho1" in runnable:
+        ref_jobs = [j for j in reference_jobs(scale, seeds, info["recipe_hash"], cache_dir)]
+        todo = [j for j in ref_jobs if not (Path(j["path"]) / "adapter_config.json").exists()]
+        for index, job in enumerate(todo):
+            job["index"] = index
+        log(f"rho1 references: {len(ref_jobs) - len(todo)} cached, {len(todo)} to train")
+        run_jobs(todo, args.workers, init_args, on_done)
+        report["rho1_reference"] = {}
+        for job in ref_jobs:
+            trained = next((r for r in done if r.get("path") == job["path"]), None)
+            ok = (Path(job["path"]) / "adapter_config.json").exists()
+            if ok:
+                reference_path[job["seed"]] = job["path"]
+            report["rho1_reference"][str(job["seed"])] = {
+                "path": job["path"],
+                "status": "ok" if ok else "failed",
+                "cached": trained is None,
+                "exact_match": trained["result"]["exact_match"] if trained and trained["status"] == "ok" else None,
+            }
+
+    # the grid: main table (every method on noisy and clean data) first, then the ablations of sstoken
+    jobs = []
+    for seed in seeds:
+        for dataset in args.datasets:
+            for name in runnable:
+                if name == "rho1" and seed not in reference_path:
+                    continue
+                jobs.append({"group": "main", "name": name, "data": dataset, "seed": seed,
+                             "overrides": methods.overrides_for(name, reference_path.get(seed))})  # fmt: skip
+    grid = methods.ablations(scale["num_layers"], scale["sft_steps"])
+    chosen_ablations = list(grid) if args.ablations is None else [a for a in args.ablations if a != "none"]
+    unknown = set(chosen_ablations) - set(grid)
+    if unknown:
+        raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; known: {list(grid)}")
+    if "sstoken" in runnable:
+        for seed in seeds:
+            for name in chosen_ablations:
+                jobs.append({"group": "ablation", "name": name, "data": "noisy", "seed": seed,
+                             "overrides": methods.overrides_for("sstoken", extra=grid[name])})  # fmt: skip
+    report["ablation_grid"] = {name: grid[name] for name in chosen_ablations}
+    for index, job in enumerate(jobs):
+        job["index"] = index
+    log(f"{len(jobs)} runs to do")
+    run_jobs(jobs, args.workers, init_args, on_done)
+
+    failed = [r for r in done if r["status"] != "ok"]
+    save("complete" if not failed else f"complete with {len(failed)} failed run(s)", done)
+    report["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    save(report["status"], done)
+    log(f"results: {output} ({report['wall_seconds'] / 60:.1f} min)")
+
+    from .report import write_reports
+
+    written = write_reports(output, update_docs=not args.no_docs)
+    for path in written:
+        log(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The quality benchmark (benchmarks/quality): its ground truth, its noise, its scoring, and the whole pipeline at the
+tiny scale (seconds)."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from benchmarks.quality import data, evaluate, methods, noise, tasks
+from benchmarks.quality.run import _run_job, main
+
+
+@pytest.fixture(scope="module")
+def instances():
+    return tasks.generate(random.Random(7), 300)
+
+
+def test_generator_ground_truth(instances):
+    assert {i.family for i in instances} == set(tasks.FAMILIES)
+    assert len({i.prompt for i in instances}) == len(instances)
+    for instance in instances:
+        # the answer recomputed from the prompt text alone agrees with the generator's
+        assert tasks.ground_truth(instance.family, instance.prompt) == instance.answer
+        assert instance.raw.startswith(instance.raw_prefix + " ")
+        assert "<|im_start|>" not in instance.raw and "answer" not in instance.raw.split()
+    add = next(i for i in instances if i.family == "add")
+    a, b = int(add.prompt.split()[1]), int(add.prompt.split()[3])
+    assert add.answer == (str(a + b),)
+    reverse = next(i for i in instances if i.family == "reverse")
+    assert list(reverse.answer) == reverse.prompt.split(": ")[1].split()[::-1]
+
+
+def test_noise_rates_and_labels(instances):
+    rng = random.Random(3)
+    many = [instance for _ in range(4) for instance in instances]  # 4800 responses
+    responses = [noise.noisy_response(instance, rng) for instance in many]
+    realised = data.kind_counts(responses)
+    assert realised["corrupt_fraction_of_answer_words"] == pytest.approx(noise.CORRUPT_RATE, abs=0.02)
+    assert realised["responses_with_boilerplate"] == pytest.approx(noise.BOILERPLATE_RATE, abs=0.03)
+    assert realised["responses_with_random_string"] == pytest.approx(noise.RANDOM_RATE, abs=0.03)
+    for instance, response in zip(many, responses):
+        assert len(response.words) == len(response.kinds)
+        answer_positions = [j for j, kind in enumerate(response.kinds) if kind in ("answer", "corrupt")]
+        assert len(answer_positions) == len(instance.answer)
+        for j, truth in zip(answer_positions, instance.answer):
+            word = response.words[j]
+            if response.kinds[j] == "answer":
+                assert word == truth
+            else:  # a corrupted word is wrong, and of the same type as the true one
+                assert word != truth and (word in tasks.NUMBERS) == (truth in tasks.NUMBERS)
+                assert (word in tasks.KEYS) == (truth in tasks.KEYS)
+        boilerplate = [w for w, k in zip(response.words, response.kinds) if k == "boilerplate"]
+        assert boilerplate in ([], list(noise.BOILERPLATE))
+        codes = [w for w, k in zip(response.words, response.kinds) if k == "random"]
+        assert not codes or noise.RANDOM_LENGTH[0] <= len(codes) <= noise.RANDOM_LENGTH[1]
+        assert all(code in noise.CODES for code in codes)
+    clean = data.kind_counts([noise.clean_response(i) for i in instances])
+    assert clean["response_words_by_kind"]["corrupt"] == 0 and clean["responses_with_boilerplate"] == 0
+
+
+def test_tokens_line_up_with_word_kinds(instances):
+    tokenizer = data.build_tokenizer()
+    rng = random.Random(0)
+    for instance in instances[:40]:
+        row = data.tokenize_example(tokenizer, instance.prompt, noise.noisy_response(instance, rng))
+        response_ids = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        assert len(row["kinds"]) == len(row["input_ids"])
+        words = tokenizer.convert_ids_to_tokens(response_ids)
+        assert words[-1] == tokenizer.eos_token
+        assert sum(k >= 0 for k in row["kinds"]) == len(response_ids)
+
+
+def test_exact_match_scoring():
+    instance = tasks.Instance("reverse", "reverse the list : ant cat fox", ("fox", "cat", "ant"), "ant cat fox backwards is")
+    score = lambda text: evaluate.score_generation(text.split(), instance)  # noqa: E731
+    assert score("answer : fox cat ant .") == {"exact_match": True, "strict_match": True}
+    assert score("sure ! here is what you asked for . answer : fox cat ant . ref : k01 k02") == {
+        "exact_match": True,
+        "strict_match": False,
+    }
+    assert score("answer : fox cat ant") == {"exact_match": True, "strict_match": False}  # ran out of tokens
+    assert not score("answer : fox ant cat .")["exact_match"]
+    assert not score("answer : fox cat ant ant .")["exact_match"]
+    assert not score("answer : fox cat .")["exact_match"]
+    assert not score("fox cat ant .")["exact_match"]  # no "answer :"
+    assert not score("")["exact_match"]
+    assert evaluate.score_raw_generation("fox cat ant . the".split(), instance)
+    assert not evaluate.score_raw_generation("fox cat .".split(), instance)
+    summary = evaluate.summarize([{"exact_match": True}, {"exact_match": False}], [instance, instance], "exact_match")
+    assert summary == {"overall": 0.5, "reverse": 0.5}
+
+
+def test_pipeline_tiny_scale(tmp_path):
+    output = tmp_path / "quality-tiny.json"
+    argv = ["--quick", "--workers", "1", "--output", str(output), "--cache-dir", str(tmp_path / "cache"), "--no-docs",
+            "--methods", "full", "sstoken", "random", "rho1", "profit", "dft", "--ablations", "gamma=1.0"]  # fmt: skip
+    main(argv)
+    results = json.loads(output.read_text())
+
+    assert results["status"] == "complete"
+    assert results["command"].startswith("python -m benchmarks.quality.run --quick")
+    for key in ("torch", "transformers", "trl", "peft", "trl_sstoken", "git_commit"):
+        assert results["versions"][key]
+    assert results["seeds"] == [0] and results["scale"]["sft_steps"] > 0
+    assert results["design"]["noise_rates"]["corrupt_per_answer_word"] == noise.CORRUPT_RATE
+    assert results["data"]["eval_prompts_in_train"] == 0
+    assert 0 <= results["base_model"]["chat_eval_before_sft"]["exact_match"]["overall"] <= 1
+    assert set(results["base_model"]["raw_form_exact_match"]) == {"overall", *tasks.FAMILIES}
+    assert results["base_model"]["recipe_hash"] and not results["base_model"]["cached"]
+
+    # every requested method either ran or is recorded as skipped, never silently dropped
+    for name in ("full", "sstoken", "random", "rho1", "profit", "dft"):
+        status = results["methods"][name]["status"]
+        assert status in ("ok", "skipped (not available)")
+        if status == "ok":
+            assert set(results["summary"]["main"][name]) == {"noisy", "clean"}
+        else:
+            assert results["methods"][name]["reason"] and name not in results["summary"]["main"]
+    for name in ("full", "sstoken", "random"):
+        assert results["methods"][name]["status"] == "ok"
+
+    runs = [r for r in results["runs"] if r["group"] == "main"]
+    assert all(r["status"] == "ok" for r in results["runs"])
+    for run in runs:
+        result = run["result"]
+        assert set(result["exact_match"]) == {"overall", *tasks.FAMILIES}
+        assert 0 <= result["exact_match"]["overall"] <= 1 and 0 <= result["strict_match"]["overall"] <= 1
+        assert result["selection"]["unmatched_rows"] == 0
+        assert run["overrides"]["selection_method"] == methods.METHODS[run["name"]]["selection_method"]
+        assert run["overrides"]["selection_ratio"] == methods.SHARED["selection_ratio"]
+    full = results["summary"]["main"]["full"]["noisy"]
+    assert all(value == 1.0 for value in full["kept_fraction_by_kind"].values())
+    assert set(full["kept_fraction_by_kind"]) == set(noise.KINDS)
+    sstoken_run = next(r for r in runs if r["name"] == "sstoken" and r["data"] == "noisy")
+    assert sstoken_run["result"]["selected_fraction_mean"] == pytest.approx(0.6, abs=0.1)
+    cell = results["summary"]["main"]["sstoken"]["noisy"]["exact_match"]
+    assert set(cell) == {"mean", "std", "n", "values"} and cell["n"] == 1
+    assert results["summary"]["ablations"]["gamma=1.0"]["noisy"]["exact_match"]["n"] == 1
+    assert results["ablation_grid"] == {"gamma=1.0": {"selection_gamma": 1.0}}
+    assert output.with_suffix(".md").exists() and output.with_suffix(".png").stat().st_size > 1000
+
+    # a run is deterministic given its seed
+    job = {key: sstoken_run[key] for key in ("group", "name", "data", "seed", "overrides", "index")}
+    again = _run_job(job)["result"]
+    assert again["exact_match"] == sstoken_run["result"]["exact_match"]
+    assert again["train_loss_mean"] == sstoken_run["result"]["train_loss_mean"]
+    assert again["selection"] == sstoken_run["result"]["selection"]
