@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
+from trl import SFTConfig  # noqa: E402
 
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
 from trl_sstoken.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
@@ -50,7 +51,8 @@ def lora_config(**overrides):
     return LoraConfig(**settings)
 
 
-def config(tmp_path, **overrides):
+def config(tmp_path, config_class=None, **overrides):
+    """SSTokenConfig (or `config_class`, e.g. plain SFTConfig for comparisons) with the tests' tiny settings."""
     settings = dict(
         output_dir=str(tmp_path / "out"),
         max_steps=4,
@@ -67,7 +69,7 @@ def config(tmp_path, **overrides):
         dataloader_num_workers=0,
     )
     settings.update(overrides)
-    return SSTokenConfig(**settings)
+    return (config_class or SSTokenConfig)(**settings)
 
 
 @pytest.fixture
@@ -76,9 +78,10 @@ def make_trainer(tmp_path, tokenizer, dataset):
 
     def make(architecture="qwen2", peft=True, train_dataset=None, trainer_class=SSTokenTrainer, lora=None, **overrides):
         model = build_tiny_model(tokenizer, architecture=architecture)
+        plain = not issubclass(trainer_class, SSTokenTrainer)  # a plain SFTTrainer gets a plain SFTConfig
         return trainer_class(
             model=model,
-            args=config(tmp_path, **overrides),
+            args=config(tmp_path, config_class=SFTConfig if plain else None, **overrides),
             train_dataset=dataset if train_dataset is None else train_dataset,
             processing_class=tokenizer,
             peft_config=(lora or lora_config()) if peft else None,

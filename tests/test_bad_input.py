@@ -4,12 +4,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import QUICKSTART_ROWS, config, first_batch, lora_config
 from datasets import Dataset
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from conftest import QUICKSTART_ROWS, config, first_batch, lora_config
 from trl_sstoken import SSTokenTrainer
 from trl_sstoken.attention import AttentionUnavailableError
 from trl_sstoken.tiny import build_tiny_model

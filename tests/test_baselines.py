@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import first_batch, lora_config, randomize_adapter
 from trl import SFTTrainer
 
-from conftest import first_batch, lora_config, randomize_adapter
 from trl_sstoken.reference import REFERENCE_ADAPTER
 from trl_sstoken.scoring import excess_loss, keep_counts, probability_weights, select_by_probability, top_k_per_batch
 from trl_sstoken.tiny import build_tiny_model
@@ -36,7 +36,7 @@ def test_probability_selection_and_weights():
 
 def test_dft_equals_trls_dft_loss_and_gradients(make_trainer):
     ours = make_trainer(selection_method="dft", **DETERMINISTIC)
-    plain = make_trainer(trainer_class=SFTTrainer, loss_type="dft", selection_method="full", **DETERMINISTIC)
+    plain = make_trainer(trainer_class=SFTTrainer, loss_type="dft", **DETERMINISTIC)
     randomize_adapter(ours.model)
     randomize_adapter(plain.model)
     batch = first_batch(ours)

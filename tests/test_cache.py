@@ -2,9 +2,9 @@ import os
 
 import pytest
 import torch
+from conftest import QUICKSTART_ROWS, count_calls, record_selections
 from datasets import Dataset
 
-from conftest import QUICKSTART_ROWS, count_calls, record_selections
 from trl_sstoken.history.cache import CACHE_FILE, CachedHistory, HistoryCacheError
 from trl_sstoken.tiny import build_tiny_tokenizer
 

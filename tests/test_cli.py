@@ -4,12 +4,13 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import yaml
+from conftest import QUICKSTART_ROWS, lora_config, randomize_adapter
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from safetensors import safe_open
@@ -17,11 +18,10 @@ from safetensors.torch import load_file
 from test_visualize import parse_spans
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import QUICKSTART_ROWS, lora_config, randomize_adapter
 from trl_sstoken import SSTokenConfig, SSTokenTrainer, cli
+from trl_sstoken.config_reference import sstoken_fields
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.loading import UsageError, load_sft_datasets, load_tokenizer, pick_split
-from trl_sstoken.config_reference import sstoken_fields
 
 REPO = Path(__file__).resolve().parent.parent
 SENTENCE = "what is two plus three ? sure ! five ."

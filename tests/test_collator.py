@@ -38,9 +38,9 @@ def test_attributes_of_the_wrapped_collator_stay_visible(make_trainer):
 
 
 def test_a_user_collator_passed_to_the_trainer_is_wrapped(make_trainer, tokenizer, dataset, tmp_path):
+    from conftest import config, lora_config
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from conftest import config, lora_config
     from trl_sstoken import SSTokenTrainer
     from trl_sstoken.tiny import build_tiny_model
 

@@ -102,9 +102,10 @@ def test_effective_gamma(tmp_path):
     assert make(tmp_path, selection_gamma=0.3).effective_gamma == 0.3
 
 
-def test_dft_loss_is_refused_with_selection(tmp_path):
-    with pytest.raises(ValueError, match="loss_type"):
-        make(tmp_path, loss_type="dft")
+@pytest.mark.parametrize("method", ["sstoken", "full", "dft"])
+def test_trl_loss_types_other_than_nll_are_refused(tmp_path, method):
+    with pytest.raises(ValueError, match="loss_type='dft' is not supported.*selection_method='dft'"):
+        make(tmp_path, loss_type="dft", selection_method=method)
 
 
 def test_plain_sft_config_is_converted(tmp_path, tokenizer, dataset):
@@ -127,3 +128,15 @@ def test_compute_loss_func_is_refused(tmp_path, tokenizer, dataset):
             model=build_tiny_model(tokenizer), args=make(tmp_path, selection_method="random"),
             train_dataset=dataset, processing_class=tokenizer, compute_loss_func=lambda *a, **k: 0,
         )
+
+
+def test_label_smoothing_is_refused(tmp_path, tokenizer, dataset):
+    from trl_sstoken.tiny import build_tiny_model
+
+    for method in ("sstoken", "full"):
+        with pytest.raises(ValueError, match="label_smoothing_factor"):
+            SSTokenTrainer(
+                model=build_tiny_model(tokenizer), args=make(tmp_path, selection_method=method, label_smoothing_factor=0.1),
+                train_dataset=dataset, processing_class=tokenizer,
+                peft_config=pytest.importorskip("peft").LoraConfig(r=2, target_modules="all-linear"),
+            )

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import lora_config, randomize_adapter
 from datasets import Dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from conftest import QUICKSTART_ROWS, lora_config, randomize_adapter
 from trl_sstoken.attention import context_attention_mass
 from trl_sstoken.collator import SelectionCollator
 from trl_sstoken.regions import regions_from_batch

@@ -10,11 +10,10 @@ import socket
 import subprocess
 import sys
 
+import distributed_worker
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import distributed_worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -8,12 +8,12 @@ import subprocess
 import sys
 import time
 
+import fault_worker
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import fault_worker
-from trl_sstoken.trainer import CHECKPOINT_MARKER
+from trl_sstoken.checkpoints import CHECKPOINT_MARKER
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_worker.py")
 

@@ -2,9 +2,9 @@ import os
 
 import pytest
 import torch
+from conftest import config
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from conftest import config
 from trl_sstoken import SSTokenTrainer
 from trl_sstoken.history import ModelCopyHistory, build_history
 from trl_sstoken.history.model_copy import CHECKPOINT_FILE

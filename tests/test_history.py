@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import lora_config, randomize_adapter
 from peft import get_peft_model
 
-from conftest import lora_config, randomize_adapter
 from trl_sstoken.history import HISTORY_ADAPTER, AdapterHistory, FrozenBaseHistory, ModelCopyHistory, build_history
 from trl_sstoken.tiny import build_tiny_model
 

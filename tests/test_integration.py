@@ -7,12 +7,12 @@ import inspect
 
 import pytest
 import torch
+from conftest import config, lora_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import TrainerCallback
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from conftest import config, lora_config
 from trl_sstoken import SSTokenConfig, SSTokenTrainer
 from trl_sstoken.config_reference import add_to_model_card, config_reference_markdown, field_groups, sstoken_fields
 from trl_sstoken.tiny import build_tiny_model

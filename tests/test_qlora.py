@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import config, lora_config
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from conftest import config, lora_config
 from trl_sstoken import SSTokenTrainer
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.tiny import build_tiny_model

@@ -1,15 +1,13 @@
 import math
-import os
 
 import pytest
 import torch
+from conftest import first_batch, lora_config, randomize_adapter
 from datasets import Dataset
 from safetensors import safe_open
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from conftest import first_batch, lora_config, randomize_adapter
-from trl_sstoken import SSTokenTrainer
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.scoring import num_to_keep
 
@@ -282,3 +280,11 @@ def test_evaluation_is_plain_nll_over_every_response_token(make_trainer):
     ours_metrics, plain_metrics = ours.evaluate(eval_set), plain.evaluate(eval_set)
     assert ours_metrics["eval_loss"] == pytest.approx(plain_metrics["eval_loss"], rel=1e-6)
     assert not any(key.startswith("eval_sstoken/") for key in ours_metrics)
+
+
+def test_an_incomplete_last_batch_trains_and_logs(make_trainer, dataset):
+    """10 examples in batches of 4: the last batch has 2, and the epoch ends on it."""
+    trainer = make_trainer(train_dataset=dataset.select(range(10)), max_steps=-1, num_train_epochs=1)
+    trainer.train()
+    fractions = [e["sstoken/selected_fraction"] for e in trainer.state.log_history if "sstoken/selected_fraction" in e]
+    assert trainer.state.global_step == 3 and len(fractions) == 3

@@ -10,7 +10,6 @@ overrides it. `train` accepts every flag of `trl sft` (TRL's `ScriptArguments`, 
 `accelerate launch --config_file multi_gpu.yaml -m trl_sstoken.cli train --config run.yaml`.
 """
 
-import dataclasses
 import difflib
 import os
 import re

@@ -224,12 +224,13 @@ class SSTokenConfig(SFTConfig):
                 f"history_cache_dir is only valid with history='base' (got history={self.history!r}): only the base "
                 "model's log-probs stay fixed during training. Unset history_cache_dir or use history='base'."
             )
-        if self.selection_method not in ("full", "dft") and self.loss_type != "nll":
+        if self.loss_type != "nll":
             raise ValueError(
-                f"loss_type={self.loss_type!r} cannot be combined with selection_method={self.selection_method!r}: "
-                "the selected tokens' loss is a plain NLL. Use loss_type='nll' (the default); for DFT use "
+                f"loss_type={self.loss_type!r} is not supported by SSTokenTrainer: its loss is the NLL of the selected "
+                "tokens, computed by the trainer itself. Use loss_type='nll' (the default); for DFT use "
                 "selection_method='dft'."
             )
+
     @property
     def effective_gamma(self) -> float:
         """The REL weight the selection method implies, outside the warm-up."""

@@ -68,6 +68,7 @@ class ReferenceAdapter:
         for param, flag in zip(self.trained_params, flags):
             param.requires_grad_(flag)
         reference = [p for n, p in peft_model.named_parameters() if f".{REFERENCE_ADAPTER}." in n]
+        self.reference_params = reference
         for param in reference:
             param.requires_grad_(False)
         peft_model.set_adapter(self.trained_adapter)
@@ -76,7 +77,9 @@ class ReferenceAdapter:
         self.parameter_bytes = sum(p.numel() * p.element_size() for p in reference)
 
     def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
-        with adapter_activated(self.peft_model, REFERENCE_ADAPTER, self.trained_adapter, self.trained_params):
+        with adapter_activated(
+            self.peft_model, REFERENCE_ADAPTER, self.trained_adapter, self.trained_params, self.reference_params
+        ):
             return history_forward_log_probs(model, inputs)
 
 

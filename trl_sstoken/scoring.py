@@ -24,13 +24,15 @@ def retrospective_excess_loss(current_logps: torch.Tensor, history_logps: torch.
 def minmax_per_row(values: torch.Tensor, mask: torch.Tensor, eps: float = MINMAX_EPS) -> torch.Tensor:
     """Min-max normalise each row over its masked positions into [0, 1]; 0 off the mask.
 
-    A row whose masked values are all equal maps to 0, so the other score component decides it.
+    A row whose masked values are all equal maps to 0, so the other score component decides it. The arithmetic is
+    float64, so that no finite float32 row overflows (a span above float32's maximum would give inf / inf = NaN);
+    the result is float32.
     """
-    values = values.float()
+    values = values.double()
     row_min = values.masked_fill(~mask, math.inf).amin(dim=-1, keepdim=True)
     row_max = values.masked_fill(~mask, -math.inf).amax(dim=-1, keepdim=True)
     normalised = (values - row_min) / (row_max - row_min + eps)
-    return normalised.masked_fill(~mask, 0.0)
+    return normalised.masked_fill(~mask, 0.0).float()
 
 
 def num_to_keep(response_mask: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -52,13 +54,15 @@ def keep_counts(num_response: torch.Tensor, ratio: float) -> torch.Tensor:
 def top_k_per_row(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Keep the k[b] highest-scoring masked positions of each row b, (B, T-1) bool.
 
-    Ties go to the earlier position (stable sort). Non-finite scores rank below every finite one but stay eligible,
-    so a row always keeps exactly min(k[b], n[b]) tokens.
+    Ties go to the earlier position (stable sort). Non-finite scores (NaN, +inf, -inf alike) rank below every finite
+    one, in position order, but stay eligible, so a row always keeps exactly min(k[b], n[b]) tokens.
     """
-    finfo = torch.finfo(torch.float32)
-    eligible = torch.nan_to_num(scores.float(), nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
-    ranked = eligible.masked_fill(~mask, -math.inf)
-    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    scores = scores.float()
+    finite = torch.isfinite(scores)
+    # Order by score (stable: ties keep position order), then stably by tier: finite masked, non-finite masked, off mask
+    order = torch.sort(scores.masked_fill(~finite, 0.0), dim=-1, descending=True, stable=True).indices
+    tier = torch.where(mask, torch.where(finite, 2, 1), 0).gather(-1, order)
+    order = order.gather(-1, torch.sort(tier, dim=-1, descending=True, stable=True).indices)
     positions = torch.arange(scores.size(-1), device=scores.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, positions)
     return (rank < k.unsqueeze(-1)) & mask

@@ -9,7 +9,6 @@ losses stay comparable with plain SFT.
 import hashlib
 import math
 import os
-import re
 import shutil
 import textwrap
 import warnings
@@ -21,6 +20,7 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 
 from .attention import PACKING_IMPLEMENTATIONS, AttentionCapture, AttentionUnavailableError
+from .checkpoints import CHECKPOINT_MARKER, is_checkpoint_complete, last_complete_checkpoint, mark_checkpoint_complete
 from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_selection_fields
 from .config import SSTokenConfig
 from .config_reference import add_to_model_card
@@ -33,8 +33,8 @@ from .history.cache import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
-from .regions import Regions, regions_from_batch
 from .reference import ReferenceAdapter, ReferenceModel
+from .regions import Regions, regions_from_batch
 from .scoring import (
     excess_loss,
     keep_counts,
@@ -47,7 +47,6 @@ from .scoring import (
 )
 
 METRIC_PREFIX = "sstoken/"
-CHECKPOINT_MARKER = "sstoken_checkpoint_complete.json"
 REL_METHODS = ("sstoken", "rel")
 ATTENTION_METHODS = ("sstoken", "rel", "attention")  # "rel" uses attention during the warm-up
 SEQUENCE_TOP_K_METHODS = ("sstoken", "rel", "attention", "random")  # keep ceil(ratio * n) per sequence
@@ -67,7 +66,7 @@ class WindowCounts:
 class StepPlan:
     """What one micro-batch needs, decided from its labels before any forward pass."""
 
-    gamma: torch.Tensor  # (B,) REL weight per sequence
+    gamma: torch.Tensor  # (S,) REL weight per sequence (regions.layout)
     needs_history: bool
     needs_attention: bool
     in_warmup: bool
@@ -90,9 +89,9 @@ class SSTokenTrainer(SFTTrainer):
     """`SFTTrainer` that trains on the tokens selected by ssToken (Qin et al., 2025).
 
     A drop-in for `SFTTrainer`: it takes the same arguments, with an [`SSTokenConfig`] (a plain `SFTConfig` or
-    `TrainingArguments` is converted, with ssToken's defaults). REL-based selection (`"sstoken"`, `"rel"`) needs a PEFT
-    adapter (pass `peft_config`): the history model is the base weights, optionally plus a lagged or EMA copy of the
-    adapter.
+    `TrainingArguments` is converted, with ssToken's defaults). With a PEFT adapter (`peft_config`, LoRA or QLoRA) the
+    history model is the base weights, optionally plus a lagged or EMA copy of the adapter; with full fine-tuning it is
+    a copy of the model, or a cached base history (`history_cache_dir`) that needs no copy at all.
     """
 
     _tag_names = ["trl", "sft", "sstoken"]
@@ -120,8 +119,11 @@ class SSTokenTrainer(SFTTrainer):
                 "with it. Subclass SSTokenTrainer and override compute_loss instead."
             )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        if self.label_smoother is not None and args.selection_method != "full":
-            raise ValueError("label_smoothing_factor is not supported with ssToken selection; set it to 0.")
+        if self.label_smoother is not None:
+            raise ValueError(
+                "label_smoothing_factor is not supported by SSTokenTrainer (its loss is the NLL of the selected "
+                "tokens, which would silently ignore it); set it to 0."
+            )
         method = args.selection_method
         self.data_collator = SelectionCollator(self.data_collator)
         if self.train_dataset is not None:
@@ -450,7 +452,9 @@ class SSTokenTrainer(SFTTrainer):
                 (has_response & ~regions.has_context).sum().double(),
             ]
         )
-        totals = self.accelerator.gather_for_metrics(local).view(-1, local.numel()).sum(dim=0).tolist()
+        # gather, not gather_for_metrics: the latter trims the last, incomplete batch's tensors as if they were
+        # per-sample rows, which this vector of sums is not
+        totals = self.accelerator.gather(local).view(-1, local.numel()).sum(dim=0).tolist()
         kept, responses, rel_sum, rel_sq, rel_n, attn_sum, attn_n, empty, no_context = totals
         metrics = self._metrics["train"]
         metrics[METRIC_PREFIX + "selected_fraction"].append(kept / responses if responses else 0.0)
@@ -562,30 +566,6 @@ class SSTokenTrainer(SFTTrainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self._history is not None:
             self._history.load_checkpoint(resume_from_checkpoint)
-
-
-def mark_checkpoint_complete(checkpoint: str, global_step: int) -> None:
-    with open(os.path.join(checkpoint, CHECKPOINT_MARKER), "w") as handle:
-        handle.write(f'{{"global_step": {global_step}}}\n')
-
-
-def is_checkpoint_complete(checkpoint: str) -> bool:
-    return os.path.isfile(os.path.join(checkpoint, CHECKPOINT_MARKER))
-
-
-def last_complete_checkpoint(output_dir: str) -> str:
-    """The highest-step `checkpoint-N` of `output_dir` that was completely written."""
-    pattern = re.compile(r"^checkpoint-(\d+)$")
-    found = sorted(
-        ((int(match.group(1)), name) for name in os.listdir(output_dir) if (match := pattern.match(name))),
-        reverse=True,
-    )
-    for _, name in found:
-        path = os.path.join(output_dir, name)
-        if is_checkpoint_complete(path):
-            return path
-        warnings.warn(f"Skipping the incomplete checkpoint {path} (its writing was interrupted).", stacklevel=3)
-    raise ValueError(f"No complete checkpoint found in output directory ({output_dir}).")
 
 
 def _with_selected_adapters(save_pretrained, adapters):

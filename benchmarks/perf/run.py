@@ -4,6 +4,9 @@ Every variant is a real trainer on its own copy of the same randomly initialised
 interleaved (sft, floor, base, ... then again), after warm-up steps, so that drift in the machine's speed hits all
 variants alike. Peak memory is measured per variant in a fresh subprocess (CPU: peak RSS; CUDA: max allocated).
 
+Peak memory on the CPU is the peak resident set size sampled during the training steps (after one step that
+allocates the optimizer state), not the process's lifetime peak, which imports and data preparation set.
+
 Variants:
   sft          plain trl.SFTTrainer
   floor        plain SFTTrainer plus exactly one no-grad forward of the same model per micro-batch (adapter
@@ -46,6 +49,8 @@ from trl_sstoken.tiny import build_tiny_tokenizer  # noqa: E402
 
 VARIANTS = ("sft", "floor", "attention", "base", "base-cached", "lagged", "ema")
 SCALES = {
+    "toy": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab=200),  # for the smoke test only
     # big enough on 2 CPU cores that the matrix products dominate, small enough for a few minutes
     "cpu": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
                 num_key_value_heads=2, vocab=4000),
@@ -169,6 +174,38 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def current_rss_bytes():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """Samples this process's resident memory every 2 ms in a thread: the peak *during the training steps*.
+
+    The process-wide `ru_maxrss` cannot be reset, and its peak is set by imports and data preparation long before the
+    first step, so it hides what a step costs."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            self._stop.wait(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def peak_memory_bytes(device):
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
@@ -199,11 +236,18 @@ def memory_only(args):
                         args.device)
         if args.memory_of == "base-cached":
             runner.trainer._prepare_history_cache()
+        runner.step()  # the first step allocates the optimizer state: count it in the baseline of every variant
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.warmup + args.steps):
-            runner.step()
-        print(json.dumps({"variant": args.memory_of, "peak_memory_bytes": peak_memory_bytes(args.device)}))
+            for _ in range(args.warmup + args.steps):
+                runner.step()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            with RssSampler() as sampler:
+                for _ in range(args.warmup + args.steps):
+                    runner.step()
+            peak = sampler.peak
+        print(json.dumps({"variant": args.memory_of, "peak_memory_bytes": peak}))
 
 
 def main():
@@ -218,12 +262,18 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
+    parser.add_argument("--memory-into", help="only measure peak memory and add it to this existing results JSON")
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_of:
         return memory_only(args)
+
+    if args.memory_into:
+        with open(args.memory_into) as handle:
+            results = json.load(handle)
+        return finish(results, args, args.memory_into[: -len(".json")])
 
     rows, tokenizer = setup(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -271,7 +321,13 @@ def main():
     if caching is not None and "sft" in medians:
         caching["vs_training_throughput"] = caching["tokens_per_second"] / (tokens_per_step / medians["sft"])
         results["caching_pass"] = caching
+    finish(results, args, args.out or os.path.join("benchmarks", "results", f"perf-{args.scale}"))
+
+
+def finish(results, args, out):
+    """Adds the per-variant peak memory (unless --no-memory) and writes the JSON and the markdown table."""
     if not args.no_memory:
+        results["memory_command"] = "python " + " ".join(sys.argv)
         for variant in args.variants:
             peak = measure_memory(variant, args)["peak_memory_bytes"]
             results["variants"][variant]["peak_memory_bytes"] = peak
@@ -280,8 +336,7 @@ def main():
                 entry = results["variants"][variant]
                 entry["memory_vs_sft"] = entry["peak_memory_bytes"] / results["variants"]["sft"]["peak_memory_bytes"]
 
-    out = args.out or os.path.join("benchmarks", "results", f"perf-{args.scale}")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".json", "w") as handle:
         json.dump(results, handle, indent=2)
     table = markdown(results)

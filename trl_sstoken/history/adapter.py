@@ -95,7 +95,9 @@ class AdapterHistory:
     @contextmanager
     def active(self):
         """Runs the block with the history adapter active and the trained adapter's flags untouched."""
-        with adapter_activated(self.peft_model, HISTORY_ADAPTER, self.trained_adapter, self.trained_params):
+        with adapter_activated(
+            self.peft_model, HISTORY_ADAPTER, self.trained_adapter, self.trained_params, self.history_params
+        ):
             yield
 
     def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
@@ -139,9 +141,10 @@ def skip_refresh_warning(mode: str) -> None:
 
 
 @contextmanager
-def adapter_activated(peft_model, name: str, trained_adapter: str, trained_params: list):
+def adapter_activated(peft_model, name: str, trained_adapter: str, trained_params: list, frozen_params: list):
     """Makes `name` the active adapter for the block, then restores `trained_adapter` with its exact
-    `requires_grad` flags (PEFT's `set_adapter` would mark every trained parameter trainable) and freezes `name`."""
+    `requires_grad` flags (PEFT's `set_adapter` would mark every trained parameter trainable) and keeps `name`'s
+    parameters (`frozen_params`) frozen."""
     previous_flags = [p.requires_grad for p in trained_params]
     peft_model.set_adapter(name, inference_mode=True)
     try:
@@ -150,9 +153,8 @@ def adapter_activated(peft_model, name: str, trained_adapter: str, trained_param
         peft_model.set_adapter(trained_adapter)
         for param, flag in zip(trained_params, previous_flags):
             param.requires_grad_(flag)
-        for param_name, param in peft_model.named_parameters():
-            if f".{name}." in param_name:
-                param.requires_grad_(False)
+        for param in frozen_params:
+            param.requires_grad_(False)
 
 
 def _pair_adapter_parameters(peft_model, history_name: str, trained_name: str):
