@@ -24,6 +24,13 @@ def _pm(cell: dict | None, scale: float = 100.0) -> str:
     return f"{cell['mean'] * scale:.1f} ± {cell['std'] * scale:.1f}"
 
 
+def _pm_seeds(cell: dict | None) -> str:
+    """mean ± std, then every seed's value: the spread of three seeds is part of the result."""
+    if not cell:
+        return "-"
+    return f"{_pm(cell)} ({', '.join(f'{100 * v:.1f}' for v in cell['values'])})"
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
@@ -56,7 +63,8 @@ def markdown(results: dict) -> str:
             lines.append(f"rho1 reference alone (base + LoRA on the clean subset): exact match "
                          f"{', '.join(f'{100 * s:.1f}%' for s in scores)} (per seed).")  # fmt: skip
 
-    lines += ["", "**Exact match (%) on held-out clean prompts, mean ± std over seeds**", ""]
+    lines += ["", "**Exact match (%) on held-out clean prompts, mean ± std over seeds (each seed's value in brackets)**",
+              ""]  # fmt: skip
     lines.append("| method | noisy SFT data | clean SFT data | noisy: strict match | noisy: kept answer / corrupt / "
                  "boilerplate / random tokens |")  # fmt: skip
     lines.append("|---|---|---|---|---|")
@@ -68,13 +76,15 @@ def markdown(results: dict) -> str:
         noisy, clean = cell.get("noisy"), cell.get("clean")
         kept = noisy["kept_fraction_by_kind"] if noisy else {}
         kept_text = " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random"))
-        lines.append(f"| {name} | {_pm(noisy and noisy['exact_match'])} | {_pm(clean and clean['exact_match'])} | "
+        lines.append(f"| {name} | {_pm_seeds(noisy and noisy['exact_match'])} | "
+                     f"{_pm_seeds(clean and clean['exact_match'])} | "
                      f"{_pm(noisy and noisy['strict_match'])} | {kept_text if noisy else '-'} |")  # fmt: skip
 
     lines += ["", "**Exact match (%) per task family, noisy SFT data**", ""]
     lines.append("| method | " + " | ".join(FAMILIES) + " |")
     lines.append("|---|" + "---|" * len(FAMILIES))
-    for name, cell in summary["main"].items():
+    for name in results.get("methods", {}):
+        cell = summary["main"].get(name, {})
         if "noisy" in cell:
             by_family = cell["noisy"]["exact_match_by_family"]
             lines.append(f"| {name} | " + " | ".join(_pm(by_family[f]) for f in FAMILIES) + " |")
@@ -88,7 +98,7 @@ def markdown(results: dict) -> str:
         lines.append("|---|---|---|---|")
         if reference:
             kept = reference["kept_fraction_by_kind"]
-            lines.append(f"| main sstoken | {_pm(reference['exact_match'])} | 0 | "
+            lines.append(f"| main sstoken | {_pm_seeds(reference['exact_match'])} | 0 | "
                          + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random")) + " |")
         for name, cell in summary["ablations"].items():
             noisy = cell["noisy"]
@@ -96,7 +106,7 @@ def markdown(results: dict) -> str:
                 f"{100 * (noisy['exact_match']['mean'] - reference['exact_match']['mean']):+.1f}" if reference else "-"
             )
             kept = noisy["kept_fraction_by_kind"]
-            lines.append(f"| {name} | {_pm(noisy['exact_match'])} | {diff} | "
+            lines.append(f"| {name} | {_pm_seeds(noisy['exact_match'])} | {diff} | "
                          + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random")) + " |")
 
     failed = [r for r in results.get("runs", []) if r["status"] != "ok"]
