@@ -139,3 +139,14 @@ def test_rho1_refuses_a_reference_with_another_vocabulary(make_trainer, tokenize
     other_same_size.save_pretrained(same_size)
     with pytest.raises(ValueError, match="tokenizer"):
         make_trainer(selection_method="rho1", reference_model=str(same_size))
+
+
+@pytest.mark.parametrize("method,extra", [("profit", {"selection_loss_normalization": "all"}), ("dft", {})])
+def test_profit_and_dft_train(make_trainer, method, extra):
+    trainer = make_trainer(selection_method=method, max_steps=3, **extra)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".default." in n}
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    if method == "dft":  # every response token carries a (small) gradient: the adapter moves
+        assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
