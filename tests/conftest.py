@@ -150,3 +150,24 @@ def jsonl_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in QUICKSTART_ROWS))
     return path
+
+
+def _real_model_dir(name):
+    """A real pretrained model folder (trl_sstoken.real_models). Missing is a failure unless skipped on purpose."""
+    from trl_sstoken.real_models import SKIP_ENV, real_model_path
+
+    if os.environ.get(SKIP_ENV):
+        pytest.skip(f"{SKIP_ENV} is set: real-model tests skipped on purpose")
+    return real_model_path(name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a plain Hugging Face folder (Llama architecture, ChatML template, bf16 weights)."""
+    return _real_model_dir("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    """gemma-3-270m (base) as a plain Hugging Face folder (Gemma3, sliding-window layers, bf16 weights)."""
+    return _real_model_dir("gemma3")
