@@ -23,6 +23,9 @@ class AttentionUnavailableError(ValueError):
     """The model's attention cannot be captured (unknown architecture or attention implementation)."""
 IMPLEMENTATION_PREFIX = "sstoken_"
 
+# The attention scores `context_attention_mass` can compute (`SSTokenConfig.attention_score`), see its docstring.
+ATTENTION_SCORES = ("context_mass", "sink_free", "position_corrected")
+
 
 def context_attention_mass(
     query: torch.Tensor,
@@ -36,8 +39,10 @@ def context_attention_mass(
     query_needed: torch.Tensor | None = None,
     chunk_size: int = 256,
     softcap: float | None = None,
+    score: str = "context_mass",
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-mean attention mass each query puts on context keys, (B, Tq) float32.
+    """Head-mean attention mass each query puts on context keys, (B, Tq) float32, or one of its sink-free variants.
 
     Args:
         query: (B, H, Tq, d), after RoPE. Query position i is key position i (no cache).
@@ -54,9 +59,28 @@ def context_attention_mass(
             are skipped and read 0; with None every query is computed.
         chunk_size: query rows per block.
         softcap: attention logit soft-capping (Gemma 2 style), if the layer uses it.
+        score: which statistic, with p_hij the softmax weight of head h, query i, key j (one of ATTENTION_SCORES):
+            - "context_mass" (the paper's): mean_h sum_{j in C} p_hij, C the context keys query i may see.
+            - "sink_free": the context mass with the sink keys S removed and the rest renormalised, pooled over heads:
+              sum_h sum_{j in C - S} p_hij / sum_h sum_{j not in S} p_hij. Pooling (rather than renormalising each
+              head and then averaging) weights each head by the mass it puts off the sink, so a head that parks
+              nearly all of its attention on the sink (a "dormant" head) does not get a full vote for the few
+              percent it has left. In [0, 1].
+            - "position_corrected": the sink-free mass m relative to what uniform attention over the visible non-sink
+              keys would give, u = |C - S visible| / |visible - S|: r = m / u (1 = uniform), reported as
+              r / (1 + r) = m / (m + u), in [0, 1) with 0.5 meaning "as much as uniform attention". A late response
+              token sees more response keys than an early one, so its raw context mass shrinks even at the same
+              preference for the context; the ratio removes that dilution.
+            Without sink keys (sink None or all False), "sink_free" equals "context_mass" up to rounding.
+        sink: (B, Tk) bool, the sink keys (see `sink_keys`); needed by "sink_free" and "position_corrected".
 
-    A padding query (key_valid False at its own position) gets 0.
+    A padding query (key_valid False at its own position) gets 0, and so does a query that sees no non-sink key
+    (for the sink-free scores) or no non-sink context key ("position_corrected").
     """
+    if score not in ATTENTION_SCORES:
+        raise ValueError(f"attention_score={score!r} is not supported; allowed values: {ATTENTION_SCORES}.")
+    if score != "context_mass" and sink is None:
+        raise ValueError(f"attention score {score!r} needs the sink keys (sink=...), see sink_keys().")
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     if num_heads % num_kv_heads:
@@ -65,7 +89,11 @@ def context_attention_mass(
     key_t = key.float().transpose(-1, -2).unsqueeze(2)  # (B, H_kv, 1, d, Tk)
     model_allowed = _mask_to_allowed(attention_mask)
     key_positions = torch.arange(k_len, device=query.device)
-    context_weights = context.float()[:, None, None, None, :]  # (B, 1, 1, 1, Tk)
+    if score == "context_mass":
+        context_weights = context.float()[:, None, None, None, :]  # (B, 1, 1, 1, Tk)
+    else:
+        context_weights = (context & ~sink).float()[:, None, None, None, :]
+        non_sink_weights = (~sink).float()[:, None, None, None, :]
     needed_rows = None if query_needed is None else query_needed.any(dim=0).tolist()  # one host sync per call
     masses = []
     for start in range(0, q_len, chunk_size):
@@ -86,9 +114,42 @@ def context_attention_mass(
             allowed = allowed & (sequence_ids[:, start:stop, None] == sequence_ids[:, None, :stop])
         allowed = allowed[:, None, None]  # (B, 1, 1, c, stop)
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        masses.append((probs * context_weights[..., :stop]).sum(dim=-1).mean(dim=(1, 2)))  # (B, c)
+        on_context = (probs * context_weights[..., :stop]).sum(dim=-1)  # (B, H_kv, G, c)
+        if score == "context_mass":
+            masses.append(on_context.mean(dim=(1, 2)))  # (B, c)
+            continue
+        off_sink = (probs * non_sink_weights[..., :stop]).sum(dim=-1).sum(dim=(1, 2))  # (B, c)
+        mass = torch.where(off_sink > 0, on_context.sum(dim=(1, 2)) / off_sink.clamp_min(1e-30), 0.0)
+        if score == "position_corrected":
+            visible = allowed[:, 0, 0] & ~sink[:, None, :stop]  # (B, c, stop)
+            uniform = (visible & context[:, None, :stop]).sum(-1) / visible.sum(-1).clamp_min(1)  # (B, c)
+            mass = torch.where(uniform > 0, mass / (mass + uniform).clamp_min(1e-30), 0.0)
+        masses.append(mass)
     # Query i is key i: a padding query gets 0, whatever it could attend to
     return torch.cat(masses, dim=-1) * key_valid[:, :q_len]
+
+
+def sink_keys(key_valid: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention-sink keys, (B, T) bool: the first non-padding position of each sequence.
+
+    Every real LLM parks a large share of its attention on the first token it sees (`<|im_start|>` in SmolLM2's
+    ChatML, `<bos>` in Gemma), whatever that token is: on SmolLM2's last layer about 40% of a response token's attention
+    and more than half of its context mass, while no other key takes more than ~6% (docs/method.md). So the sink is
+    defined by position, not by the attention it receives: in a padded row it is the first valid position (left
+    padding included); in a packed or padding-free row (`sequence_ids`, -1 on padding) the first position of every
+    packed sequence, because each sequence's first token is the one its queries can see first. A multi-turn chat is
+    one sequence: only its first token is a sink, later turns' role tokens are ordinary context.
+
+    Args:
+        key_valid: (B, T) bool, positions that are not padding.
+        sequence_ids: (B, T) long, the sequence of each position (packing), or None for one sequence per row.
+    """
+    previous_valid = torch.nn.functional.pad(key_valid[:, :-1], (1, 0), value=False)
+    starts = key_valid & ~previous_valid
+    if sequence_ids is not None:
+        previous_sequence = torch.nn.functional.pad(sequence_ids[:, :-1], (1, 0), value=-1)
+        starts = starts | (key_valid & (sequence_ids != previous_sequence))
+    return starts
 
 
 def _mask_to_allowed(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,7 +182,10 @@ class AttentionCapture:
     second call must neither recompute nor overwrite the statistic.
     """
 
-    def __init__(self, model: torch.nn.Module, layer: int, chunk_size: int = 256):
+    def __init__(self, model: torch.nn.Module, layer: int, chunk_size: int = 256, score: str = "context_mass"):
+        if score not in ATTENTION_SCORES:
+            raise ValueError(f"attention_score={score!r} is not supported; allowed values: {ATTENTION_SCORES}.")
+        self.score = score
         self.base_model = _underlying_pretrained_model(model)
         modules = attention_modules(self.base_model)
         if not -len(modules) <= layer < len(modules):
@@ -165,18 +229,23 @@ class AttentionCapture:
             return
         context, key_valid, sequence_ids, query_needed = self._armed
         self._armed = None
+        key_valid = key_valid.to(query.device)
+        sequence_ids = None if sequence_ids is None else sequence_ids.to(query.device)
+        sink = None if self.score == "context_mass" else sink_keys(key_valid, sequence_ids)
         with torch.no_grad():
             self._result = context_attention_mass(
                 query.detach(),
                 key.detach(),
                 context=context.to(query.device),
-                key_valid=key_valid.to(query.device),
+                key_valid=key_valid,
                 scaling=kwargs.get("scaling") or query.size(-1) ** -0.5,
                 attention_mask=None if attention_mask is None else attention_mask.detach(),
-                sequence_ids=None if sequence_ids is None else sequence_ids.to(query.device),
+                sequence_ids=sequence_ids,
                 query_needed=query_needed,
                 chunk_size=self.chunk_size,
                 softcap=kwargs.get("softcap"),
+                score=self.score,
+                sink=sink,
             )
         self.num_computations += 1
 

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .attention import ATTENTION_SCORES
+
 SELECTION_METHODS = ("sstoken", "rel", "attention", "random", "full", "rho1", "profit", "dft")
 HISTORY_MODES = ("base", "lagged", "ema")
 LOSS_NORMALIZATIONS = ("selected", "sequence", "all")
@@ -29,6 +31,12 @@ class SSTokenConfig(SFTConfig):
         Weight of the min-max normalised REL in the `"sstoken"` score; the attention score gets `1 - gamma`.
     attention_layer (`int`, *optional*, defaults to `-1`):
         Decoder layer whose attention to the context is measured. Negative values count from the end.
+    attention_score (`str`, *optional*, defaults to `"context_mass"`):
+        Which attention statistic is the semantic signal. `"context_mass"`: the paper's, the head-mean attention mass
+        on every context key (the attention sink included); `"sink_free"`: the context mass with the sink (the first
+        token of each sequence) removed and the rest renormalised, pooled over heads; `"position_corrected"`: the
+        sink-free mass relative to uniform attention over the visible keys, `m / (m + u)` (0.5 = uniform), so a late
+        response token is not penalised for seeing more response tokens. See docs/method.md.
     attention_warmup_ratio (`float`, *optional*, defaults to `0.2`):
         Fraction of the training steps at the start during which REL-based methods select by attention only.
     allow_rel_fallback (`bool`, *optional*, defaults to `False`):
@@ -97,6 +105,16 @@ class SSTokenConfig(SFTConfig):
         metadata={
             "help": "Decoder layer whose attention to the context is measured; negative values count from the end "
             "(-1 = last layer)."
+        },
+    )
+    attention_score: str = field(
+        default="context_mass",
+        metadata={
+            "help": "Attention statistic used as the semantic signal: 'context_mass' (the paper's: mass on every "
+            "context key, sink included), 'sink_free' (the first token of each sequence removed and the rest "
+            "renormalised, pooled over heads) or 'position_corrected' (sink-free mass relative to uniform "
+            "attention over the visible keys, m / (m + u)).",
+            "choices": list(ATTENTION_SCORES),
         },
     )
     attention_warmup_ratio: float = field(
@@ -194,6 +212,7 @@ class SSTokenConfig(SFTConfig):
         """Checks the ssToken fields before `SFTConfig` does any work, so a typo fails at once."""
         _check_choice("selection_method", self.selection_method, SELECTION_METHODS)
         _check_choice("history", self.history, HISTORY_MODES)
+        _check_choice("attention_score", self.attention_score, ATTENTION_SCORES)
         _check_choice("selection_loss_normalization", self.selection_loss_normalization, LOSS_NORMALIZATIONS)
         _check_number("selection_ratio", self.selection_ratio, "in (0, 1]", lambda v: 0 < v <= 1)
         _check_number("selection_gamma", self.selection_gamma, "in [0, 1]", lambda v: 0 <= v <= 1)

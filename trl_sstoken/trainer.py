@@ -167,7 +167,7 @@ class SSTokenTrainer(SFTTrainer):
                 f"{list(PACKING_IMPLEMENTATIONS)} (attn_implementation when loading the model)."
             )
         try:
-            return AttentionCapture(self.model, args.attention_layer, args.attention_chunk_size)
+            return AttentionCapture(self.model, args.attention_layer, args.attention_chunk_size, args.attention_score)
         except AttentionUnavailableError as error:
             if args.selection_method == "attention" or not args.allow_rel_fallback:
                 raise
