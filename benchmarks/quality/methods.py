@@ -33,6 +33,16 @@ METHODS = {
     "dft": {"selection_method": "dft"},
 }
 
+# Real-model mode (issue 13): the same methods plus the attention-score variants (`SSTokenConfig.attention_score`),
+# each as attention alone (gamma 0) and inside ssToken (gamma 0.5).
+REAL_METHODS = {
+    **METHODS,
+    "attention[sink_free]": {"selection_method": "attention", "attention_score": "sink_free"},
+    "attention[position_corrected]": {"selection_method": "attention", "attention_score": "position_corrected"},
+    "sstoken[sink_free]": {"selection_method": "sstoken", "attention_score": "sink_free"},
+    "sstoken[position_corrected]": {"selection_method": "sstoken", "attention_score": "position_corrected"},
+}
+
 # Names of the field that may carry the Rho-1 reference adapter's path, in order of preference.
 REFERENCE_FIELD_CANDIDATES = (
     "reference_adapter",
@@ -67,6 +77,42 @@ def ablations(num_layers: int, max_steps: int) -> dict[str, dict]:
     return grid
 
 
+# Real-model priority (README, "Priority"): tier 0 = the core comparison on noisy data, tier 1 = the other methods on
+# noisy data, tier 2 = every method on the clean control, tier 3 = ablations; seed-major within a tier, so every
+# finished seed completes its tier's table.
+REAL_CORE = ("full", "sstoken", "attention", "sstoken[sink_free]", "attention[sink_free]")
+REAL_ORDER = (*REAL_CORE, "rel", "attention[position_corrected]", "sstoken[position_corrected]", "random", "rho1",
+              "profit", "dft")  # fmt: skip
+
+
+def real_priority(job: dict) -> tuple:
+    if job["group"] == "ablation":
+        return (3, job["seed"], job["name"])
+    name = job["name"]
+    order = REAL_ORDER.index(name) if name in REAL_ORDER else len(REAL_ORDER)
+    if job["data"] == "noisy":
+        return (0 if name in REAL_CORE else 1, job["seed"], order)
+    return (2, job["seed"], order)
+
+
+def real_ablations(num_layers: int, max_steps: int) -> dict[str, dict]:
+    """Real-model ablations of `sstoken` on the noisy data. gamma 0 and 1 are the `attention` and `rel` rows of the
+    main table, so the gamma axis here is 0.25 / 0.75; the layer axis adds ~70% depth, where the exploration on
+    SmolLM2 saw answer tokens attend most to the user's prompt (README, "Real pretrained models")."""
+    long_k = max(1, max_steps // 3)
+    grid = {
+        "ratio=0.4": {"selection_ratio": 0.4},
+        "ratio=0.8": {"selection_ratio": 0.8},
+        "gamma=0.25": {"selection_gamma": 0.25},
+        "gamma=0.75": {"selection_gamma": 0.75},
+        f"history=lagged,K={long_k}": {"history": "lagged", "history_update_steps": long_k},
+        "history=ema,K=1,alpha=0.95": {"history": "ema", "history_update_steps": 1, "history_ema_alpha": 0.95},
+        "warmup=off": {"attention_warmup_ratio": 0.0},
+        f"layer=0.7depth({round(0.7 * num_layers)})": {"attention_layer": round(0.7 * num_layers)},
+    }
+    return grid
+
+
 # The main-table value of each ablation axis, for reading the ablation table.
 ABLATION_BASELINE_LABELS = {
     "ratio": "ratio=0.6",
@@ -87,9 +133,9 @@ def accepted_selection_methods() -> tuple[str, ...] | None:
         return None
 
 
-def availability(method: str) -> tuple[bool, str]:
+def availability(method: str, table: dict = METHODS) -> tuple[bool, str]:
     """(available, reason) for a method, from what the installed SSTokenConfig accepts."""
-    value = METHODS[method]["selection_method"]
+    value = table[method]["selection_method"]
     declared = accepted_selection_methods()
     if declared is not None and value not in declared:
         return False, f"selection_method={value!r} is not accepted by the installed SSTokenConfig ({declared})"
@@ -115,9 +161,9 @@ def reference_field() -> str | None:
     return others[0] if others else None
 
 
-def overrides_for(method: str, reference_path: str | None = None, extra: dict | None = None) -> dict:
+def overrides_for(method: str, reference_path: str | None = None, extra: dict | None = None, table: dict = METHODS):
     """The full set of SSTokenConfig overrides of one run."""
-    overrides = {**SHARED, **METHODS[method], **(extra or {})}
+    overrides = {**SHARED, **table[method], **(extra or {})}
     if method == "rho1":
         if reference_path is None:
             raise ValueError("rho1 needs the reference adapter path")

@@ -35,7 +35,111 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def _nll(cell: dict | None) -> str:
+    return "-" if not cell else f"{cell['mean']:.3f} ± {cell['std']:.3f}"
+
+
+def markdown_real(results: dict) -> str:
+    """Real-model mode: main table per data set (exact, strict, clean-answer NLL, what was trained on), kept fraction
+    by position decile, the attention statistic before SFT, ablations. Every number comes from the JSON."""
+    summary, lines = results["summary"], []
+    status, base = results["status"], results["base_model"]
+    lines.append(f"Model **{results['model']}**, scale `{results['scale_name']}`, seeds {results['seeds']}, status "
+                 f"**{status}**. Command: `{results['command']}` ({results.get('wall_seconds', 0) / 60:.1f} min wall, "
+                 f"{results['machine']['workers']} worker(s) x {results['machine']['threads_per_run']} thread(s) on "
+                 f"{results['machine']['cpu_count']} CPU(s), device {results['machine']['device']}).")  # fmt: skip
+    if not status.startswith("complete"):
+        lines += ["", "**PARTIAL RESULTS**: the run did not finish; only the cells below were measured."]
+    before = base["eval_before_sft"]
+    lines += ["", f"Before SFT: exact match {100 * before['exact_match']['overall']:.1f}%, strict "
+              f"{100 * before['strict_match']['overall']:.1f}%, clean-answer NLL {before['answer_nll']:.3f}."]  # fmt: skip
+    realised = results["data"]["noisy_realised"]
+    if realised and "response_token_fraction_by_kind" in realised:
+        fractions = realised["response_token_fraction_by_kind"]
+        lines += ["", "Noisy training data, response tokens by kind: "
+                  + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fractions.items())
+                  + f"; {100 * realised['corrupt_fraction_of_answer_items']:.1f}% of answer items corrupted."]
+    for dataset in ("noisy", "clean"):
+        rows = [(name, cells[dataset]) for name, cells in summary["main"].items() if dataset in cells]
+        if not rows:
+            continue
+        lines += ["", f"**{dataset} training data** (exact / strict match in %, mean ± std over seeds, per-seed values; "
+                  "answer NLL of the clean eval answers, lower is better; kept fraction of each token kind)", "",
+                  "| method | n | exact match | strict match | answer NLL | " + " | ".join(f"kept {k}" for k in KINDS)
+                  + " |", "|---|---|---|---|---|" + "---|" * len(KINDS)]  # fmt: skip
+        for name, cell in rows:
+            kept = cell["kept_fraction_by_kind"]
+            lines.append(f"| {name} | {cell['exact_match']['n']} | {_pm_seeds(cell['exact_match'])} | "
+                         f"{_pm(cell['strict_match'])} | {_nll(cell.get('answer_nll'))} | "
+                         + " | ".join(_pct(kept.get(k)) for k in KINDS) + " |")  # fmt: skip
+    noisy = [(name, cells["noisy"]) for name, cells in summary["main"].items() if "noisy" in cells]
+    if noisy:
+        lines += ["", "**Kept fraction by position in the response** (noisy data; decile 1 = first tenth)", "",
+                  "| method | " + " | ".join(f"d{d + 1}" for d in range(10)) + " |", "|---|" + "---|" * 10]
+        for name, cell in noisy:
+            deciles = cell.get("kept_fraction_by_position_decile") or [None] * 10
+            lines.append(f"| {name} | " + " | ".join(_pct(v) for v in deciles) + " |")
+    attention = base.get("attention_before_sft", {})
+    if attention:
+        lines += ["", "**The attention statistic before SFT** (noisy training rows; mean score per token kind; sink "
+                  "share = fraction of the context mass on the sink, the first token)", "",
+                  "| layer | sink share | score | " + " | ".join(KINDS) + " |", "|---|---|---|" + "---|" * len(KINDS)]
+        for layer, diag in attention.items():
+            for score in ("context_mass", "sink_free", "position_corrected"):
+                by_kind = diag[f"{score}_by_kind"]
+                lines.append(f"| {layer} | {100 * diag['sink_share_of_context_mass']:.0f}% | {score} | "
+                             + " | ".join(f"{by_kind[k]:.3f}" if k in by_kind else "-" for k in KINDS) + " |")
+    ablations = summary.get("ablations", {})
+    if ablations:
+        lines += ["", "**Ablations of sstoken** (noisy data)", "",
+                  "| setting | n | exact match | strict match | answer NLL | kept answer | kept corrupt | kept random |",
+                  "|---|---|---|---|---|---|---|---|"]
+        reference = summary["main"].get("sstoken", {}).get("noisy")
+        for name, cells in [("sstoken (ratio 0.6, gamma 0.5, base, warm-up 0.2, last layer)", {"noisy": reference}),
+                            *ablations.items()]:  # fmt: skip
+            cell = cells.get("noisy")
+            if not cell:
+                continue
+            kept = cell["kept_fraction_by_kind"]
+            lines.append(f"| {name} | {cell['exact_match']['n']} | {_pm_seeds(cell['exact_match'])} | "
+                         f"{_pm(cell['strict_match'])} | {_nll(cell.get('answer_nll'))} | {_pct(kept.get('answer'))} | "
+                         f"{_pct(kept.get('corrupt'))} | {_pct(kept.get('random'))} |")  # fmt: skip
+    failed = [r for r in results.get("runs", []) if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Failed runs: " + "; ".join(f"{r['name']} {r['data']} seed {r['seed']}: {r['error']}"
+                                                  for r in failed)]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_real(results: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = results["summary"]["main"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, metric, label in ((axes[0], "exact_match", "exact match (%)"), (axes[1], "answer_nll", "clean answer NLL")):
+        names = list(main)
+        for offset, dataset in ((-0.2, "noisy"), (0.2, "clean")):
+            xs = [i + offset for i, n in enumerate(names) if dataset in main[n]]
+            cells = [main[n][dataset][metric] for n in names if dataset in main[n]]
+            scale = 100 if metric == "exact_match" else 1
+            ax.bar(xs, [c["mean"] * scale for c in cells], 0.4, yerr=[c["std"] * scale for c in cells], label=dataset)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend()
+    status = "" if results["status"].startswith("complete") else " (PARTIAL)"
+    fig.suptitle(f"trl_sstoken quality benchmark, {results['model']}, scale {results['scale_name']}{status}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(results: dict) -> str:
+    if results.get("model", "lab") != "lab":
+        return markdown_real(results)
     summary, lines = results["summary"], []
     status = results["status"]
     lines.append(f"Scale `{results['scale_name']}`, seeds {results['seeds']}, status **{status}**. "
@@ -220,7 +324,7 @@ def write_reports(results_path: Path, update_docs: bool = True) -> list[Path]:
     md_path.write_text(f"# Quality benchmark results ({results['scale_name']})\n\n{table}")
     written = [md_path]
     try:
-        plot(results, png_path)
+        (plot if results.get("model", "lab") == "lab" else plot_real)(results, png_path)
         written.append(png_path)
     except ImportError as error:
         print(f"no plot: {error} (pip install matplotlib, or the 'bench' extra)")

@@ -41,11 +41,19 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="model, data and step sizes")
     parser.add_argument("--quick", action="store_true", help="same as --scale tiny: a smoke test of the pipeline")
+    parser.add_argument(
+        "--model", choices=("lab", "smollm2", "gemma3"), default="lab",
+        help="lab: the benchmark's own small model, pretrained here; smollm2 / gemma3: a real pretrained model "
+        "(trl_sstoken.real_models) with natural-language tasks (real-model mode, scales real-*)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the scale's, 0 1 2)")
-    parser.add_argument("--methods", nargs="+", choices=list(methods.METHODS), help="default: all")
+    parser.add_argument("--methods", nargs="+", choices=list(methods.REAL_METHODS), help="default: all")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument(
         "--ablations", nargs="*", default=None, help="ablation names to run (default: all; pass none for none)"
+    )
+    parser.add_argument(
+        "--only-ablations", action="store_true", help="run the ablations only, not the main table (a later stage)"
     )
     parser.add_argument(
         "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
@@ -59,7 +67,11 @@ def parse_args(argv=None):
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = parser.parse_args(argv)
     if args.quick:
-        args.scale = "tiny"
+        args.scale = "tiny" if args.model == "lab" else "real-tiny"
+    elif args.model != "lab" and not args.scale.startswith("real-"):
+        args.scale = "real-cpu"
+    if (args.model == "lab") == args.scale.startswith("real-"):
+        parser.error(f"--scale {args.scale} does not go with --model {args.model} (real-* scales are for real models)")
     return args
 
 
@@ -101,8 +113,24 @@ def versions() -> dict:
     }
 
 
-def design() -> dict:
+def design(real: bool = False) -> dict:
     """The fixed design of the benchmark (see README.md): tasks, noise, shared selection settings, scoring."""
+    if real:
+        from . import real_data
+
+        return {
+            "families": list(tasks.FAMILIES),
+            "noise_rates": noise.NOISE_RATES,
+            "boilerplate": real_data.BOILERPLATE_TEXT,
+            "shared_selection_settings": methods.SHARED,
+            "methods": methods.REAL_METHODS,
+            "headline_metric": "exact_match: text after the first 'Answer:' (up to newline / ' Ref:' / end, stripped "
+            "of spaces and a final '.') equals the ground truth",
+            "secondary_metrics": "strict_match (the whole generation is the clean response); answer_nll (teacher-"
+            "forced mean NLL of the clean answer tokens of the eval prompts)",
+            "decoding": "greedy, max 24 new tokens, stop at the end-of-turn token",
+            "std": "sample standard deviation over seeds (n - 1 denominator)",
+        }
     return {
         "families": list(tasks.FAMILIES),
         "noise_rates": noise.NOISE_RATES,
@@ -134,6 +162,8 @@ def quiet_libraries():
 def _init_worker(scale: dict, base_path: str, device: str, threads: int):
     quiet_libraries()
     torch.set_num_threads(threads)
+    if scale.get("model", "lab") != "lab":
+        return _init_real_worker(scale, base_path, device, threads)
     tokenizer = base_model.load_tokenizer(base_path)
     splits = data.build_splits(
         scale["data_seed"], scale["train_per_family"], scale["eval_per_family"], scale["reference_per_family"]
@@ -151,6 +181,26 @@ def _init_worker(scale: dict, base_path: str, device: str, threads: int):
             "reference": data.sft_dataset(tokenizer, splits.reference, splits.reference_responses()),
         },
     )
+
+
+def _init_real_worker(scale: dict, base_path: str, device: str, threads: int):
+    from transformers import AutoTokenizer
+
+    from . import real_data
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    splits = real_data.build_splits(
+        scale["data_seed"], scale["train_per_family"], scale["eval_per_family"], scale["reference_per_family"]
+    )
+    name = scale["model"]
+    _WORKER.update(
+        scale=scale, base_path=base_path, device=device, threads=threads, tokenizer=tokenizer, splits=splits,
+        datasets={
+            "noisy": real_data.sft_dataset(tokenizer, name, splits.train, splits.train_noisy),
+            "clean": real_data.sft_dataset(tokenizer, name, splits.train, splits.train_clean),
+            "reference": real_data.sft_dataset(tokenizer, name, splits.reference, splits.reference_responses()),
+        },
+    )  # fmt: skip
 
 
 def _run_job(job: dict) -> dict:
@@ -233,10 +283,30 @@ def summarize(runs: list[dict]) -> dict:
                 if any(kind in r["result"]["selection"]["kept_fraction_by_kind"] for r in cell)
             },
             "train_loss_mean": statistics.fmean(r["result"]["train_loss_mean"] for r in cell),
+            **_real_cell_metrics(cell),
             "cpu_seconds_mean": statistics.fmean(r["result"]["cpu_seconds"] for r in cell),
         }
         summary["main" if group == "main" else "ablations"].setdefault(name, {})[dataset] = result
     return summary
+
+
+def _real_cell_metrics(cell: list[dict]) -> dict:
+    """Real-model mode only: clean-answer NLL, kept fraction by position decile, attention diagnostics."""
+    if "answer_nll" not in cell[0]["result"]:
+        return {}
+    deciles = []
+    for decile in range(10):
+        values = [r["result"]["selection"]["kept_fraction_by_position_decile"][decile] for r in cell]
+        values = [v for v in values if v is not None]
+        deciles.append(statistics.fmean(values) if values else None)
+    attention = [r["result"]["attention"] for r in cell]
+    return {
+        "answer_nll": _mean_std([r["result"]["answer_nll"] for r in cell]),
+        "response_nll": _mean_std([r["result"]["response_nll"] for r in cell]),
+        "kept_fraction_by_position_decile": deciles,
+        "sink_share_of_context_mass": statistics.fmean(a["sink_share_of_context_mass"] for a in attention),
+        "train_wall_seconds_mean": statistics.fmean(r["result"]["train_wall_seconds"] for r in cell),
+    }
 
 
 # ----- the benchmark -----
@@ -258,6 +328,65 @@ def reference_jobs(scale: dict, seeds: list[int], base_hash: str, cache_dir: Pat
     return jobs
 
 
+def _run_real_jobs(jobs, ref_jobs, workers, init_args, on_done, done, report):
+    """Real-model mode: jobs in the priority order of the README (`methods.real_priority`), in two phases: the
+    first tier and the rho1 references, then everything else (the rho1 runs need their reference)."""
+    jobs.sort(key=methods.real_priority)
+    todo_refs = [j for j in ref_jobs if not (Path(j["path"]) / "adapter_config.json").exists()]
+    first = [j for j in jobs if methods.real_priority(j)[0] == 0] + todo_refs
+    rest = [j for j in jobs if methods.real_priority(j)[0] != 0]
+    for index, job in enumerate(first + rest):
+        job["index"] = index
+    log(f"{len(jobs)} runs to do ({len(first) - len(todo_refs)} in the first tier), "
+        f"{len(todo_refs)} rho1 reference(s) to train")  # fmt: skip
+    run_jobs(first, workers, init_args, lambda run, n, total: on_done(run, n, len(first) + len(rest)))
+    report["rho1_reference"] = {}
+    for job in ref_jobs:
+        ok = (Path(job["path"]) / "adapter_config.json").exists()
+        trained = next((r for r in done if r.get("path") == job["path"]), None)
+        report["rho1_reference"][str(job["seed"])] = {
+            "path": job["path"], "status": "ok" if ok else "failed", "cached": trained is None,
+            "exact_match": trained["result"]["exact_match"] if trained and trained["status"] == "ok" else None,
+        }  # fmt: skip
+        if not ok:
+            rest = [j for j in rest if not (j["name"] == "rho1" and j["seed"] == job["seed"])]
+    offset = len(first)
+    run_jobs(rest, workers, init_args, lambda run, n, total: on_done(run, offset + n, offset + len(rest)))
+
+
+def _real_base_model(name: str, scale: dict, splits, device: str, report: dict):
+    """A real pretrained model: where it starts on the eval prompts, and what its attention statistic measures."""
+    from transformers import AutoTokenizer
+
+    from trl_sstoken.real_models import real_model_path
+
+    from . import real_data, real_evaluate
+    from .sft import load_real_model
+
+    path = str(real_model_path(name))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_real_model(path, device)
+    noisy_rows = [real_data.tokenize_example(tokenizer, name, real_data.prompt_text(i), r)
+                  for i, r in list(zip(splits.train, splits.train_noisy))[: scale["diagnostic_rows"]]]  # fmt: skip
+    report["data"]["noisy_realised"] = real_data.kind_counts(splits.train_noisy, tokenizer, name, splits.train)
+    report["data"]["clean_realised"] = real_data.kind_counts(splits.train_clean, tokenizer, name, splits.train)
+    report["data"]["example_noisy_response"] = [r.text for r in splits.train_noisy[:4]]
+    report["base_model"] = {
+        "path": path,
+        "name": name,
+        "num_layers": model.config.num_hidden_layers,
+        "eval_before_sft": real_evaluate.evaluate(model, tokenizer, name, splits.eval),
+        "attention_before_sft": {
+            str(layer): real_evaluate.attention_diagnostics(model, noisy_rows, layer, tokenizer.pad_token_id)
+            for layer in (-1, scale["num_layers"] // 2, round(0.7 * scale["num_layers"]))
+        },
+    }
+    before = report["base_model"]["eval_before_sft"]
+    log(f"{name} before SFT: exact match {before['exact_match']['overall']:.3f}, strict "
+        f"{before['strict_match']['overall']:.3f}, answer NLL {before['answer_nll']:.3f}")  # fmt: skip
+    return model, tokenizer, {"path": path, "recipe_hash": name}
+
+
 def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
@@ -269,9 +398,19 @@ def main(argv=None):
             raise SystemExit(f"--set {item}: unknown scale key {key!r}; known: {sorted(set(scale) - {'seeds'})}")
         scale[key] = type(scale[key])(float(value)) if isinstance(scale[key], (int, float)) else value
     seeds = args.seeds if args.seeds else scale["seeds"]
-    chosen_methods = args.methods or list(methods.METHODS)
+    real = args.model != "lab"
+    if real:
+        from transformers import AutoConfig
+
+        from trl_sstoken.real_models import real_model_path
+
+        scale["model"] = args.model
+        scale["num_layers"] = AutoConfig.from_pretrained(real_model_path(args.model)).num_hidden_layers
+    method_table = methods.REAL_METHODS if real else methods.METHODS
+    chosen_methods = args.methods or list(scale.get("methods") or method_table)
     torch.set_num_threads(max(1, args.workers * args.threads_per_run))
-    output = Path(args.output) if args.output else REPO_ROOT / "benchmarks" / "results" / f"quality-{args.scale}.json"
+    scale_name = (f"{args.scale}-{args.model}" if real else args.scale) + ("-ablations" if args.only_ablations else "")
+    output = Path(args.output) if args.output else REPO_ROOT / "benchmarks" / "results" / f"quality-{scale_name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -280,11 +419,18 @@ def main(argv=None):
         f"{args.threads_per_run} thread(s), device {args.device}")  # fmt: skip
 
     # data
-    splits = data.build_splits(
+    if real:
+        from . import real_data
+
+        data_module = real_data
+    else:
+        data_module = data
+    splits = data_module.build_splits(
         scale["data_seed"], scale["train_per_family"], scale["eval_per_family"], scale["reference_per_family"]
     )
     report = {
-        "benchmark": "trl_sstoken quality benchmark (issue 5)",
+        "benchmark": "trl_sstoken quality benchmark (issue 5; real-model mode: issue 13)",
+        "model": args.model,
         "status": "running",
         "command": command,
         "started_at": started.isoformat(timespec="seconds"),
@@ -296,36 +442,40 @@ def main(argv=None):
             "threads_per_run": args.threads_per_run,
             "device": args.device,
         },
-        "scale_name": args.scale,
+        "scale_name": scale_name,
         "scale": scale,
         "scale_overrides": args.overrides,
         "seeds": seeds,
-        "design": design(),
+        "design": design(real),
         "data": {
             "train_examples": len(splits.train),
             "eval_examples": len(splits.eval),
             "reference_examples": len(splits.reference),
             "eval_prompts_in_train": len({i.prompt for i in splits.eval} & {i.prompt for i in splits.train}),
-            "noisy_realised": data.kind_counts(splits.train_noisy),
-            "clean_realised": data.kind_counts(splits.train_clean),
+            "noisy_realised": data.kind_counts(splits.train_noisy) if not real else None,
+            "clean_realised": data.kind_counts(splits.train_clean) if not real else None,
         },
     }
 
-    # base model, and where it starts on the chat eval (the "before") and on the raw form it was pretrained on
-    model, tokenizer, info = base_model.load_or_pretrain(scale, cache_dir, device=args.device, log=log)
-    report["base_model"] = {
-        **info,
-        "chat_eval_before_sft": evaluate.evaluate_chat(model, tokenizer, splits.eval, samples=4),
-        "raw_form_exact_match": evaluate.evaluate_raw(model, tokenizer, splits.eval),
-    }
-    log(f"base model: chat exact match {report['base_model']['chat_eval_before_sft']['exact_match']['overall']:.3f}, "
-        f"raw-form exact match {report['base_model']['raw_form_exact_match']['overall']:.3f}")  # fmt: skip
+    if real:
+        model, tokenizer, info = _real_base_model(args.model, scale, splits, args.device, report)
+    else:
+        # base model, and where it starts on the chat eval (the "before") and on the raw form it was pretrained on
+        model, tokenizer, info = base_model.load_or_pretrain(scale, cache_dir, device=args.device, log=log)
+        report["base_model"] = {
+            **info,
+            "chat_eval_before_sft": evaluate.evaluate_chat(model, tokenizer, splits.eval, samples=4),
+            "raw_form_exact_match": evaluate.evaluate_raw(model, tokenizer, splits.eval),
+        }
+        log(f"base model: chat exact match "
+            f"{report['base_model']['chat_eval_before_sft']['exact_match']['overall']:.3f}, "
+            f"raw-form exact match {report['base_model']['raw_form_exact_match']['overall']:.3f}")  # fmt: skip
     del model
 
     # which methods can run
     report["methods"] = {}
     for name in chosen_methods:
-        available, reason = methods.availability(name)
+        available, reason = methods.availability(name, method_table)
         report["methods"][name] = {"status": "ok" if available else "skipped (not available)", "reason": reason}
         if not available:
             log(f"SKIPPED method {name}: not available in the installed trl_sstoken: {reason}")
@@ -357,7 +507,10 @@ def main(argv=None):
 
     # rho1 references first: the rho1 runs need their adapters
     reference_path = {}
-    if "rho1" in runnable:
+    if real:  # the references are trained later, just before the first rho1 run (priority order, README)
+        ref_jobs = reference_jobs(scale, seeds, info["recipe_hash"], cache_dir) if "rho1" in runnable else []
+        reference_path = {job["seed"]: job["path"] for job in ref_jobs}
+    elif "rho1" in runnable:
         ref_jobs = [j for j in reference_jobs(scale, seeds, info["recipe_hash"], cache_dir)]
         todo = [j for j in ref_jobs if not (Path(j["path"]) / "adapter_config.json").exists()]
         for index, job in enumerate(todo):
@@ -379,15 +532,20 @@ def main(argv=None):
 
     # the grid: main table (every method on noisy and clean data) first, then the ablations of sstoken
     jobs = []
-    for seed in seeds:
+    for seed in [] if args.only_ablations else seeds:
         for dataset in args.datasets:
             for name in runnable:
                 if name == "rho1" and seed not in reference_path:
                     continue
+                if real and name not in scale["methods_by_data"].get(dataset, [name]):
+                    continue  # the real-model scale's priority list: see README, "Real pretrained models"
                 jobs.append({"group": "main", "name": name, "data": dataset, "seed": seed,
-                             "overrides": methods.overrides_for(name, reference_path.get(seed))})  # fmt: skip
-    grid = methods.ablations(scale["num_layers"], scale["sft_steps"])
-    chosen_ablations = list(grid) if args.ablations is None else [a for a in args.ablations if a != "none"]
+                             "overrides": methods.overrides_for(name, reference_path.get(seed), table=method_table)})  # fmt: skip
+    grid = (methods.real_ablations(scale["num_layers"], scale["sft_steps"]) if real
+            else methods.ablations(scale["num_layers"], scale["sft_steps"]))  # fmt: skip
+    default_ablations = scale.get("ablations")
+    default_ablations = list(grid) if default_ablations is None else default_ablations
+    chosen_ablations = default_ablations if args.ablations is None else [a for a in args.ablations if a != "none"]
     unknown = set(chosen_ablations) - set(grid)
     if unknown:
         raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; known: {list(grid)}")
@@ -397,10 +555,13 @@ def main(argv=None):
                 jobs.append({"group": "ablation", "name": name, "data": "noisy", "seed": seed,
                              "overrides": methods.overrides_for("sstoken", extra=grid[name])})  # fmt: skip
     report["ablation_grid"] = {name: grid[name] for name in chosen_ablations}
-    for index, job in enumerate(jobs):
-        job["index"] = index
-    log(f"{len(jobs)} runs to do")
-    run_jobs(jobs, args.workers, init_args, on_done)
+    if real:
+        _run_real_jobs(jobs, ref_jobs, args.workers, init_args, on_done, done, report)
+    else:
+        for index, job in enumerate(jobs):
+            job["index"] = index
+        log(f"{len(jobs)} runs to do")
+        run_jobs(jobs, args.workers, init_args, on_done)
 
     failed = [r for r in done if r["status"] != "ok"]
     save("complete" if not failed else f"complete with {len(failed)} failed run(s)", done)
@@ -410,7 +571,7 @@ def main(argv=None):
 
     from .report import write_reports
 
-    written = write_reports(output, update_docs=not args.no_docs)
+    written = write_reports(output, update_docs=not args.no_docs)  # real mode: report.markdown_real
     for path in written:
         log(f"wrote {path}")
     return report

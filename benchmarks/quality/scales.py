@@ -29,4 +29,23 @@ SCALES = {
         sft_steps=600, sft_batch_size=32, sft_lr=5e-4, lora_r=64, lora_alpha=16, lora_dropout=0.1,
         reference_steps=600, max_length=64, seeds=[0, 1, 2],
     ),
+    # ----- real-model mode (--model smollm2|gemma3): see README, "Real pretrained models" -----
+    "real-tiny": dict(
+        data_seed=1234, train_per_family=4, eval_per_family=2, reference_per_family=2, diagnostic_rows=4,
+        sft_steps=2, sft_batch_size=4, sft_lr=1e-3, lora_r=4, lora_alpha=8, lora_dropout=0.1,
+        reference_steps=1, max_length=128, seeds=[0], ablations=[],
+        methods_by_data={},
+    ),
+    "real-cpu": dict(
+        data_seed=1234, train_per_family=100, eval_per_family=20, reference_per_family=12, diagnostic_rows=16,
+        sft_steps=24, sft_batch_size=8, sft_lr=1e-3, lora_r=16, lora_alpha=32, lora_dropout=0.1,
+        reference_steps=16, max_length=128, seeds=[0, 1, 2], ablations=None,
+        methods_by_data={},
+    ),
+    "real-gpu": dict(
+        data_seed=1234, train_per_family=1000, eval_per_family=100, reference_per_family=50, diagnostic_rows=64,
+        sft_steps=300, sft_batch_size=16, sft_lr=5e-4, lora_r=64, lora_alpha=16, lora_dropout=0.1,
+        reference_steps=150, max_length=128, seeds=[0, 1, 2], ablations=None,
+        methods_by_data={},
+    ),
 }  # fmt: skip

@@ -23,29 +23,41 @@ class KindTracker:
 
     def __init__(self, dataset, pad_token_id: int):
         self.pad = pad_token_id
-        self.kinds_by_ids = {tuple(row["input_ids"]): row["kinds"] for row in dataset}
+        # keyed without padding ids (a real tokenizer's pad can be its end-of-turn token, which ends every row)
+        self.kinds_by_ids = {self._key(row["input_ids"]): row["kinds"] for row in dataset}
         self.kept, self.seen = Counter(), Counter()
+        self.kept_by_decile, self.seen_by_decile = Counter(), Counter()
         self.unmatched_rows = 0
+
+    def _key(self, ids):
+        return tuple(i for i in ids if i != self.pad)
 
     @torch.no_grad()
     def update(self, input_ids: torch.Tensor, keep: torch.Tensor, response: torch.Tensor):
         """input_ids (B, T); keep and response (B, T-1) in prediction space (column j is token j + 1)."""
         keep, response = keep.float().cpu(), response.cpu()
         for row, ids in enumerate(input_ids.cpu().tolist()):
-            kinds = self.kinds_by_ids.get(tuple(i for i in ids if i != self.pad))
+            kinds = self.kinds_by_ids.get(self._key(ids))
             if kinds is None:
                 self.unmatched_rows += 1
                 continue
-            for column, kind in enumerate(kinds[1:]):
-                if kind >= 0 and response[row, column]:
-                    self.seen[KINDS[kind]] += 1
-                    self.kept[KINDS[kind]] += float(keep[row, column])
+            columns = [column for column, kind in enumerate(kinds[1:]) if kind >= 0 and response[row, column]]
+            for offset, column in enumerate(columns):
+                kind = KINDS[kinds[column + 1]]
+                self.seen[kind] += 1
+                self.kept[kind] += float(keep[row, column])
+                decile = min(9, offset * 10 // len(columns))  # position of the token within its response
+                self.seen_by_decile[decile] += 1
+                self.kept_by_decile[decile] += float(keep[row, column])
 
     def summary(self) -> dict:
         total_kept = sum(self.kept.values())
         return {
             "kept_fraction_by_kind": {k: self.kept[k] / self.seen[k] for k in KINDS if self.seen[k]},
             "share_of_kept_by_kind": {k: self.kept[k] / total_kept for k in KINDS if total_kept and self.seen[k]},
+            "kept_fraction_by_position_decile": [
+                self.kept_by_decile[d] / self.seen_by_decile[d] if self.seen_by_decile[d] else None for d in range(10)
+            ],
             "unmatched_rows": self.unmatched_rows,
         }
 
@@ -63,6 +75,7 @@ class BenchmarkTrainer(SSTokenTrainer):
 
 
 def training_args(scale: dict, seed: int, output_dir: str, device: str, overrides: dict, max_steps: int | None = None):
+    # Real models: the weights are loaded in bf16 (`load_model`), so training runs in bf16 without autocast.
     return SSTokenConfig(
         output_dir=output_dir,
         max_steps=max_steps or scale["sft_steps"],
@@ -91,6 +104,13 @@ def training_args(scale: dict, seed: int, output_dir: str, device: str, override
     )
 
 
+def load_real_model(path: str, device: str):
+    """A real pretrained model (trl_sstoken.real_models) in bf16: its stored dtype, and fast on AMX CPUs."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)
+
+
 def lora_config(scale: dict) -> LoraConfig:
     return LoraConfig(
         r=scale["lora_r"],
@@ -117,7 +137,8 @@ def train_and_evaluate(
     """Trains one LoRA adapter with the given SSTokenConfig overrides and returns its scores and diagnostics."""
     start, cpu_start = time.time(), time.process_time()
     set_seed(seed)
-    model = load_cached(base_path, device)
+    real = scale.get("model", "lab") != "lab"
+    model = load_real_model(base_path, device) if real else load_cached(base_path, device)
     trainer = BenchmarkTrainer(
         model=model,
         args=training_args(scale, seed, output_dir, device, overrides, max_steps),
@@ -130,7 +151,17 @@ def train_and_evaluate(
     train_output = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     fractions = [e["sstoken/selected_fraction"] for e in trainer.state.log_history if "sstoken/selected_fraction" in e]
-    scores = evaluate_chat(trainer.model, tokenizer, eval_instances, samples=4)
+    train_seconds = time.time() - start
+    if real:
+        from . import real_evaluate
+
+        scores = real_evaluate.evaluate(trainer.model, tokenizer, scale["model"], eval_instances)
+        diagnostic_rows = [train_dataset[i] for i in range(min(scale["diagnostic_rows"], len(train_dataset)))]
+        scores["attention"] = real_evaluate.attention_diagnostics(
+            trainer.model, diagnostic_rows, overrides.get("attention_layer", -1), tokenizer.pad_token_id
+        )
+    else:
+        scores = evaluate_chat(trainer.model, tokenizer, eval_instances, samples=4)
     if save_adapter_to is not None:
         trainer.model.save_pretrained(save_adapter_to, selected_adapters=["default"])
     return {
@@ -140,6 +171,7 @@ def train_and_evaluate(
         "train_loss_mean": train_output.training_loss,
         "selected_fraction_mean": sum(fractions) / len(fractions) if fractions else None,
         "selection": trainer.kind_tracker.summary(),
+        "train_wall_seconds": train_seconds,
         "wall_seconds": time.time() - start,
         "cpu_seconds": time.process_time() - cpu_start,
     }

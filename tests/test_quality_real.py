@@ -1,0 +1,88 @@
+"""The real-model mode of the quality benchmark (issue 13): data, labels, scoring, and the pipeline at a tiny scale."""
+
+import json
+import random
+
+import pytest
+
+from benchmarks.quality import real_data, real_evaluate, tasks
+from benchmarks.quality.noise import KINDS
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def instances():
+    return tasks.generate(random.Random(0), 25)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_prompts_state_the_task_and_answers_match_ground_truth(instances):
+    for instance in instances:
+        prompt = real_data.prompt_text(instance)
+        answer = real_data.answer_text(instance)
+        truth = tasks.ground_truth(instance.family, instance.prompt)
+        assert answer == ", ".join(truth[1:] if instance.family == "lookup" else truth)
+        assert real_data.clean_response(instance).text == f"Answer: {answer}"
+        if instance.family == "add":
+            assert prompt.startswith("What is ") and prompt.endswith("?")
+
+
+def test_every_response_token_carries_the_kind_of_its_text(instances, smollm2_tokenizer):
+    """Decoding the tokens of each kind gives back exactly the text of that kind's segments."""
+    rng = random.Random(1)
+    seen = set()
+    for instance in instances:
+        response = real_data.noisy_response(instance, rng)
+        row = real_data.tokenize_example(smollm2_tokenizer, "smollm2", real_data.prompt_text(instance), response)
+        assert len(row["kinds"]) == len(row["input_ids"]) == len(row["labels"])
+        for kind_index, kind in enumerate(KINDS):
+            if kind == "format":
+                continue
+            tokens = [t for t, k in zip(row["input_ids"], row["kinds"]) if k == kind_index]
+            expected = "".join(text for k, text in response.segments if k == kind)
+            assert "".join(smollm2_tokenizer.decode(tokens).split()) == "".join(expected.split())
+            if tokens:
+                seen.add(kind)
+        prompt_len = row["kinds"].index(next(k for k in row["kinds"] if k >= 0))
+        assert all(label == -100 for label in row["labels"][:prompt_len])
+        assert row["labels"][-1] == smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert {"answer", "corrupt", "boilerplate", "random"} <= seen
+
+
+def test_exact_and_strict_match(instances):
+    instance = next(i for i in instances if i.family == "reverse")
+    answer = real_data.answer_text(instance)
+    assert real_evaluate.score_generation(f"Answer: {answer}", instance) == {"exact_match": True, "strict_match": True}
+    noisy = f"Sure! Here is what you asked for. Answer: {answer}. Ref: K01 Q22"
+    assert real_evaluate.score_generation(noisy, instance) == {"exact_match": True, "strict_match": False}
+    assert not real_evaluate.score_generation(f"Answer: {answer}, cat", instance)["exact_match"]
+    assert not real_evaluate.score_generation(answer, instance)["exact_match"]  # no "Answer:"
+
+
+def test_pipeline_tiny_scale_smollm2(tmp_path):
+    from benchmarks.quality.run import main
+
+    output = tmp_path / "quality-real-tiny.json"
+    main(["--model", "smollm2", "--quick", "--workers", "1", "--output", str(output), "--cache-dir",
+          str(tmp_path / "cache"), "--no-docs", "--methods", "sstoken[sink_free]", "--datasets", "noisy"])  # fmt: skip
+    results = json.loads(output.read_text())
+    assert results["status"] == "complete" and results["model"] == "smollm2"
+    assert results["data"]["eval_prompts_in_train"] == 0
+    assert "response_token_fraction_by_kind" in results["data"]["noisy_realised"]
+    (run,) = [r for r in results["runs"] if r["group"] == "main"]
+    assert run["status"] == "ok" and run["overrides"]["attention_score"] == "sink_free"
+    result = run["result"]
+    assert result["selection"]["unmatched_rows"] == 0
+    assert 0 <= result["exact_match"]["overall"] <= 1 and result["answer_nll"] > 0
+    assert len(result["selection"]["kept_fraction_by_position_decile"]) == 10
+    assert 0 < result["attention"]["sink_share_of_context_mass"] < 1
+    cell = results["summary"]["main"]["sstoken[sink_free]"]["noisy"]
+    assert cell["answer_nll"]["n"] == 1 and len(cell["kept_fraction_by_position_decile"]) == 10
+    assert (tmp_path / "quality-real-tiny.md").read_text().count("sstoken[sink_free]") >= 2
