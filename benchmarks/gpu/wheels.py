@@ -72,31 +72,42 @@ def check_and_fix(site=None, compat_dir=None):
         report["error"] = f"{type(error).__name__}: {error}"
         return report
     report["unmet_before"] = [_describe(item) for item in before]
-    if site and compat_dir and before:
-        from packaging.requirements import Requirement
+    unmet = before
+    # A wheel installed from compat can bring requirements of its own (huggingface-hub 2 needs httpx2, hf-xet, ...):
+    # a few rounds, each installing what compat can meet of what is still unmet
+    for _ in range(4):
+        chosen = _choose(unmet, compat_dir, report["installed_from_compat"]) if site and compat_dir else []
+        if not chosen:
+            break
+        command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                   "--no-cache-dir", "--upgrade", "--target", site, *chosen]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        report["installed_from_compat"] += [os.path.basename(path) for path in chosen]
+        if completed.returncode != 0:
+            report["install_error"] = completed.stderr[-2000:]
+            break
+        import importlib
 
-        available = compat_wheels(compat_dir)
-        chosen = []
-        for text, _, _ in before:
-            requirement = Requirement(text)
-            for version, path in reversed(available.get(_normal(requirement.name), [])):
-                if not requirement.specifier or requirement.specifier.contains(version, prereleases=True):
-                    if path not in chosen:
-                        chosen.append(path)
-                    break
-        if chosen:
-            command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                       "--no-cache-dir", "--upgrade", "--target", site, *chosen]
-            completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            report["installed_from_compat"] = [os.path.basename(path) for path in chosen]
-            if completed.returncode != 0:
-                report["install_error"] = completed.stderr[-2000:]
-            import importlib
-
-            importlib.invalidate_caches()
-    report["unmet"] = [_describe(item) for item in unmet_requirements()] if report["installed_from_compat"] else \
-        report["unmet_before"]
+        importlib.invalidate_caches()
+        unmet = unmet_requirements()
+    report["unmet"] = [_describe(item) for item in unmet]
     return report
+
+
+def _choose(unmet, compat_dir, already):
+    """The newest compat wheel meeting each unmet requirement, not installed before."""
+    from packaging.requirements import Requirement
+
+    available = compat_wheels(compat_dir)
+    chosen = []
+    for text, _, _ in unmet:
+        requirement = Requirement(text)
+        for version, path in reversed(available.get(_normal(requirement.name), [])):
+            if not requirement.specifier or requirement.specifier.contains(version, prereleases=True):
+                if path not in chosen and os.path.basename(path) not in already:
+                    chosen.append(path)
+                break
+    return chosen
 
 
 def describe(report):
