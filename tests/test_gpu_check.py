@@ -44,6 +44,8 @@ def test_every_stage_ran_and_passed_or_skipped_with_a_reason(dry_run):
         assert not _problems(stage), (name, _problems(stage))
         assert (out / f"stage-{name}.json").exists()
     assert "check: done" in stdout and "env: imports: ok" in stdout  # progress lines reach stdout
+    prepare = summary["prepare"]  # the checkpoints written in the background while correctness ran
+    assert prepare["status"] == "ok" and all(entry["bytes"] > 0 for entry in prepare["substeps"].values())
 
 
 def test_env_stage_reports_versions(dry_run):

@@ -29,6 +29,7 @@ QUIET_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "error",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore",
@@ -78,7 +79,11 @@ def main(argv=None):
 
     env = dict(os.environ, **QUIET_ENV)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (args.site, ROOT, env.get("PYTHONPATH")) if p)
+    prepare = None  # without a correctness stage to overlap with, a later stage writes its checkpoint itself
     for stage in args.stages:
+        env_failed = summary["stages"].get("env", {}).get("status") == "failed"
+        if stage == "correctness" and not env_failed and {"cost", "memory_cap"} & set(args.stages):
+            prepare = start_prepare(args, out, work, deadline, env)
         left = deadline - time.time()
         if stage != "env" and summary["stages"].get("env", {}).get("status") == "failed":
             summary["stages"][stage] = {"status": "skipped", "reason": "the env stage failed: the stack does not import"}
@@ -88,12 +93,69 @@ def main(argv=None):
             timeout = min(settings["budgets"][stage], left)
             summary["stages"][stage] = run_stage(stage, args, out, work, timeout, env)
         write_json(summary_path, summary)
+    if prepare:
+        summary["prepare"] = finish_prepare(prepare, out)
     summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     summary["wall_seconds"] = round(time.time() - (deadline - budget), 1)
     write_json(summary_path, summary)
+    for line in headline(summary):
+        log("result", line)
     statuses = {name: entry["status"] for name, entry in summary["stages"].items()}
     log("check", f"done in {summary['wall_seconds']:.0f} s: {statuses}; {summary_path}")
     return 0
+
+
+def headline(summary):
+    """A few lines with the main figures, so that the output tail alone says what happened."""
+    lines = []
+    for name, stage in summary["stages"].items():
+        substeps = stage.get("substeps", {})
+        bad = [f"{sub}: {entry.get('error', entry['status'])[:160]}" for sub, entry in substeps.items()
+               if entry.get("status") not in ("ok", "skipped")]
+        skipped = sum(entry.get("status") == "skipped" for entry in substeps.values())
+        lines.append(f"{name}: {stage['status']}, {len(substeps)} sub-steps, {skipped} skipped"
+                     + (f"; {stage.get('reason') or stage.get('error', '')[:200]}" if stage["status"] != "ok" else ""))
+        lines += [f"  {line}" for line in bad[:6]]
+    cost = summary["stages"].get("cost", {}).get("substeps", {})
+    for sub, entry in cost.items():
+        if sub.startswith("side-by-side-") and entry.get("variants"):
+            parts = []
+            for variant, result in entry["variants"].items():
+                memory = result.get("memory_vs_sft")
+                parts.append(f"{variant} {result.get('time_vs_sft', float('nan')):.3f}x"
+                             + (f"/{memory:.2f}m" if memory else ""))
+            lines.append(f"{sub[len('side-by-side-'):]} time (/memory) vs sft: " + ", ".join(parts))
+        if sub.startswith("attention-share-"):
+            shares = {key: value["share"] for key, value in entry.items() if key.startswith("seq")}
+            if shares:
+                lines.append(f"{sub}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
+    fits = summary["stages"].get("memory_cap", {}).get("fits")
+    if fits:
+        lines.append(f"24 GB cap, fits: {fits}")
+    return lines
+
+
+def start_prepare(args, out, work, deadline, env):
+    """The `prepare` stage in the background, from the start of `correctness`: random checkpoints of the big shapes
+    (models.random_checkpoint: a later stage that needs one waits for it, under a lock)."""
+    command = [sys.executable, "-m", "benchmarks.gpu.stages", "prepare", "--out", out, "--scale", args.scale,
+               "--work", work, "--deadline", str(deadline)]
+    log("check", "prepare: writing the random checkpoints of the cost shapes in the background")
+    stderr = open(os.path.join(out, "stage-prepare.log"), "w")
+    return subprocess.Popen(command, cwd=ROOT, env=env, stderr=stderr, start_new_session=True), stderr
+
+
+def finish_prepare(prepare, out):
+    process, stderr = prepare
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    stderr.close()
+    path = os.path.join(out, "stage-prepare.json")
+    if not os.path.exists(path):
+        return {"status": "failed", "error": "no stage-prepare.json"}
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def run_stage(stage, args, out, work, timeout, env):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -25,12 +26,35 @@ def data(vocab: int, seq_len: int, examples: int, seed: int = 0):
 
 
 def random_checkpoint(work: str, label: str, shape: dict, tokenizer, max_positions: int, device: str, dtype,
-                      seed: int = 0) -> str:
-    """The folder of a saved random-weight Llama of `shape`, written once (atomically) and reused by later stages."""
+                      seed: int = 0, wait_seconds: float = 600) -> str:
+    """The folder of a saved random-weight Llama of `shape`, written once and reused by later stages.
+
+    Written under a lock file into `<folder>.partial`, then renamed: a reader never sees half a checkpoint. If another
+    process (the check's background `prepare`) holds the lock, this waits for it, up to `wait_seconds`; a lock whose
+    process has died is taken over."""
     key = hashlib.sha256(json.dumps([shape, len(tokenizer), max_positions, str(dtype), seed], sort_keys=True).encode())
     directory = os.path.join(work, f"ckpt-{label}-{key.hexdigest()[:10]}")
-    if os.path.exists(os.path.join(directory, "config.json")):
-        return directory
+    lock = directory + ".lock"
+    deadline = time.time() + wait_seconds
+    while not os.path.exists(os.path.join(directory, "config.json")):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _lock_alive(lock) or time.time() > deadline:
+                _remove(lock)
+            else:
+                time.sleep(1.0)
+            continue
+        try:
+            os.write(handle, str(os.getpid()).encode())
+            os.close(handle)
+            _write_checkpoint(directory, shape, tokenizer, max_positions, device, dtype, seed)
+        finally:
+            _remove(lock)
+    return directory
+
+
+def _write_checkpoint(directory, shape, tokenizer, max_positions, device, dtype, seed):
     config = llama_config(shape, tokenizer, max_positions=max_positions)
     torch.manual_seed(seed)
     with torch.device(device):  # initialised on the GPU: seconds, not minutes, for 8B parameters
@@ -42,7 +66,30 @@ def random_checkpoint(work: str, label: str, shape: dict, tokenizer, max_positio
     if device == "cuda":
         torch.cuda.empty_cache()
     os.replace(partial, directory)
-    return directory
+
+
+def _lock_alive(lock) -> bool:
+    try:
+        with open(lock) as handle:
+            pid = int(handle.read().strip() or 0)
+    except (OSError, ValueError):
+        return True  # being written this instant
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def load_model(directory: str, quantization: str, dtype, device: str, attn_implementation: str = "sdpa"):
