@@ -6,8 +6,8 @@
 #    dill, multiprocess (57 MB), unless already there;
 # 2. the bitsandbytes wheel slimmed to its CUDA 12.6-13.2 and CPU libraries (benchmarks/gpu/slim_wheel.py);
 # 3. .whl/compat/: what transformers 5.23 checks at import (tokenizers 0.23, huggingface-hub >= 1.31 and its needs,
-#    safetensors 0.8, regex) and datasets 5.2 needs (xxhash, fsspec <= 2026.9), which an image with an older
-#    transformers may lack. The device command does not install these blindly: benchmarks/gpu/wheels.py installs
+#    safetensors 0.8, regex), what datasets 5.2 needs (xxhash, fsspec <= 2026.9) and accelerate 1.15 (trl-sstoken's
+#    minimum), which an image with an older transformers may lack. The device command does not install these blindly: benchmarks/gpu/wheels.py installs
 #    only those whose requirement the image does not meet.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -20,6 +20,11 @@ mkdir -p .whl/compat
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl/compat "huggingface_hub==2.4.0" "tokenizers==0.23.3" "safetensors==0.8.0" "fsspec==2026.9.0" regex xxhash
+# accelerate without its requirements (they would bring torch and its CUDA libraries); psutil, which it needs and
+# the image has (peft needs it too), is checked like every other requirement
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .whl/compat "accelerate==1.15.0"
 du -sh .whl .whl/compat
 tree_bytes=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 whl_bytes=$(du -sb .whl | cut -f1)

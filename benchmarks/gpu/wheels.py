@@ -16,6 +16,8 @@ import subprocess
 import sys
 
 ROOTS = ("transformers", "trl", "datasets", "peft", "accelerate", "bitsandbytes")
+# The image's own torch is taken as it is (its CUDA libraries need not be pip distributions)
+NOT_EXPANDED = {"torch"}
 PROJECT_REQUIREMENTS = ("torch>=2.4", "trl>=1.16,<2", "transformers>=5.23,<6", "peft>=0.21,<1", "accelerate>=1.15",
                         "datasets>=5.2", "bitsandbytes>=0.50")
 
@@ -48,7 +50,7 @@ def unmet_requirements():
         if version is None or (requirement.specifier and not requirement.specifier.contains(version, prereleases=True)):
             unmet.append((str(requirement), parent, version))
             continue
-        if _normal(requirement.name) in {_normal(r) for r in ROOTS} | {"huggingface-hub", "tokenizers"}:
+        if _normal(requirement.name) not in NOT_EXPANDED:  # the whole closure: httpx2 needs httpcore2, ...
             for text in metadata.requires(requirement.name) or []:
                 queue.append((Requirement(text), requirement.name))
     return unmet
