@@ -112,3 +112,29 @@ def test_memory_cap_and_distributed_code_paths_ran(dry_run):
     assert any(path.startswith("history/") for path in plain["modes"]["lagged"]["checkpoint_files"])
     quality = stages["quality"]["substeps"]["entry-point"]
     assert quality["status"] == "ok" or quality["reason"]
+
+
+def test_settings_overrides_and_unknown_keys(monkeypatch):
+    from benchmarks.gpu.settings import load
+
+    monkeypatch.setenv("GPU_CHECK_OVERRIDES", '{"cost_steps": 3, "cap_modes": ["sft"]}')
+    settings = load("gpu")
+    assert settings["cost_steps"] == 3 and settings["cap_modes"] == ["sft"]
+    assert SCALES["gpu"]["cost_steps"] == 5  # the table itself is untouched
+    monkeypatch.setenv("GPU_CHECK_OVERRIDES", '{"cost_stepz": 3}')
+    with pytest.raises(KeyError, match="cost_stepz"):
+        load("gpu")
+
+
+def test_compat_wheels_are_chosen_by_unmet_requirement(tmp_path):
+    from benchmarks.gpu import wheels
+
+    for name in ("tokenizers-0.22.0-cp39-abi3-any.whl", "tokenizers-0.23.3-cp310-abi3-any.whl",
+                 "huggingface_hub-2.4.0-py3-none-any.whl", "regex-2026.11.19-cp312-cp312-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    unmet = [("tokenizers<0.24.0,>=0.23.1", "transformers", "0.21.0"),
+             ("huggingface-hub<3.0,>=1.31.0", "transformers", "0.36.2"),
+             ("pyarrow>=24.0.0", "datasets", "19.0.0")]  # no wheel for it: reported, not installed
+    chosen = [os.path.basename(path) for path in wheels._choose(unmet, str(tmp_path), [])]
+    assert chosen == ["tokenizers-0.23.3-cp310-abi3-any.whl", "huggingface_hub-2.4.0-py3-none-any.whl"]
+    assert wheels._choose(unmet, str(tmp_path), chosen) == []  # never the same wheel twice

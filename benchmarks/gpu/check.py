@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.gpu import wheels  # noqa: E402
 from benchmarks.gpu.record import log, write_json  # noqa: E402
-from benchmarks.gpu.settings import SCALES, STAGES  # noqa: E402
+from benchmarks.gpu.settings import SCALES, STAGES, load  # noqa: E402
 
 QUIET_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -48,12 +48,19 @@ def main(argv=None):
     parser.add_argument("--site", default=None,
                         help="the --target folder the wheels were installed into (the device command's /tmp/site): "
                              "missing or too old requirements are then installed there from .whl/compat")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override one entry of settings.py for this run, e.g. --set cost_steps=3")
     parser.add_argument("--quality-args", default=None,
                         help="arguments for python -m benchmarks.quality.run in the quality stage (default: --help)")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.scale = "toy"
-    settings = SCALES[args.scale]
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    os.environ["GPU_CHECK_OVERRIDES"] = json.dumps(overrides)
+    settings = load(args.scale)  # fails here, at once, on an unknown key
     out = os.path.abspath(args.out)
     work = os.path.abspath(args.work or os.path.join("/tmp", f"gpu-check-work-{args.scale}"))
     os.makedirs(out, exist_ok=True)
@@ -66,6 +73,7 @@ def main(argv=None):
         "scale": args.scale,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "budget_seconds": budget,
+        "overrides": overrides,
         "git_commit": _git_commit(),
         "stages": {},
     }

@@ -18,7 +18,7 @@ from datasets import Dataset  # noqa: E402
 
 from benchmarks.gpu import models  # noqa: E402
 from benchmarks.gpu.record import log, write_json  # noqa: E402
-from benchmarks.gpu.settings import HISTORY_MODES, SCALES  # noqa: E402
+from benchmarks.gpu.settings import HISTORY_MODES, SCALES, load  # noqa: E402
 from benchmarks.perf.harness import lora  # noqa: E402
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
 
@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--work", required=True)
     parser.add_argument("--modes", nargs="+", default=list(HISTORY_MODES))
     args = parser.parse_args()
-    s = SCALES[args.scale]
+    s = load(args.scale)
     cuda = torch.cuda.is_available() and s["device"] == "cuda"
     device = "cuda" if cuda else "cpu"
     dtype = models.dtype_of(s)

@@ -1,8 +1,13 @@
 """Every shape, size, step count and time budget of the GPU check, per scale (standard library only).
 
 `gpu` is the real check (one CUDA GPU, under 9 minutes). `toy` runs the same code on the CPU with tiny shapes, for
-the test suite (`tests/test_gpu_check.py`). Nothing else in the check hard-codes a size.
+the test suite (`tests/test_gpu_check.py`). Nothing else in the check hard-codes a size. Any entry can be
+overridden for one run: `python -m benchmarks.gpu.check --set cost_steps=3 --set 'cap_modes=["sft","base"]'`
+(JSON values; check.py hands them to every stage in GPU_CHECK_OVERRIDES).
 """
+
+import json
+import os
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab=128256)
@@ -63,8 +68,9 @@ SCALES = {
     "toy": dict(
         device="cpu",
         dtype="float32",
-        total_budget=420,
-        budgets=dict(env=60, correctness=120, cost=90, memory_cap=60, distributed=60, quality=30),
+        # generous: a shared 2-core machine runs the dry run in about 3 minutes, but 2-3x slower when busy
+        total_budget=720,
+        budgets=dict(env=90, correctness=180, cost=150, memory_cap=120, distributed=120, quality=60),
         small_shape=TOY,
         small_seq=32,
         small_batch=2,
@@ -95,3 +101,14 @@ SCALES = {
         distributed_modes=("base-cached", "lagged"),
     ),
 }
+
+
+def load(scale: str) -> dict:
+    """The settings of `scale` with the run's overrides (GPU_CHECK_OVERRIDES, a JSON object) applied."""
+    settings = dict(SCALES[scale])
+    overrides = json.loads(os.environ.get("GPU_CHECK_OVERRIDES") or "{}")
+    unknown = set(overrides) - set(settings)
+    if unknown:
+        raise KeyError(f"unknown settings {sorted(unknown)}; known: {sorted(settings)}")
+    settings.update(overrides)
+    return settings

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from benchmarks.gpu.record import Skip, StageRecorder  # noqa: E402
-from benchmarks.gpu.settings import SCALES  # noqa: E402
+from benchmarks.gpu.settings import SCALES, load  # noqa: E402
 
 REQUIRED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "trl_sstoken")
 OPTIONAL = ("bitsandbytes", "tokenizers", "huggingface_hub", "safetensors", "pyarrow", "triton", "flash_attn",
@@ -655,6 +655,11 @@ def stage_memory_cap(rec, s, args):
                 if "fits" not in entry:
                     raise RuntimeError(f"the capped process (exit {process.returncode}) gave no answer; see cap-{mode}.log")
             rec.run(f"mode-{mode}", collect)
+        for process, log, _ in processes.values():  # any left running when the budget ran out
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            log.close()
         summary = {mode: rec.data["substeps"].get(f"mode-{mode}", {}).get("fits") for mode in s["cap_modes"]}
         rec.data["fits"] = summary
 
@@ -797,7 +802,7 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     name = f"cap-{args.mode}" if args.stage == "memory_cap_mode" else f"stage-{args.stage}"
     rec = StageRecorder(os.path.join(args.out, f"{name}.json"), args.stage if not args.mode else name, args.deadline)
-    settings = SCALES[args.scale]
+    settings = load(args.scale)
     rec.data["scale"] = args.scale
     if args.stage != "env":
         import torch
