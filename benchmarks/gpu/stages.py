@@ -214,9 +214,11 @@ def stage_correctness(rec, s, args):
             model = models.load_model(checkpoint, quantization, dtype, device, attn)
             if quantization == "nf4":
                 assert models.is_quantized(model), "the model did not load in 4 bits"
-            extra = dict(packing=True) if packed else {}
+            # packed: bins of twice the row length, so that two sequences really share a row (padding-free under
+            # the default "bfd" strategy: position_ids and cu_seq_lens instead of an attention mask)
+            extra = dict(packing=True, max_length=2 * seq) if packed else {}
             trainer = SSTokenTrainer(
-                model=model, args=_sstoken_config(s, os.path.join(args.work, f"c-{quantization}-{attn}-{mode}"),
+                model=model, args=_sstoken_config(s, os.path.join(args.work, f"c-{quantization}-{attn}-{mode}{'-packed' if packed else ''}"),
                                                   mode, steps, batch, seq, **extra),
                 train_dataset=dataset, processing_class=tokenizer, peft_config=lora(8),
             )
@@ -231,6 +233,11 @@ def stage_correctness(rec, s, args):
             losses = _logged(trainer, "loss")
             entry["losses"] = losses
             entry["selected_fraction"] = _logged(trainer, "sstoken/selected_fraction")
+            if packed:
+                first = next(iter(trainer.get_train_dataloader()))
+                entry["packed_batch_keys"] = sorted(first)
+                if "position_ids" in first:  # sequences per packed row: restarts of position_ids at 0
+                    entry["sequences_per_row"] = float((first["position_ids"] == 0).sum()) / first["position_ids"].shape[0]
             entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
             assert len(losses) == steps and all(math.isfinite(v) for v in losses), f"losses {losses}"
             assert entry["selected_fraction"] and all(0 < f < 1 for f in entry["selected_fraction"]), entry
