@@ -28,12 +28,14 @@ class SSTokenConfig(SFTConfig):
     selection_gamma (`float`, *optional*, defaults to `0.5`):
         Weight of the min-max normalised REL in the `"sstoken"` score; the attention score gets `1 - gamma`.
     attention_layer (`int`, *optional*, defaults to `-1`):
-        Decoder layer whose attention to the context is measured. Negative values count from the end.
+        Attention layer whose attention to the context is measured, counting only the layers that have attention
+        (hybrid models interleave them with Mamba layers). Negative values count from the end: -1 is the last.
     attention_warmup_ratio (`float`, *optional*, defaults to `0.2`):
         Fraction of the training steps at the start during which REL-based methods select by attention only.
     allow_rel_fallback (`bool`, *optional*, defaults to `False`):
-        If the model's attention cannot be captured (an architecture without `*.self_attn` modules or an unknown
-        attention implementation), select by REL alone (warm-up included) instead of raising.
+        If the model's attention cannot be captured (an architecture whose attention does not run through
+        transformers' `AttentionInterface`, such as Bloom's ALiBi or Falcon, or an unknown attention implementation),
+        select by REL alone (warm-up included) instead of raising.
     attention_chunk_size (`int`, *optional*, defaults to `256`):
         Number of query rows whose attention is materialised at a time when computing the attention score.
     selection_loss_normalization (`str`, *optional*, defaults to `"selected"`):
@@ -95,8 +97,9 @@ class SSTokenConfig(SFTConfig):
     attention_layer: int = field(
         default=-1,
         metadata={
-            "help": "Decoder layer whose attention to the context is measured; negative values count from the end "
-            "(-1 = last layer)."
+            "help": "Attention layer whose attention to the context is measured, counting only layers that have "
+            "attention (hybrids interleave them with Mamba layers); negative values count from the end (-1 = the "
+            "last attention layer)."
         },
     )
     attention_warmup_ratio: float = field(
