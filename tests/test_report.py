@@ -21,7 +21,10 @@ def response_tokens(examples):
 @pytest.mark.parametrize("method", ["sstoken", "rel", "attention"])
 def test_report_on_padding_free_batches_shows_the_scores_of_padded_ones(make_trainer, method):
     trainer = make_trainer(
-        selection_method=method, attention_warmup_ratio=0.0, padding_free=True, max_length=None,
+        selection_method=method,
+        attention_warmup_ratio=0.0,
+        padding_free=True,
+        max_length=None,
         lora=lora_config(lora_dropout=0.0),
     )
     randomize_adapter(trainer.model)
@@ -38,8 +41,10 @@ def test_report_on_padding_free_batches_shows_the_scores_of_padded_ones(make_tra
     assert [(text, role) for text, role, _ in got] == [(text, role) for text, role, _ in expected]
     assert all(score is not None and 0.0 <= score <= 1.0 for _, _, score in got)
     torch.testing.assert_close(
-        torch.tensor([score for _, _, score in got]), torch.tensor([score for _, _, score in expected]),
-        atol=1e-5, rtol=1e-4,
+        torch.tensor([score for _, _, score in got]),
+        torch.tensor([score for _, _, score in expected]),
+        atol=1e-5,
+        rtol=1e-4,
     )
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,11 +37,13 @@ def _replacement(match) -> str:
     if kind == "config-reference":
         return config_reference_markdown()
     if kind == "cli-options":
-        return _options_table(*{
-            "train": (cli.LoadingArguments,),
-            "inspect": (cli.LoadingArguments, cli.InspectArguments),
-            "demo": (cli.DemoArguments,),
-        }[argument])
+        return _options_table(
+            *{
+                "train": (cli.LoadingArguments,),
+                "inspect": (cli.LoadingArguments, cli.InspectArguments),
+                "demo": (cli.DemoArguments,),
+            }[argument]
+        )
     if kind == "demo-defaults":
         rows = ["| Setting | `demo` default |", "|---|---|"]
         rows += [f"| `{name}` | `{value!r}` |" for name, value in cli.DEMO_DEFAULTS.items()]
