@@ -151,3 +151,18 @@ def test_label_smoothing_is_refused(tmp_path, tokenizer, dataset):
                 processing_class=tokenizer,
                 peft_config=pytest.importorskip("peft").LoraConfig(r=2, target_modules="all-linear"),
             )
+
+
+def test_the_docstring_documents_every_field_under_its_group():
+    """The `Parameters:` docstring (TRL's layout) and the field declarations follow `FIELD_GROUPS`, in order."""
+    from trl_sstoken.config import FIELD_GROUPS
+    from trl_sstoken.config_reference import sstoken_fields
+
+    doc = SSTokenConfig.__doc__
+    position = doc.index("Parameters:")
+    grouped = [name for names in FIELD_GROUPS.values() for name in names]
+    assert grouped == [field.name for field in sstoken_fields()]  # declared in group order, each field once
+    for heading, names in FIELD_GROUPS.items():
+        position = doc.index(f"> {heading}\n", position)
+        for name in names:
+            position = doc.index(f"\n        {name} (`", position)

@@ -1,7 +1,8 @@
 """MkDocs hooks: pages that are generated from the code, so that nothing is written twice.
 
 - `<!-- sstoken:config-reference -->` becomes the reference of every ssToken field of `SSTokenConfig` (name, type,
-  default, allowed values, and the `help` text of the field's metadata), grouped as in the class docstring.
+  default, allowed values, and the `help` text of the field's metadata), grouped as `config.FIELD_GROUPS` (and the
+  class docstring) order them.
 - `<!-- sstoken:cli-options COMMAND -->` becomes the table of the options a `trl-sstoken` command adds to TRL's.
 - `<!-- sstoken:demo-defaults -->` becomes the table of the settings `trl-sstoken demo` changes.
 """

@@ -9,8 +9,8 @@ them, lets that collator build the batch, and adds:
 - `sstoken_token_example` (B, T): for each position, which of the batch's E examples it belongs to, -1 on padding.
 The wrapped collator can be TRL's `DataCollatorForLanguageModeling` or any collator that turns a list of example
 dicts with `input_ids` into either one padded row per example or one concatenated row (padding-free); it never sees
-the extra field. Together they are the batch's *example index*; the trainer takes both keys out of the batch before the model's
-forward (`pop_example_index`) and hands them to the history, which a cached history reads.
+the extra field. Together they are the batch's *example index*; the trainer takes both keys out of the batch before
+the model's forward (`pop_example_index`) and hands them to the history, which a cached history reads.
 """
 
 import torch

@@ -21,12 +21,13 @@ class SSTokenConfig(SFTConfig):
         > Parameters that control which tokens are trained on
 
         selection_method (`str`, *optional*, defaults to `"sstoken"`):
-            How response tokens are scored. `"sstoken"`: `gamma * minmax(REL) + (1 - gamma) * attention`; `"rel"`: REL
-            only (gamma = 1); `"attention"`: attention only (gamma = 0, no history forward); `"random"`: a uniform random
-            subset of the same size; `"full"`: every response token (plain SFT on the same code path). Baselines:
-            `"rho1"`: Rho-1's excess loss `L_cur - L_ref` against `reference_model` or `reference_adapter`, top
-            `selection_ratio` of the micro-batch's response tokens; `"profit"`: tokens whose current probability is at
-            least `profit_threshold`; `"dft"`: every token, its NLL weighted by its detached probability.
+            How response tokens are chosen. `"sstoken"`: `gamma * minmax(REL) + (1 - gamma) * attention`; `"rel"`:
+            REL only (gamma = 1); `"attention"`: attention only (gamma = 0, no history forward); `"random"`: a uniform
+            random subset of the same size; `"full"`: every response token (plain SFT on the same code path).
+            Baselines: `"rho1"`: Rho-1's excess loss `L_cur - L_ref` against `reference_model` or `reference_adapter`,
+            top `selection_ratio` of the micro-batch's response tokens; `"profit"`: tokens whose current probability is
+            at least `profit_threshold`; `"dft"`: every token, its NLL weighted by its detached probability. One class
+            each in `trl_sstoken.methods`.
         selection_ratio (`float`, *optional*, defaults to `0.6`):
             Fraction of each sequence's response tokens that is trained on: `ceil(selection_ratio * n)` per sequence.
         selection_gamma (`float`, *optional*, defaults to `0.5`):
@@ -62,8 +63,8 @@ class SSTokenConfig(SFTConfig):
         history_cache_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Batch size of the caching pass. `None` uses twice `per_device_train_batch_size`.
         history_device (`str` or `None`, *optional*, defaults to `None`):
-            Full fine-tuning only: device of the history model copy (e.g. `"cpu"` or `"cuda:1"`). `None` keeps it on the
-            model's device.
+            Full fine-tuning only: device of the history model copy (e.g. `"cpu"` or `"cuda:1"`). `None` keeps it on
+            the model's device.
         history_copy_max_gb (`float` or `None`, *optional*, defaults to `None`):
             Full fine-tuning only: refuse to build a history model copy larger than this many GiB of parameters.
 
@@ -214,9 +215,9 @@ class SSTokenConfig(SFTConfig):
         method = METHODS[self.selection_method]
         if method.needs_reference and (self.reference_model is None) == (self.reference_adapter is None):
             raise ValueError(
-                f"selection_method={self.selection_method!r} needs exactly one reference: set reference_model (a model path or hub id) or "
-                f"reference_adapter (a LoRA adapter path); got reference_model={self.reference_model!r}, "
-                f"reference_adapter={self.reference_adapter!r}."
+                f"selection_method={self.selection_method!r} needs exactly one reference: set reference_model (a "
+                "model path or hub id) or reference_adapter (a LoRA adapter path); got "
+                f"reference_model={self.reference_model!r}, reference_adapter={self.reference_adapter!r}."
             )
         if not method.kept_count_known and self.selection_loss_normalization == "selected":
             raise ValueError(

@@ -7,8 +7,9 @@ A batch row is not always one sequence: padding-free batches (`padding_free=True
 strategies) concatenate every sequence of the batch into one row and mark where each starts by resetting
 `position_ids` to 0. Selection is defined per original sequence (its top-k, its min-max, its context), so
 `SequenceLayout` maps a batch to one row per sequence, (S, L), and back; `Regions` offers that mapping for
-prediction-space values (`to_sequences`, `to_predictions`) and caches what is derived from the labels. Sequence rows are token-indexed: column o is
-the token at offset o of the sequence, and a prediction-space value is placed at the token it predicts, so column 0
+prediction-space values (`to_sequences`, `to_predictions`) and caches what is derived from the labels. Sequence rows
+are token-indexed: column o is the token at offset o of the sequence, and a prediction-space value is placed at the
+token it predicts, so column 0
 of a sequence row never holds a prediction (the token before it belongs to another sequence, or to nothing).
 """
 

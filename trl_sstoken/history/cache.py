@@ -4,9 +4,9 @@ The base model's log-probs never change during training, so one no-grad pass ove
 computes them all. They are stored as safetensors (never pickle): a flat float32 tensor of every example's label
 log-probs in prediction space (length L - 1 for an example of L tokens) plus int64 offsets, with metadata that
 identifies what they were computed from: the prepared dataset's fingerprint, the model's weights and config, and the
-tokenizer (`fingerprints.py`). A later run with the same three reuses the file; any difference is refused, naming the part that
-differs, and a truncated or corrupt file is detected by its checksum instead of being read as garbage. Files are
-written to a temporary name and renamed, so an interrupted pass never leaves a half-written cache behind.
+tokenizer (`fingerprints.py`). A later run with the same three reuses the file; any difference is refused, naming
+the part that differs, and a truncated or corrupt file is detected by its checksum instead of being read as garbage.
+Files are written to a temporary name and renamed, so an interrupted pass never leaves a half-written cache behind.
 
 During training, the collator hook (`trl_sstoken.collator`) carries each example's index through TRL's shuffling
 and collation, and `CachedHistory.log_probs` gathers the stored values into the batch's padded layout.
