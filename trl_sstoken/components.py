@@ -79,3 +79,16 @@ def prepare_history_cache(trainer) -> None:
             history.load_or_build(model, dataset, trainer.data_collator, batch_size, trainer.accelerator.device)
     finally:
         model.train(was_training)
+
+
+def warn_about_dropped_examples(args: SSTokenConfig, original, prepared) -> None:
+    """TRL silently drops examples with no response token left (e.g. truncated away by max_length): say so."""
+    if args.packing or not hasattr(original, "__len__") or not hasattr(prepared, "__len__"):
+        return
+    dropped = len(original) - len(prepared)
+    if dropped > 0:
+        warnings.warn(
+            f"{dropped} of {len(original)} training examples have no response token left after preparation "
+            f"(e.g. truncated away by max_length={args.max_length}) and were dropped; check max_length.",
+            stacklevel=3,
+        )

@@ -9,6 +9,8 @@ a method only says which of it applies. Per-sequence methods work on one row per
 Adding a method: one subclass of `SelectionMethod` under `@register`, and its tests.
 """
 
+import hashlib
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -237,6 +239,18 @@ SELECTION_METHODS = tuple(METHODS)
 REL_METHODS = tuple(name for name, method in METHODS.items() if method.needs_history)
 ATTENTION_METHODS = tuple(name for name, method in METHODS.items() if method.needs_attention)
 REFERENCE_METHODS = tuple(name for name, method in METHODS.items() if method.needs_reference)
+
+
+def warmup_steps(ratio: float, max_steps: int) -> int:
+    """Optimizer steps at the start that select by attention only (REL methods): ceil(ratio * max_steps)."""
+    return math.ceil(round(ratio * max_steps, 6))
+
+
+def step_generator(seed: int, global_step: int, micro_step: int, process_index: int) -> torch.Generator:
+    """The generator of a method that draws at random, seeded by (seed, step, micro-step, process): reproducible and
+    independent of the history."""
+    key = f"{seed}:{global_step}:{micro_step}:{process_index}"
+    return torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
 
 
 def selection_method_help() -> str:

@@ -8,8 +8,6 @@ eval losses stay comparable with plain SFT. The parts it holds are built in `com
 `methods.py`, saving and resuming in `saving.py`.
 """
 
-import hashlib
-import math
 import textwrap
 import warnings
 from contextlib import nullcontext
@@ -19,12 +17,18 @@ from trl import SFTTrainer
 
 from . import saving
 from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_example_index
-from .components import make_attention_capture, make_history, make_reference, prepare_history_cache
+from .components import (
+    make_attention_capture,
+    make_history,
+    make_reference,
+    prepare_history_cache,
+    warn_about_dropped_examples,
+)
 from .config import as_sstoken_config
 from .history import HistoryUpdateCallback
 from .history.cache import CachedHistory
 from .loss import WindowCounts, selected_loss, window_sums, zero_loss_touching
-from .methods import METHODS, Selection, Signals, StepPlan
+from .methods import METHODS, Selection, Signals, StepPlan, step_generator, warmup_steps
 from .metrics import METRIC_PREFIX, log_sft_token_metrics, selection_metrics, selection_sums
 from .regions import Regions, regions_from_batch
 from .scoring import excess_loss, retrospective_excess_loss
@@ -85,24 +89,14 @@ class SSTokenTrainer(SFTTrainer):
             self._reference = make_reference(self.model, unwrapped, args, self.processing_class)
         if self.method.needs_attention:
             self._attention = make_attention_capture(self.model, unwrapped, args, self.padding_free)
-        self._warn_about_dropped_examples(args, trainer_args, trainer_kwargs)
+        warn_about_dropped_examples(
+            args,
+            trainer_kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None),
+            self.train_dataset,
+        )
         self._window_counts: WindowCounts | None = None  # of the current gradient-accumulation window
         self._micro_step = 0  # within that window
         self._warned: set[str] = set()
-
-    def _warn_about_dropped_examples(self, args, trainer_args, trainer_kwargs):
-        """TRL silently drops examples with no response token left (e.g. truncated away by max_length): say so."""
-        original = trainer_kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
-        prepared = self.train_dataset
-        if args.packing or not hasattr(original, "__len__") or not hasattr(prepared, "__len__"):
-            return
-        dropped = len(original) - len(prepared)
-        if dropped > 0:
-            warnings.warn(
-                f"{dropped} of {len(original)} training examples have no response token left after preparation "
-                f"(e.g. truncated away by max_length={args.max_length}) and were dropped; check max_length.",
-                stacklevel=3,
-            )
 
     def _prepare_history_cache(self):
         prepare_history_cache(self)
@@ -176,12 +170,12 @@ class SSTokenTrainer(SFTTrainer):
             rel=retrospective_excess_loss(current_logps, history_logps) if history_logps is not None else None,
             attention=self._attention.take()[:, 1:] if plan.needs_attention else None,
             excess_loss=excess_loss(current_logps, reference_logps) if reference_logps is not None else None,
-            generator=self._random_generator() if self.method.draws_at_random else None,
+            generator=self._random_generator() if self.method.draws_at_random else None,  # seeded per micro-step
         )
         return outputs, self._select(signals, regions, plan)
 
     def _plan_step(self, regions: Regions) -> StepPlan:
-        in_warmup = self.state.global_step < self._warmup_steps()
+        in_warmup = self.state.global_step < warmup_steps(self.args.attention_warmup_ratio, self.state.max_steps)
         plan = self.method.plan(regions, in_warmup, attention_available=self._attention is not None)
         if plan.rel_only_sequences:
             self._warn_once(
@@ -196,14 +190,8 @@ class SSTokenTrainer(SFTTrainer):
         keep, score = self.method.select(signals, regions, plan)
         return Selection(keep, regions, plan, score, signals.rel, signals.attention, signals.excess_loss)
 
-    def _warmup_steps(self) -> int:
-        """Optimizer steps at the start that select by attention only: ceil(ratio * max_steps)."""
-        return math.ceil(round(self.args.attention_warmup_ratio * self.state.max_steps, 6))
-
     def _random_generator(self) -> torch.Generator:
-        """A generator seeded by (seed, step, micro-step, process): reproducible and independent of the history."""
-        key = f"{self.args.seed}:{self.state.global_step}:{self._micro_step}:{self.args.process_index}"
-        return torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+        return step_generator(self.args.seed, self.state.global_step, self._micro_step, self.args.process_index)
 
     @torch.no_grad()
     def preview_selection(self, inputs: dict) -> Selection:
