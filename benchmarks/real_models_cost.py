@@ -22,6 +22,7 @@ import time
 
 import torch
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,8 +32,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
-from trl_sstoken.history.cache import model_fingerprint  # noqa: E402
+from trl_sstoken.history.fingerprints import model_fingerprint  # noqa: E402
 from trl_sstoken.real_models import real_model_path  # noqa: E402
+
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "real-models-cost.json")
 
@@ -50,8 +52,10 @@ class StepTimer(TrainerCallback):
 
 def dataset(tokenizer, rows=64, length=64):
     """Prompt-completion rows of exactly `length` tokens (half prompt), from real words."""
-    words = ("the cat sat on the mat while the owl watched the green cow reverse a list of letters and add two "
-             "numbers before the capital of france").split()
+    words = (
+        "the cat sat on the mat while the owl watched the green cow reverse a list of letters and add two "
+        "numbers before the capital of france"
+    ).split()
     examples = []
     for i in range(rows):
         text = " ".join(words[(i + j) % len(words)] for j in range(4 * length))
@@ -65,29 +69,52 @@ def time_variant(name, model_dir, variant, steps, output_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     settings = dict(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-4, logging_steps=1,
-        report_to="none", use_cpu=True, bf16=False, save_strategy="no", max_length=64, gradient_checkpointing=False,
-        dataloader_num_workers=0, seed=0,
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-4,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        max_length=64,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=0,
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     data = dataset(tokenizer)
     if variant == "sft":
-        trainer = SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data, processing_class=tokenizer,
-                             peft_config=lora)
+        trainer = SFTTrainer(
+            model=model, args=SFTConfig(**settings), train_dataset=data, processing_class=tokenizer, peft_config=lora
+        )
     else:
         extra = dict(attention_warmup_ratio=0.0)
         if variant == "sstoken-cached":
             extra["history_cache_dir"] = os.path.join(output_dir, "cache")
-        trainer = SSTokenTrainer(model=model, args=SSTokenConfig(**settings, **extra), train_dataset=data,
-                                 processing_class=tokenizer, peft_config=lora)
+        trainer = SSTokenTrainer(
+            model=model,
+            args=SSTokenConfig(**settings, **extra),
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
     timer = StepTimer()
     trainer.add_callback(timer)
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
     measured = timer.times[2:]  # two warm-up steps
-    return {"model": name, "variant": variant, "steps": steps, "median_step_s": statistics.median(measured),
-            "min_step_s": min(measured), "max_step_s": max(measured), "train_s_incl_caching": total}
+    return {
+        "model": name,
+        "variant": variant,
+        "steps": steps,
+        "median_step_s": statistics.median(measured),
+        "min_step_s": min(measured),
+        "max_step_s": max(measured),
+        "train_s_incl_caching": total,
+    }
 
 
 def fingerprint_cost(name, model_dir):
@@ -101,8 +128,14 @@ def fingerprint_cost(name, model_dir):
 
 def llama_8b_bytes():
     """State-dict bytes of a Llama-3.1-8B shape: bf16, and NF4 (linear layers 4-bit + fp32 absmax per 64)."""
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     bf16 = nf4 = 0
@@ -120,9 +153,14 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args()
-    results = {"command": "python " + " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(), "steps": [],
-               "fingerprint": []}
+    results = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg(),
+        "steps": [],
+        "fingerprint": [],
+    }
 
     def save():
         os.makedirs(os.path.dirname(args.output), exist_ok=True)

@@ -10,6 +10,7 @@ from trl import SFTConfig, SFTTrainer
 from trl_sstoken import SSTokenTrainer
 from trl_sstoken.tiny import build_tiny_model
 
+
 PROMPT_LEARNING = {
     "prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     "p_tuning": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
@@ -44,8 +45,9 @@ def test_full_trains_exactly_like_sft_trainer(tmp_path, tokenizer, dataset, kind
 @pytest.mark.parametrize("method", ["random", "profit", "dft"])
 def test_methods_without_history_or_attention_train(tmp_path, tokenizer, dataset, method):
     overrides = dict(selection_loss_normalization="all") if method == "profit" else {}
-    trainer, losses = train(tmp_path, tokenizer, dataset, PROMPT_LEARNING["prompt_tuning"](), selection_method=method,
-                            **overrides)
+    trainer, losses = train(
+        tmp_path, tokenizer, dataset, PROMPT_LEARNING["prompt_tuning"](), selection_method=method, **overrides
+    )
     assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
     fractions = [e["sstoken/selected_fraction"] for e in trainer.state.log_history if "sstoken/selected_fraction" in e]
     if method == "random":
@@ -55,15 +57,29 @@ def test_methods_without_history_or_attention_train(tmp_path, tokenizer, dataset
 @pytest.mark.parametrize("method", ["sstoken", "rel", "attention"])
 def test_methods_needing_history_or_attention_are_refused_naming_the_choices(tmp_path, tokenizer, dataset, method):
     with pytest.raises(ValueError, match=r"prompt learning.*selection_method.*'full'.*'random'"):
-        SSTokenTrainer(model=build_tiny_model(tokenizer), args=config(tmp_path, selection_method=method),
-                       train_dataset=dataset, processing_class=tokenizer,
-                       peft_config=PROMPT_LEARNING["prompt_tuning"]())
+        SSTokenTrainer(
+            model=build_tiny_model(tokenizer),
+            args=config(tmp_path, selection_method=method),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=PROMPT_LEARNING["prompt_tuning"](),
+        )
 
 
 def test_prefix_tuning_keeps_the_sequence_length(tmp_path, tokenizer, dataset):
     """Prefix tuning adds past key values, not tokens: log-probs stay aligned with the labels."""
-    _, expected = train(tmp_path / "sft", tokenizer, dataset, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-                        trainer_class=SFTTrainer)
-    _, got = train(tmp_path / "sstoken", tokenizer, dataset, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-                   selection_method="full")
+    _, expected = train(
+        tmp_path / "sft",
+        tokenizer,
+        dataset,
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        trainer_class=SFTTrainer,
+    )
+    _, got = train(
+        tmp_path / "sstoken",
+        tokenizer,
+        dataset,
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        selection_method="full",
+    )
     assert got == pytest.approx(expected, rel=1e-5)

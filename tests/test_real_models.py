@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl_sstoken import SSTokenTrainer, cli
 from trl_sstoken.attention import AttentionCapture
 
+
 pytestmark = pytest.mark.real_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,10 +72,12 @@ def prompt_completion(rows=QUICKSTART_ROWS, count=16):
 
 
 def conversational(count=16):
-    return Dataset.from_list([
-        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
-        for r in QUICKSTART_ROWS[:count]
-    ])
+    return Dataset.from_list(
+        [
+            {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            for r in QUICKSTART_ROWS[:count]
+        ]
+    )
 
 
 def with_template(tokenizer, name):
@@ -86,8 +89,9 @@ def real_trainer(tmp_path, model_dir, dataset=None, quantization=None, tokenizer
     model, tokenizer = load(model_dir, quantization)
     if tokenizer_setup is not None:
         tokenizer = tokenizer_setup(tokenizer)
-    settings = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=2e-3, max_length=48,
-                    attention_warmup_ratio=0.0)
+    settings = dict(
+        max_steps=3, per_device_train_batch_size=4, learning_rate=2e-3, max_length=48, attention_warmup_ratio=0.0
+    )
     settings.update(overrides)
     return SSTokenTrainer(
         model=model,
@@ -112,8 +116,10 @@ def selection_logs(trainer):
 @pytest.mark.parametrize("model_dir", MODELS, indirect=True)
 @pytest.mark.parametrize("history", ["base", "lagged", "ema", "cached"])
 def test_lora_training_with_every_history_mode(tmp_path, model_dir, history):
-    settings = dict(history="base", history_cache_dir=str(tmp_path / "cache")) if history == "cached" else dict(
-        history=history, history_update_steps=1, history_ema_alpha=0.5
+    settings = (
+        dict(history="base", history_cache_dir=str(tmp_path / "cache"))
+        if history == "cached"
+        else dict(history=history, history_update_steps=1, history_ema_alpha=0.5)
     )
     trainer = real_trainer(tmp_path, model_dir, **settings)
     before = adapter_snapshot(trainer.model)
@@ -133,7 +139,9 @@ def test_lora_training_with_every_history_mode(tmp_path, model_dir, history):
         if history == "lagged":  # refreshed after every step: equal to the adapter now
             assert all(torch.equal(history_weights[n.replace(".default.", ".history.")], p) for n, p in after.items())
         else:  # moved half-way each step: between its start (zero B) and the adapter
-            assert all(not torch.equal(history_weights[n.replace(".default.", ".history.")], p) for n, p in after.items())
+            assert all(
+                not torch.equal(history_weights[n.replace(".default.", ".history.")], p) for n, p in after.items()
+            )
     if history == "cached":
         assert (tmp_path / "cache" / "history_logprobs.safetensors").is_file()
 
@@ -144,9 +152,17 @@ def test_cached_history_matches_the_on_the_fly_history(tmp_path, model_dir):
     in their last bits: equal within 0.05 nats, and the same tokens selected except where two scores are that close."""
     tolerance = 0.05
     dataset = prompt_completion(count=12)
-    on_the_fly = real_trainer(tmp_path / "a", model_dir, dataset, selection_method="rel", per_device_train_batch_size=6)
-    cached = real_trainer(tmp_path / "b", model_dir, dataset, selection_method="rel", per_device_train_batch_size=6,
-                          history_cache_dir=str(tmp_path / "cache"))
+    on_the_fly = real_trainer(
+        tmp_path / "a", model_dir, dataset, selection_method="rel", per_device_train_batch_size=6
+    )
+    cached = real_trainer(
+        tmp_path / "b",
+        model_dir,
+        dataset,
+        selection_method="rel",
+        per_device_train_batch_size=6,
+        history_cache_dir=str(tmp_path / "cache"),
+    )
     for trainer in (on_the_fly, cached):  # the adapter moves the current model away from the base
         with torch.no_grad():
             for name, param in trainer.model.named_parameters():
@@ -169,9 +185,19 @@ def test_cached_history_matches_the_on_the_fly_history(tmp_path, model_dir):
 @pytest.mark.parametrize("history", ["base", "lagged", "ema"])
 def test_qlora_4bit_on_smollm2_with_each_history(tmp_path, smollm2_dir, history):
     pytest.importorskip("bitsandbytes")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    trainer = real_trainer(tmp_path, smollm2_dir, quantization=quantization, history=history, history_update_steps=1,
-                           max_steps=2, per_device_train_batch_size=2, max_length=40)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    trainer = real_trainer(
+        tmp_path,
+        smollm2_dir,
+        quantization=quantization,
+        history=history,
+        history_update_steps=1,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        max_length=40,
+    )
     layer = trainer.model.get_base_model().model.layers[0].self_attn.q_proj
     assert type(layer.base_layer).__name__ == "Linear4bit"
     before = adapter_snapshot(trainer.model)
@@ -252,7 +278,9 @@ def real_batch(tokenizer, lengths, prompt_fraction=0.5, seed=0):
 def test_statistic_matches_float64_eager_reference_on_real_models(float32_models, name, layer, lengths):
     model, tokenizer = float32_models(name)
     # long gemma rows: a short context, so that late queries of a sliding-window layer (512) cannot see it
-    input_ids, attention_mask, context = real_batch(tokenizer, lengths, prompt_fraction=0.1 if lengths[0] > 512 else 0.5)
+    input_ids, attention_mask, context = real_batch(
+        tokenizer, lengths, prompt_fraction=0.1 if lengths[0] > 512 else 0.5
+    )
     expected = float64_reference(model, layer, input_ids, attention_mask, context)
     capture = AttentionCapture(model, layer, chunk_size=128)
     try:
@@ -274,9 +302,14 @@ def test_multi_turn_context_attention_in_a_training_batch(tmp_path, request, nam
     excluded; the trainer's statistic equals the float64 reference computed from the batch's own labels."""
     model_dir = request.getfixturevalue(f"{name}_dir")
     trainer = real_trainer(
-        tmp_path, model_dir, Dataset.from_list([{"messages": chat} for chat in CHATS[:2]]),
-        tokenizer_setup=lambda t: with_template(t, name), assistant_only_loss=True, max_length=128,
-        selection_method="attention", per_device_train_batch_size=2,
+        tmp_path,
+        model_dir,
+        Dataset.from_list([{"messages": chat} for chat in CHATS[:2]]),
+        tokenizer_setup=lambda t: with_template(t, name),
+        assistant_only_loss=True,
+        max_length=128,
+        selection_method="attention",
+        per_device_train_batch_size=2,
     )
     batch = next(iter(trainer.get_train_dataloader()))
     selection = trainer.preview_selection(batch)
@@ -310,9 +343,13 @@ def test_smollm2_template_with_generation_markers_renders_the_same_text(smollm2_
     assistant_text = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert assistant_text == "The capital of France is Paris.<|im_end|>The capital of Germany is Berlin.<|im_end|>"
     with pytest.raises(Exception, match="generation"):  # the original template cannot do assistant_only_loss
-        SSTokenTrainer(model=load(smollm2_dir)[0], args=config(Path("/tmp/unused"), assistant_only_loss=True),
-                       train_dataset=Dataset.from_list([{"messages": CHATS[0]}]), processing_class=tokenizer,
-                       peft_config=LoraConfig(r=4, target_modules="all-linear"))
+        SSTokenTrainer(
+            model=load(smollm2_dir)[0],
+            args=config(Path("/tmp/unused"), assistant_only_loss=True),
+            train_dataset=Dataset.from_list([{"messages": CHATS[0]}]),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        )
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -343,11 +380,24 @@ def test_data_formats_through_the_real_chat_template(tmp_path, request, name, da
 @pytest.mark.parametrize("layout", ["packing", "padding_free"])
 def test_packing_and_padding_free_select_like_padded_batches(tmp_path, smollm2_dir, layout):
     dataset = prompt_completion(count=8)
-    padded = real_trainer(tmp_path / "padded", smollm2_dir, dataset, selection_method="attention",
-                          per_device_train_batch_size=8, max_length=48)
+    padded = real_trainer(
+        tmp_path / "padded",
+        smollm2_dir,
+        dataset,
+        selection_method="attention",
+        per_device_train_batch_size=8,
+        max_length=48,
+    )
     overrides = dict(packing=True, packing_strategy="bfd") if layout == "packing" else dict(padding_free=True)
-    other = real_trainer(tmp_path / layout, smollm2_dir, dataset, selection_method="attention",
-                         per_device_train_batch_size=8, max_length=None if layout == "padding_free" else 512, **overrides)
+    other = real_trainer(
+        tmp_path / layout,
+        smollm2_dir,
+        dataset,
+        selection_method="attention",
+        per_device_train_batch_size=8,
+        max_length=None if layout == "padding_free" else 512,
+        **overrides,
+    )
     padded_batch = next(iter(padded.get_train_dataloader()))
     other_batch = next(iter(other.get_train_dataloader()))
     assert "attention_mask" not in other_batch and other_batch["input_ids"].size(0) == 1
@@ -380,11 +430,26 @@ def test_inspect_report_on_real_bpe_tokens(tmp_path, smollm2_dir, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in prompt_completion(count=6)))
     report = tmp_path / "report.html"
-    status = cli.main([
-        "inspect", "--model_name_or_path", str(smollm2_dir), "--dataset_name", str(data), "--selection_method",
-        "attention", "--num_examples", "4", "--max_length", "64", "--use_cpu", "--bf16", "false",
-        "--report_path", str(report),
-    ])
+    status = cli.main(
+        [
+            "inspect",
+            "--model_name_or_path",
+            str(smollm2_dir),
+            "--dataset_name",
+            str(data),
+            "--selection_method",
+            "attention",
+            "--num_examples",
+            "4",
+            "--max_length",
+            "64",
+            "--use_cpu",
+            "--bf16",
+            "false",
+            "--report_path",
+            str(report),
+        ]
+    )
     assert status == 0, capsys.readouterr().err
     spans = [span for span in parse_spans(report.read_text()) if "data-kept" in span]
     texts = "".join(span["text"] for span in spans)
@@ -407,21 +472,39 @@ def test_save_reload_with_peft_generate_and_model_card(tmp_path, smollm2_dir):
     for name, param in reloaded.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(param, trained[name])
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     generated = reloaded.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
-    assert tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:]).strip()
+    assert tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :]).strip()
 
 
 def test_cli_train_on_a_real_model_folder(tmp_path, smollm2_dir):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in prompt_completion(count=8)))
     settings = dict(
-        model_name_or_path=str(smollm2_dir), dataset_name=str(data), output_dir=str(tmp_path / "out"),
-        use_peft=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"], max_steps=2,
-        per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, report_to="none", use_cpu=True,
-        bf16=False, dtype="bfloat16", max_length=48, save_strategy="no", attention_warmup_ratio=0.0,
+        model_name_or_path=str(smollm2_dir),
+        dataset_name=str(data),
+        output_dir=str(tmp_path / "out"),
+        use_peft=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_target_modules=["q_proj", "v_proj"],
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        dtype="bfloat16",
+        max_length=48,
+        save_strategy="no",
+        attention_warmup_ratio=0.0,
     )
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(settings))
     assert cli.main(["train", "--config", str(tmp_path / "run.yaml")]) == 0
