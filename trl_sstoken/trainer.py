@@ -18,6 +18,7 @@ from trl import SFTTrainer
 from . import saving
 from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_example_index
 from .components import (
+    check_prompt_learning,
     make_attention_capture,
     make_history,
     make_reference,
@@ -77,6 +78,7 @@ class SSTokenTrainer(SFTTrainer):
                 "tokens, which would silently ignore it); set it to 0."
             )
         self.method = METHODS[args.selection_method](args)
+        check_prompt_learning(self.accelerator.unwrap_model(self.model), self.method)
         self.data_collator = SelectionCollator(self.data_collator)
         if self.train_dataset is not None:
             self.train_dataset = add_example_ids(self.train_dataset)
@@ -117,14 +119,15 @@ class SSTokenTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
         outputs, selection = self._forward_and_select(model, inputs, example_index, regions)
-        if self._signals_are_finite(outputs.log_probs, selection):
+        log_probs = label_aligned(outputs.log_probs, selection.regions)
+        if self._signals_are_finite(log_probs, selection):
             self._metrics["train"][METRIC_PREFIX + "nonfinite_skipped"].append(0.0)
             window = self._window_counts
             if window is None:  # compute_loss called outside Trainer's loop: a window of this micro-batch
-                window = self._count_window([selection.regions], outputs.log_probs.device)
-            weights = self.method.token_weights(outputs.log_probs, selection.keep)
+                window = self._count_window([selection.regions], log_probs.device)
+            weights = self.method.token_weights(log_probs, selection.keep)
             loss = selected_loss(
-                outputs.log_probs,
+                log_probs,
                 weights,
                 selection.keep,
                 selection.regions,
@@ -164,7 +167,7 @@ class SSTokenTrainer(SFTTrainer):
         )
         with capture:
             outputs = model(**inputs, fused_lm_head=True)
-        current_logps = outputs.log_probs.detach()
+        current_logps = label_aligned(outputs.log_probs, regions).detach()
         signals = Signals(
             current_logps,
             rel=retrospective_excess_loss(current_logps, history_logps) if history_logps is not None else None,
@@ -300,3 +303,10 @@ class SSTokenTrainer(SFTTrainer):
         """Checkpoints keep the history adapter (exact resume). The final artefact holds only what a user ships: the
         trained adapter (or model), the tokenizer, and a model card that records the method and its settings."""
         saving.save_model(self, super().save_model, output_dir, _internal_call)
+
+
+def label_aligned(log_probs: torch.Tensor, regions: Regions) -> torch.Tensor:
+    """The fused head's log-probs (B, T'-1) in the batch's prediction space (B, T-1). They differ only under PEFT
+    prompt tuning / p-tuning, which prepends T' - T virtual tokens labelled -100: their columns come first and are
+    dropped."""
+    return log_probs[:, log_probs.size(1) - regions.response.size(1) :]
