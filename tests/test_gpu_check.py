@@ -8,10 +8,12 @@ import sys
 
 import pytest
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.gpu.settings import SCALES, STAGES  # noqa: E402
+
 
 TOY = SCALES["toy"]
 
@@ -99,7 +101,7 @@ def test_cost_numbers_are_sane(dry_run):
 def test_memory_cap_and_distributed_code_paths_ran(dry_run):
     stages = dry_run[0]["stages"]
     cap = stages["memory_cap"]
-    assert cap["fits"] == {mode: True for mode in TOY["cap_modes"]}
+    assert cap["fits"] == dict.fromkeys(TOY["cap_modes"], True)
     assert cap["cap_applied"] is False  # the CPU has no memory cap to apply
     distributed = stages["distributed"]["substeps"]
     for name in TOY["distributed_configs"]:
@@ -129,12 +131,18 @@ def test_settings_overrides_and_unknown_keys(monkeypatch):
 def test_compat_wheels_are_chosen_by_unmet_requirement(tmp_path):
     from benchmarks.gpu import wheels
 
-    for name in ("tokenizers-0.22.0-cp39-abi3-any.whl", "tokenizers-0.23.3-cp310-abi3-any.whl",
-                 "huggingface_hub-2.4.0-py3-none-any.whl", "regex-2026.11.19-cp312-cp312-any.whl"):
+    for name in (
+        "tokenizers-0.22.0-cp39-abi3-any.whl",
+        "tokenizers-0.23.3-cp310-abi3-any.whl",
+        "huggingface_hub-2.4.0-py3-none-any.whl",
+        "regex-2026.11.19-cp312-cp312-any.whl",
+    ):
         (tmp_path / name).write_bytes(b"")
-    unmet = [("tokenizers<0.24.0,>=0.23.1", "transformers", "0.21.0"),
-             ("huggingface-hub<3.0,>=1.31.0", "transformers", "0.36.2"),
-             ("pyarrow>=24.0.0", "datasets", "19.0.0")]  # no wheel for it: reported, not installed
+    unmet = [
+        ("tokenizers<0.24.0,>=0.23.1", "transformers", "0.21.0"),
+        ("huggingface-hub<3.0,>=1.31.0", "transformers", "0.36.2"),
+        ("pyarrow>=24.0.0", "datasets", "19.0.0"),
+    ]  # no wheel for it: reported, not installed
     chosen = [os.path.basename(path) for path in wheels._choose(unmet, str(tmp_path), [])]
     assert chosen == ["tokenizers-0.23.3-cp310-abi3-any.whl", "huggingface_hub-2.4.0-py3-none-any.whl"]
     assert wheels._choose(unmet, str(tmp_path), chosen) == []  # never the same wheel twice

@@ -18,12 +18,14 @@ import subprocess
 import sys
 import time
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from benchmarks.gpu import wheels  # noqa: E402
 from benchmarks.gpu.record import log, write_json  # noqa: E402
 from benchmarks.gpu.settings import SCALES, STAGES, load  # noqa: E402
+
 
 QUIET_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -45,13 +47,24 @@ def main(argv=None):
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--budget", type=float, default=None, help="seconds for all stages (default: the scale's)")
     parser.add_argument("--work", default=None, help="scratch folder for random checkpoints (default: /tmp/...)")
-    parser.add_argument("--site", default=None,
-                        help="the --target folder the wheels were installed into (the device command's /tmp/site): "
-                             "missing or too old requirements are then installed there from .whl/compat")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override one entry of settings.py for this run, e.g. --set cost_steps=3")
-    parser.add_argument("--quality-args", default=None,
-                        help="arguments for python -m benchmarks.quality.run in the quality stage (default: --help)")
+    parser.add_argument(
+        "--site",
+        default=None,
+        help="the --target folder the wheels were installed into (the device command's /tmp/site): "
+        "missing or too old requirements are then installed there from .whl/compat",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override one entry of settings.py for this run, e.g. --set cost_steps=3",
+    )
+    parser.add_argument(
+        "--quality-args",
+        default=None,
+        help="arguments for python -m benchmarks.quality.run in the quality stage (default: --help)",
+    )
     args = parser.parse_args(argv)
     if args.dry_run:
         args.scale = "toy"
@@ -94,7 +107,10 @@ def main(argv=None):
             prepare = start_prepare(args, out, work, deadline, env)
         left = deadline - time.time()
         if stage != "env" and summary["stages"].get("env", {}).get("status") == "failed":
-            summary["stages"][stage] = {"status": "skipped", "reason": "the env stage failed: the stack does not import"}
+            summary["stages"][stage] = {
+                "status": "skipped",
+                "reason": "the env stage failed: the stack does not import",
+            }
         elif left < 5:
             summary["stages"][stage] = {"status": "skipped", "reason": f"total time budget spent ({left:.0f} s left)"}
         else:
@@ -118,11 +134,16 @@ def headline(summary):
     lines = []
     for name, stage in summary["stages"].items():
         substeps = stage.get("substeps", {})
-        bad = [f"{sub}: {entry.get('error', entry['status'])[:160]}" for sub, entry in substeps.items()
-               if entry.get("status") not in ("ok", "skipped")]
+        bad = [
+            f"{sub}: {entry.get('error', entry['status'])[:160]}"
+            for sub, entry in substeps.items()
+            if entry.get("status") not in ("ok", "skipped")
+        ]
         skipped = sum(entry.get("status") == "skipped" for entry in substeps.values())
-        lines.append(f"{name}: {stage['status']}, {len(substeps)} sub-steps, {skipped} skipped"
-                     + (f"; {stage.get('reason') or stage.get('error', '')[:200]}" if stage["status"] != "ok" else ""))
+        lines.append(
+            f"{name}: {stage['status']}, {len(substeps)} sub-steps, {skipped} skipped"
+            + (f"; {stage.get('reason') or stage.get('error', '')[:200]}" if stage["status"] != "ok" else "")
+        )
         lines += [f"  {line}" for line in bad[:6]]
     cost = summary["stages"].get("cost", {}).get("substeps", {})
     for sub, entry in cost.items():
@@ -130,9 +151,10 @@ def headline(summary):
             parts = []
             for variant, result in entry["variants"].items():
                 memory = result.get("memory_vs_sft")
-                parts.append(f"{variant} {result.get('time_vs_sft', float('nan')):.3f}x"
-                             + (f"/{memory:.2f}m" if memory else ""))
-            lines.append(f"{sub[len('side-by-side-'):]} time (/memory) vs sft: " + ", ".join(parts))
+                parts.append(
+                    f"{variant} {result.get('time_vs_sft', float('nan')):.3f}x" + (f"/{memory:.2f}m" if memory else "")
+                )
+            lines.append(f"{sub[len('side-by-side-') :]} time (/memory) vs sft: " + ", ".join(parts))
         if sub.startswith("attention-share-"):
             shares = {key: value["share"] for key, value in entry.items() if key.startswith("seq")}
             if shares:
@@ -146,8 +168,20 @@ def headline(summary):
 def start_prepare(args, out, work, deadline, env):
     """The `prepare` stage in the background, from the start of `correctness`: random checkpoints of the big shapes
     (models.random_checkpoint: a later stage that needs one waits for it, under a lock)."""
-    command = [sys.executable, "-m", "benchmarks.gpu.stages", "prepare", "--out", out, "--scale", args.scale,
-               "--work", work, "--deadline", str(deadline)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu.stages",
+        "prepare",
+        "--out",
+        out,
+        "--scale",
+        args.scale,
+        "--work",
+        work,
+        "--deadline",
+        str(deadline),
+    ]
     log("check", "prepare: writing the random checkpoints of the cost shapes in the background")
     stderr = open(os.path.join(out, "stage-prepare.log"), "w")
     return subprocess.Popen(command, cwd=ROOT, env=env, stderr=stderr, start_new_session=True), stderr
@@ -171,8 +205,20 @@ def run_stage(stage, args, out, work, timeout, env):
     path = os.path.join(out, f"stage-{stage}.json")
     if os.path.exists(path):
         os.remove(path)
-    command = [sys.executable, "-m", "benchmarks.gpu.stages", stage, "--out", out, "--scale", args.scale,
-               "--work", work, "--deadline", str(time.time() + timeout - 3)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu.stages",
+        stage,
+        "--out",
+        out,
+        "--scale",
+        args.scale,
+        "--work",
+        work,
+        "--deadline",
+        str(time.time() + timeout - 3),
+    ]
     if stage == "quality" and args.quality_args:
         command += ["--quality-args", args.quality_args]
     log("check", f"stage {stage}: start, {timeout:.0f} s budget")
@@ -196,7 +242,8 @@ def run_stage(stage, args, out, work, timeout, env):
     elif returncode != 0 or result.get("status") in (None, "running"):
         result["status"] = "failed"
         result["error"] = f"the stage process exited with {returncode}; see stage-{stage}.log: " + _tail(
-            os.path.join(out, f"stage-{stage}.log"))
+            os.path.join(out, f"stage-{stage}.log")
+        )
     log("check", f"stage {stage}: {result['status']} in {result['seconds']:.0f} s")
     return result
 
@@ -211,8 +258,12 @@ def _tail(path, characters=1500):
 
 def _git_commit():
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 

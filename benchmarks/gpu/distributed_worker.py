@@ -10,6 +10,7 @@ import sys
 import time
 import traceback
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
@@ -36,12 +37,17 @@ def main():
     dtype = models.dtype_of(s)
     shape, seq, steps = s["distributed_shape"], s["distributed_seq"], s["distributed_steps"]
     import accelerate
-
     from accelerate import PartialState
 
     state = PartialState()
-    result = {"status": "running", "accelerate": accelerate.__version__, "distributed_type": str(state.distributed_type),
-              "num_processes": state.num_processes, "device": device, "modes": {}}
+    result = {
+        "status": "running",
+        "accelerate": accelerate.__version__,
+        "distributed_type": str(state.distributed_type),
+        "num_processes": state.num_processes,
+        "device": device,
+        "modes": {},
+    }
     write_json(args.out, result)
     rows, tokenizer = models.data(shape["vocab"], seq, 2 * steps * 2)
     dataset = Dataset.from_list(rows)
@@ -55,8 +61,11 @@ def main():
             run_mode(entry, mode, checkpoint, tokenizer, dataset, device, dtype, seq, steps, args.work, s)
             entry["status"] = "ok"
         except Exception as error:  # noqa: BLE001 - recorded; the next mode still runs
-            entry.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000],
-                         traceback=traceback.format_exc()[-4000:])
+            entry.update(
+                status="failed",
+                error=f"{type(error).__name__}: {error}"[:2000],
+                traceback=traceback.format_exc()[-4000:],
+            )
         entry["seconds"] = round(time.time() - began, 1)
         log("distributed", f"{result['distributed_type']} {mode}: {entry['status']} {entry.get('error', '')[:300]}")
         write_json(args.out, result)
@@ -69,30 +78,49 @@ def run_mode(entry, mode, checkpoint, tokenizer, dataset, device, dtype, seq, st
     output_dir = os.path.join(work, f"run-{mode}")
     model = models.load_model(checkpoint, "none", dtype, device, "sdpa")
     config = SSTokenConfig(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
-        save_strategy="steps", save_steps=steps, report_to="none", bf16=device == "cuda", use_cpu=device == "cpu",
-        max_length=seq, gradient_checkpointing=True, attention_warmup_ratio=0.0, seed=0, dataloader_num_workers=0,
-        disable_tqdm=True, history="base" if mode == "base-cached" else mode, history_update_steps=1,
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=steps,
+        report_to="none",
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        max_length=seq,
+        gradient_checkpointing=True,
+        attention_warmup_ratio=0.0,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        history="base" if mode == "base-cached" else mode,
+        history_update_steps=1,
         history_cache_dir=os.path.join(output_dir, "history-cache") if mode == "base-cached" else None,
     )
-    trainer = SSTokenTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=lora(8))
+    trainer = SSTokenTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora(8)
+    )
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    entry.update(is_fsdp_enabled=bool(trainer.is_fsdp_enabled), is_deepspeed_enabled=bool(trainer.is_deepspeed_enabled))
+    entry.update(
+        is_fsdp_enabled=bool(trainer.is_fsdp_enabled), is_deepspeed_enabled=bool(trainer.is_deepspeed_enabled)
+    )
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     entry["losses"] = losses
-    entry["selected_fraction"] = [e["sstoken/selected_fraction"] for e in trainer.state.log_history
-                                  if "sstoken/selected_fraction" in e]
+    entry["selected_fraction"] = [
+        e["sstoken/selected_fraction"] for e in trainer.state.log_history if "sstoken/selected_fraction" in e
+    ]
     assert len(losses) == steps and all(math.isfinite(v) for v in losses), f"losses {losses}"
     checkpoint_dir = os.path.join(output_dir, f"checkpoint-{steps}")
     assert os.path.isdir(checkpoint_dir), f"no {checkpoint_dir}"
     entry["checkpoint_files"] = sorted(_listing(checkpoint_dir))
     if mode in ("lagged", "ema"):
-        assert any(path.startswith("history/") for path in entry["checkpoint_files"]), \
+        assert any(path.startswith("history/") for path in entry["checkpoint_files"]), (
             "the checkpoint has no history/ adapter"
+        )
     final = os.path.join(output_dir, "final")
     trainer.save_model(final)
     entry["final_files"] = sorted(_listing(final))

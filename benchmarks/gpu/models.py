@@ -25,8 +25,17 @@ def data(vocab: int, seq_len: int, examples: int, seed: int = 0):
     return rows, build_tiny_tokenizer([" ".join(words)])
 
 
-def random_checkpoint(work: str, label: str, shape: dict, tokenizer, max_positions: int, device: str, dtype,
-                      seed: int = 0, wait_seconds: float = 600) -> str:
+def random_checkpoint(
+    work: str,
+    label: str,
+    shape: dict,
+    tokenizer,
+    max_positions: int,
+    device: str,
+    dtype,
+    seed: int = 0,
+    wait_seconds: float = 600,
+) -> str:
     """The folder of a saved random-weight Llama of `shape`, written once and reused by later stages.
 
     Written under a lock file into `<folder>.partial`, then renamed: a reader never sees half a checkpoint. If another
@@ -94,11 +103,17 @@ def _remove(path):
 
 def load_model(directory: str, quantization: str, dtype, device: str, attn_implementation: str = "sdpa"):
     """The checkpoint on `device`: quantization "nf4" (QLoRA: NF4, double quantisation, `dtype` compute) or "none"."""
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation,
-                  device_map={"": torch.cuda.current_device()} if device == "cuda" else "cpu")
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        device_map={"": torch.cuda.current_device()} if device == "cuda" else "cpu",
+    )
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
         )
     elif quantization != "none":
         raise ValueError(f"unknown quantization {quantization!r}")

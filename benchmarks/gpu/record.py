@@ -12,6 +12,7 @@ import tempfile
 import time
 import traceback
 
+
 # one clock for the whole check: check.py exports its start time to every stage process
 START = float(os.environ.setdefault("GPU_CHECK_START", str(time.time())))
 
@@ -70,7 +71,10 @@ class StageRecorder:
         self.data["substeps"][name] = entry
         left = self.seconds_left()
         if left < needs_seconds:
-            entry.update(status="skipped", reason=f"stage time budget: {left:.0f} s left, this sub-step needs ~{needs_seconds:.0f} s")
+            entry.update(
+                status="skipped",
+                reason=f"stage time budget: {left:.0f} s left, this sub-step needs ~{needs_seconds:.0f} s",
+            )
             self.log(f"{name}: skipped ({entry['reason']})")
             self.write()
             return entry
@@ -82,8 +86,11 @@ class StageRecorder:
         except Skip as skip:
             entry.update(status="skipped", reason=str(skip))
         except BaseException as error:  # noqa: BLE001 - one failure must not stop the next sub-step
-            entry.update(status="failed", error=f"{type(error).__name__}: {error}"[:2000],
-                         traceback=traceback.format_exc()[-4000:])
+            entry.update(
+                status="failed",
+                error=f"{type(error).__name__}: {error}"[:2000],
+                traceback=traceback.format_exc()[-4000:],
+            )
             _free_cuda_memory()
             if isinstance(error, KeyboardInterrupt):
                 raise

@@ -9,14 +9,28 @@ overridden for one run: `python -m benchmarks.gpu.check --set cost_steps=3 --set
 import json
 import os
 
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, vocab=128256)
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab=128256)
+
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab=128256,
+)
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab=128256,
+)
 # hidden 64, not 32: bitsandbytes' CPU path for no-grad 4-bit forwards repacks weights in blocks of 64 input features
 # and fails on narrower layers (the history cache pass runs such a forward)
-TOY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-           vocab=200)
+TOY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab=200
+)
 
 STAGES = ("env", "correctness", "cost", "memory_cap", "distributed", "quality")
 HISTORY_MODES = ("base", "base-cached", "lagged", "ema")
@@ -28,8 +42,14 @@ SCALES = {
         total_budget=525,  # seconds for all stages; the device tool's limit is 600 including the wheel install
         budgets=dict(env=45, correctness=95, cost=210, memory_cap=95, distributed=75, quality=20),
         # 2. correctness: a small Llama-shaped model, a few steps of every combination
-        small_shape=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, vocab=2000),
+        small_shape=dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab=2000,
+        ),
         small_seq=256,
         small_batch=4,
         small_steps=3,
@@ -56,8 +76,14 @@ SCALES = {
         cap_steps=2,
         # 5. FSDP / DeepSpeed ZeRO-3 with one process
         distributed_configs=("fsdp2", "fsdp1", "zero3"),
-        distributed_shape=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                               num_key_value_heads=2, vocab=2000),
+        distributed_shape=dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab=2000,
+        ),
         distributed_seq=256,
         distributed_steps=3,
         distributed_modes=HISTORY_MODES,

@@ -12,6 +12,7 @@ import re
 import sys
 import zipfile
 
+
 DROP = re.compile(r"bitsandbytes/libbitsandbytes_(cuda11\d|cuda12[0-4]|rocm\d+|xpu\d+)\.so$")
 
 
@@ -30,7 +31,9 @@ def slim(path):
             target.writestr(info, data)
     before, after = os.path.getsize(path), os.path.getsize(temporary)
     os.replace(temporary, path)
-    print(f"{os.path.basename(path)}: dropped {len(dropped)} libraries, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
+    print(
+        f"{os.path.basename(path)}: dropped {len(dropped)} libraries, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -18,18 +18,30 @@ import subprocess
 import sys
 import time
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from benchmarks.gpu.record import Skip, StageRecorder  # noqa: E402
 from benchmarks.gpu.settings import SCALES, load  # noqa: E402
 
+
 REQUIRED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "trl_sstoken")
-OPTIONAL = ("bitsandbytes", "tokenizers", "huggingface_hub", "safetensors", "pyarrow", "triton", "flash_attn",
-            "deepspeed", "numpy")
+OPTIONAL = (
+    "bitsandbytes",
+    "tokenizers",
+    "huggingface_hub",
+    "safetensors",
+    "pyarrow",
+    "triton",
+    "flash_attn",
+    "deepspeed",
+    "numpy",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------- env
+
 
 def stage_env(rec, s, args):
     versions, errors = {}, {}
@@ -47,6 +59,7 @@ def stage_env(rec, s, args):
             except Exception as error:  # noqa: BLE001
                 errors[name] = f"{type(error).__name__}: {error}"[:1000]
         from trl import SFTTrainer  # noqa: F401
+
         from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: F401
 
         missing = [name for name in REQUIRED if name in errors]
@@ -71,13 +84,20 @@ def stage_env(rec, s, args):
         if not torch.cuda.is_available():
             raise RuntimeError("torch.cuda.is_available() is False on the GPU scale")
         properties = torch.cuda.get_device_properties(0)
-        entry.update(name=properties.name, capability=f"{properties.major}.{properties.minor}",
-                     total_memory_bytes=properties.total_memory, bf16_supported=torch.cuda.is_bf16_supported(),
-                     cudnn=torch.backends.cudnn.version())
+        entry.update(
+            name=properties.name,
+            capability=f"{properties.major}.{properties.minor}",
+            total_memory_bytes=properties.total_memory,
+            bf16_supported=torch.cuda.is_bf16_supported(),
+            cudnn=torch.backends.cudnn.version(),
+        )
         try:
             entry["nvidia_smi"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=15).stdout.strip()
+                capture_output=True,
+                text=True,
+                timeout=15,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError) as error:
             entry["nvidia_smi"] = f"unavailable: {error}"
 
@@ -93,13 +113,17 @@ def stage_env(rec, s, args):
         weight = torch.randn(512, 256, dtype=dtype, device=device)
         packed, state = bnb.functional.quantize_4bit(weight, quant_type="nf4")
         restored = bnb.functional.dequantize_4bit(packed, state)
-        entry["nf4_roundtrip_relative_error"] = float((restored.float() - weight.float()).norm() / weight.float().norm())
+        entry["nf4_roundtrip_relative_error"] = float(
+            (restored.float() - weight.float()).norm() / weight.float().norm()
+        )
         layer = bnb.nn.Linear4bit(256, 512, bias=False, compute_dtype=dtype, quant_type="nf4")
         layer.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4")
         layer = layer.to(device)
         x = torch.randn(4, 256, dtype=dtype, device=device)
         y = layer(x)
-        entry["linear4bit_vs_dequantized_max_error"] = float((y.float() - x.float() @ restored.float().t()).abs().max())
+        entry["linear4bit_vs_dequantized_max_error"] = float(
+            (y.float() - x.float() @ restored.float().t()).abs().max()
+        )
         entry["linear4bit_output_finite"] = bool(torch.isfinite(y).all())
         assert entry["nf4_roundtrip_relative_error"] < 0.2, entry
         assert entry["linear4bit_output_finite"], entry
@@ -128,6 +152,7 @@ def stage_env(rec, s, args):
 
 # ------------------------------------------------------------------------------------------------------- prepare
 
+
 def stage_prepare(rec, s, args):
     """In the background while env and correctness run (check.py starts it): the random checkpoints of the cost and
     memory-cap shapes, so that those stages do not spend their budget initialising and writing 16 GB."""
@@ -138,9 +163,12 @@ def stage_prepare(rec, s, args):
     for label, shape, _ in (*s["cost_shapes"], s["cap_shape"]):
         shapes.setdefault(label, shape)
     for label, shape in shapes.items():
+
         def write(entry, label=label, shape=shape):
             _, tokenizer = models.data(shape["vocab"], s["cost_seq"], 1)
-            path = models.random_checkpoint(args.work, label, shape, tokenizer, max(s["share_seq_lens"]), device, dtype)
+            path = models.random_checkpoint(
+                args.work, label, shape, tokenizer, max(s["share_seq_lens"]), device, dtype
+            )
             entry["path"] = path
             entry["bytes"] = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
             models.free(device)
@@ -150,15 +178,28 @@ def stage_prepare(rec, s, args):
 
 # --------------------------------------------------------------------------------------------------- correctness
 
+
 def _sstoken_config(s, output_dir, mode, steps, batch, seq, **overrides):
     from trl_sstoken import SSTokenConfig
 
     cuda = s["device"] == "cuda"
     settings = dict(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-3,
-        logging_steps=1, save_strategy="no", report_to="none", bf16=cuda, use_cpu=not cuda, max_length=seq,
-        gradient_checkpointing=True, attention_warmup_ratio=0.0, seed=0, dataloader_num_workers=0,
-        disable_tqdm=True, history="lagged" if mode == "lagged" else "ema" if mode == "ema" else "base",
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=cuda,
+        use_cpu=not cuda,
+        max_length=seq,
+        gradient_checkpointing=True,
+        attention_warmup_ratio=0.0,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        history="lagged" if mode == "lagged" else "ema" if mode == "ema" else "base",
         history_update_steps=1,
     )
     if mode == "base-cached":
@@ -218,9 +259,19 @@ def stage_correctness(rec, s, args):
             # the default "bfd" strategy: position_ids and cu_seq_lens instead of an attention mask)
             extra = dict(packing=True, max_length=2 * seq) if packed else {}
             trainer = SSTokenTrainer(
-                model=model, args=_sstoken_config(s, os.path.join(args.work, f"c-{quantization}-{attn}-{mode}{'-packed' if packed else ''}"),
-                                                  mode, steps, batch, seq, **extra),
-                train_dataset=dataset, processing_class=tokenizer, peft_config=lora(8),
+                model=model,
+                args=_sstoken_config(
+                    s,
+                    os.path.join(args.work, f"c-{quantization}-{attn}-{mode}{'-packed' if packed else ''}"),
+                    mode,
+                    steps,
+                    batch,
+                    seq,
+                    **extra,
+                ),
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=lora(8),
             )
             quiet(trainer)
             named = dict(trainer.model.named_parameters())
@@ -237,17 +288,25 @@ def stage_correctness(rec, s, args):
                 first = next(iter(trainer.get_train_dataloader()))
                 entry["packed_batch_keys"] = sorted(first)
                 if "position_ids" in first:  # sequences per packed row: restarts of position_ids at 0
-                    entry["sequences_per_row"] = float((first["position_ids"] == 0).sum()) / first["position_ids"].shape[0]
+                    entry["sequences_per_row"] = (
+                        float((first["position_ids"] == 0).sum()) / first["position_ids"].shape[0]
+                    )
             entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
             assert len(losses) == steps and all(math.isfinite(v) for v in losses), f"losses {losses}"
             assert entry["selected_fraction"] and all(0 < f < 1 for f in entry["selected_fraction"]), entry
             # bitsandbytes' CPU backend repacks a 4-bit weight in place (same values, another layout) on its first
             # eval-mode no-grad forward, which the history cache pass is: compare those only on CUDA
-            repacked = {n for n in frozen_before
-                        if getattr(getattr(named[n], "quant_state", None), "packing_format_for_cpu", False)}
+            repacked = {
+                n
+                for n in frozen_before
+                if getattr(getattr(named[n], "quant_state", None), "packing_format_for_cpu", False)
+            }
             entry["cpu_repacked_4bit_weights"] = len(repacked)
-            changed = [n for n, before in frozen_before.items()
-                       if n not in repacked and not torch.equal(named[n].detach(), before)]
+            changed = [
+                n
+                for n, before in frozen_before.items()
+                if n not in repacked and not torch.equal(named[n].detach(), before)
+            ]
             assert not changed, f"frozen (base) parameters changed: {changed[:5]}"
             trained = [p for n, p in named.items() if ".default." in n and "lora_B" in n]
             assert trained and any(p.detach().abs().sum() > 0 for p in trained), "the adapter did not train"
@@ -266,19 +325,28 @@ def stage_correctness(rec, s, args):
         for attn in s["attentions"]:
             for mode in s["correctness_modes"]:
                 rec.run(f"train-{quantization}-{attn}-{mode}", train(quantization, attn, mode), needs_seconds=3)
-            rec.run(f"train-{quantization}-{attn}-packed-base", train(quantization, attn, "base", packed=True),
-                    needs_seconds=3)
+            rec.run(
+                f"train-{quantization}-{attn}-packed-base",
+                train(quantization, attn, "base", packed=True),
+                needs_seconds=3,
+            )
 
     rec.run("attention-kernel-vs-float64", lambda entry: _kernel_check(entry, s))
     for attn in s["attentions"]:
         for model_dtype in dict.fromkeys(("float32", s["dtype"])):
-            rec.run(f"attention-capture-{attn}-{model_dtype}-vs-float64-eager",
-                    lambda entry, attn=attn, model_dtype=model_dtype: _capture_check(
-                        entry, s, checkpoint, tokenizer, attn, getattr(torch, model_dtype)), needs_seconds=3)
+            rec.run(
+                f"attention-capture-{attn}-{model_dtype}-vs-float64-eager",
+                lambda entry, attn=attn, model_dtype=model_dtype: _capture_check(
+                    entry, s, checkpoint, tokenizer, attn, getattr(torch, model_dtype)
+                ),
+                needs_seconds=3,
+            )
     for quantization in s["quantizations"]:
-        rec.run(f"full-equals-sft-{quantization}",
-                lambda entry, q=quantization: _full_equals_sft(entry, s, args, checkpoint, tokenizer, dataset, q),
-                needs_seconds=5)
+        rec.run(
+            f"full-equals-sft-{quantization}",
+            lambda entry, q=quantization: _full_equals_sft(entry, s, args, checkpoint, tokenizer, dataset, q),
+            needs_seconds=5,
+        )
 
 
 def _kernel_check(entry, s):
@@ -296,7 +364,7 @@ def _kernel_check(entry, s):
     context = torch.zeros(2, length, dtype=torch.bool, device=device)
     context[:, : (3 * length) // 4] = True
     valid = torch.ones(2, length, dtype=torch.bool, device=device)
-    valid[1, length - length // 8:] = False  # right padding in the second row
+    valid[1, length - length // 8 :] = False  # right padding in the second row
     needed = ~context & valid
     full_key = key.double().repeat_interleave(heads // kv_heads, dim=1)
     logits = query.double() @ full_key.transpose(-1, -2) * dim**-0.5
@@ -310,8 +378,9 @@ def _kernel_check(entry, s):
             rk = k.double().repeat_interleave(heads // kv_heads, dim=1)
             rl = (q.double() @ rk.transpose(-1, -2) * dim**-0.5).masked_fill(~allowed, float("-inf")).softmax(-1)
             reference = (rl * context[:, None, None, :].double()).sum(-1).mean(1)
-        got = context_attention_mass(q, k, context=context, key_valid=valid, scaling=dim**-0.5, query_needed=needed,
-                                     chunk_size=256)
+        got = context_attention_mass(
+            q, k, context=context, key_valid=valid, scaling=dim**-0.5, query_needed=needed, chunk_size=256
+        )
         error = float((got.double() - reference)[needed].abs().max())
         entry[f"max_abs_error_{name}"] = error
         assert error < 1e-4, f"{name}: max abs error {error}"
@@ -339,7 +408,7 @@ def _capture_check(entry, s, checkpoint, tokenizer, attn, model_dtype):
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(4, len(tokenizer), (2, length), generator=generator).to(device)
     attention_mask = torch.ones(2, length, dtype=torch.long, device=device)
-    attention_mask[1, length - length // 5:] = 0
+    attention_mask[1, length - length // 5 :] = 0
     input_ids = input_ids.masked_fill(attention_mask == 0, tokenizer.pad_token_id)
     valid = attention_mask.bool()
     context = torch.zeros_like(valid)
@@ -385,16 +454,33 @@ def _full_equals_sft(entry, s, args, checkpoint, tokenizer, dataset, quantizatio
 
     def make(cls):
         model = models.load_model(checkpoint, quantization, dtype, device, "sdpa")
-        common = dict(output_dir=os.path.join(args.work, f"full-{quantization}-{cls.__name__}"), max_steps=steps,
-                      per_device_train_batch_size=batch, learning_rate=1e-3, logging_steps=1, save_strategy="no",
-                      report_to="none", bf16=device == "cuda", use_cpu=device != "cuda", max_length=seq, seed=0,
-                      dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=True)
-        config = (SFTConfig(**common) if cls is SFTTrainer else
-                  _sstoken_config(s, common["output_dir"], "base", steps, batch, seq, selection_method="full",
-                                  learning_rate=1e-3))
+        common = dict(
+            output_dir=os.path.join(args.work, f"full-{quantization}-{cls.__name__}"),
+            max_steps=steps,
+            per_device_train_batch_size=batch,
+            learning_rate=1e-3,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            bf16=device == "cuda",
+            use_cpu=device != "cuda",
+            max_length=seq,
+            seed=0,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            gradient_checkpointing=True,
+        )
+        config = (
+            SFTConfig(**common)
+            if cls is SFTTrainer
+            else _sstoken_config(
+                s, common["output_dir"], "base", steps, batch, seq, selection_method="full", learning_rate=1e-3
+            )
+        )
         torch.manual_seed(0)
-        trainer = quiet(cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=lora(8)))
+        trainer = quiet(
+            cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora(8))
+        )
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():  # non-zero B matrices, the same in both, so that every adapter weight gets a gradient
             for name, param in sorted(trainer.model.named_parameters()):
@@ -441,27 +527,40 @@ def _full_equals_sft(entry, s, args, checkpoint, tokenizer, dataset, quantizatio
     trained, expected = _logged(ours, "loss"), _logged(plain, "loss")
     entry["trained_losses"], entry["sft_trained_losses"] = trained, expected
     assert len(trained) == len(expected) == steps
-    assert all(abs(a - b) <= 3 * tolerance * max(abs(b), 1e-6) for a, b in zip(trained, expected)), entry
+    assert all(abs(a - b) <= 3 * tolerance * max(abs(b), 1e-6) for a, b in zip(trained, expected, strict=True)), entry
     del ours, plain
     models.free(device)
 
 
 # ---------------------------------------------------------------------------------------------------------- cost
 
+
 def stage_cost(rec, s, args):
     from benchmarks.perf.harness import AttentionTimer
 
     timer = AttentionTimer(s["device"])
-    rec.data.update(seq_len=s["cost_seq"], variants=list(s["cost_variants"]), warmup_steps=s["cost_warmup"],
-                    timed_steps=s["cost_steps"], quantization="nf4", gradient_checkpointing=True,
-                    lora="r=16, alpha=16, all linear layers")
+    rec.data.update(
+        seq_len=s["cost_seq"],
+        variants=list(s["cost_variants"]),
+        warmup_steps=s["cost_warmup"],
+        timed_steps=s["cost_steps"],
+        quantization="nf4",
+        gradient_checkpointing=True,
+        lora="r=16, alpha=16, all linear layers",
+    )
     rec.run("attention-kernel-alone", lambda entry: _kernel_timing(entry, s))
     for label, shape, batch in s["cost_shapes"]:
-        rec.run(f"side-by-side-{label}", lambda entry, l=label, sh=shape, b=batch: _side_by_side(
-            entry, rec, s, args, timer, l, sh, b), needs_seconds=20)
+        rec.run(
+            f"side-by-side-{label}",
+            lambda entry, name=label, sh=shape, b=batch: _side_by_side(entry, rec, s, args, timer, name, sh, b),
+            needs_seconds=20,
+        )
     for label, shape, _ in s["cost_shapes"]:
-        rec.run(f"attention-share-{label}", lambda entry, l=label, sh=shape: _attention_share(
-            entry, rec, s, args, timer, l, sh), needs_seconds=20)
+        rec.run(
+            f"attention-share-{label}",
+            lambda entry, name=label, sh=shape: _attention_share(entry, rec, s, args, timer, name, sh),
+            needs_seconds=20,
+        )
     timer.remove()
 
 
@@ -487,8 +586,9 @@ def _kernel_timing(entry, s):
             for _ in range(4):  # the first is a warm-up
                 sync(device)
                 began = time.perf_counter()
-                context_attention_mass(query, key, context=context, key_valid=valid, scaling=dim**-0.5,
-                                       query_needed=~context)
+                context_attention_mass(
+                    query, key, context=context, key_valid=valid, scaling=dim**-0.5, query_needed=~context
+                )
                 sync(device)
                 times.append(time.perf_counter() - began)
             entry[f"{label}_seq{length}_seconds"] = statistics.median(times[1:])
@@ -516,9 +616,18 @@ def _side_by_side(entry, rec, s, args, timer, label, shape, batch):
     for variant in s["cost_variants"]:
         before = models.memory_allocated(device)
         model, copies[variant] = models.clone(source, checkpoint, "nf4", dtype, device)
-        trainer = build_trainer(variant, model, tokenizer, rows, output_dir=os.path.join(args.work, f"cost-{label}-{variant}"),
-                                cache_dir=os.path.join(args.work, f"cost-{label}-cache"), seq_len=seq, batch=batch,
-                                steps=warmup + steps, device=device)
+        trainer = build_trainer(
+            variant,
+            model,
+            tokenizer,
+            rows,
+            output_dir=os.path.join(args.work, f"cost-{label}-{variant}"),
+            cache_dir=os.path.join(args.work, f"cost-{label}-cache"),
+            seq_len=seq,
+            batch=batch,
+            steps=warmup + steps,
+            device=device,
+        )
         runner = Runner(variant, trainer, device, attention_timer=timer)
         sync(device)
         cache_began = time.perf_counter()
@@ -542,8 +651,10 @@ def _side_by_side(entry, rec, s, args, timer, label, shape, batch):
                 extra[runner.name].append(torch.cuda.max_memory_allocated() - before)
                 if round_index == 0:  # the optimizer state, allocated in the first step, stays
                     resident[runner.name] += torch.cuda.memory_allocated() - before
-        rec.log(f"{label}: round {round_index + 1}/{warmup + steps}: " + ", ".join(
-            f"{r.name} {r.times[-1]:.3f}s" for r in runners))
+        rec.log(
+            f"{label}: round {round_index + 1}/{warmup + steps}: "
+            + ", ".join(f"{r.name} {r.times[-1]:.3f}s" for r in runners)
+        )
         _summarise(entry, runners, warmup, resident, extra, batch * seq)
         rec.write()
     del runners
@@ -558,10 +669,14 @@ def _summarise(entry, runners, warmup, resident, extra, tokens_per_step):
         attention = statistics.median(runner.attention_times[warmup:] or runner.attention_times)
         result = entry["variants"].setdefault(runner.name, {})
         result.update(
-            step_seconds_median=median, step_seconds_min=min(timed), step_seconds_max=max(timed),
-            step_seconds_all=runner.times, timed_steps=len(runner.times[warmup:]),
+            step_seconds_median=median,
+            step_seconds_min=min(timed),
+            step_seconds_max=max(timed),
+            step_seconds_all=runner.times,
+            timed_steps=len(runner.times[warmup:]),
             tokens_per_second=tokens_per_step / median,
-            attention_seconds_median=attention, attention_share_of_step=attention / median,
+            attention_seconds_median=attention,
+            attention_share_of_step=attention / median,
             attention_instrumented=runner.timer is not None and runner.timer.calls > 0,
             resident_bytes=resident.get(runner.name),
             step_peak_extra_bytes=max(extra[runner.name]) if extra.get(runner.name) else None,
@@ -594,8 +709,18 @@ def _attention_share(entry, rec, s, args, timer, label, shape):
         rows += part
     checkpoint = models.random_checkpoint(args.work, label, shape, tokenizer, max(lengths), device, dtype)
     model = models.load_model(checkpoint, "nf4", dtype, device)
-    trainer = build_trainer("base", model, tokenizer, rows, output_dir=os.path.join(args.work, f"share-{label}"),
-                            cache_dir=None, seq_len=max(lengths), batch=1, steps=len(rows) * 2, device=device)
+    trainer = build_trainer(
+        "base",
+        model,
+        tokenizer,
+        rows,
+        output_dir=os.path.join(args.work, f"share-{label}"),
+        cache_dir=None,
+        seq_len=max(lengths),
+        batch=1,
+        steps=len(rows) * 2,
+        device=device,
+    )
     runner = Runner("base", trainer, device, attention_timer=timer)
     by_length = {}
     for batch in trainer.get_train_dataloader():
@@ -608,9 +733,16 @@ def _attention_share(entry, rec, s, args, timer, label, shape):
             runner.step()
         step = statistics.median(runner.times[1:])
         attention = statistics.median(runner.attention_times[1:])
-        entry[f"seq{length}"] = dict(step_seconds=step, attention_seconds=attention, share=attention / step,
-                                     tokens_per_second=length / step, instrumented=timer.calls > 0)
-        rec.log(f"{label} at {length} tokens: step {step:.3f} s, statistic {attention:.4f} s ({100 * attention / step:.1f}%)")
+        entry[f"seq{length}"] = dict(
+            step_seconds=step,
+            attention_seconds=attention,
+            share=attention / step,
+            tokens_per_second=length / step,
+            instrumented=timer.calls > 0,
+        )
+        rec.log(
+            f"{label} at {length} tokens: step {step:.3f} s, statistic {attention:.4f} s ({100 * attention / step:.1f}%)"
+        )
         rec.write()
     del runner, trainer, model
     models.free(device)
@@ -618,49 +750,75 @@ def _attention_share(entry, rec, s, args, timer, label, shape):
 
 # ------------------------------------------------------------------------------------------------------ memory cap
 
+
 def stage_memory_cap(rec, s, args):
     from benchmarks.gpu import models
 
     label, shape, batch = s["cap_shape"]
     device, dtype = s["device"], models.dtype_of(s)
-    rec.data.update(shape_label=label, batch=batch, seq_len=s["cap_seq"], cap_gib=s["cap_gib"], quantization="nf4",
-                    cap_applied=device == "cuda")
+    rec.data.update(
+        shape_label=label,
+        batch=batch,
+        seq_len=s["cap_seq"],
+        cap_gib=s["cap_gib"],
+        quantization="nf4",
+        cap_applied=device == "cuda",
+    )
 
     def checkpoint(entry):
         _, tokenizer = models.data(shape["vocab"], s["cap_seq"], 1)
-        entry["path"] = models.random_checkpoint(args.work, label, shape, tokenizer, max(s["share_seq_lens"]), device,
-                                                 dtype)
+        entry["path"] = models.random_checkpoint(
+            args.work, label, shape, tokenizer, max(s["share_seq_lens"]), device, dtype
+        )
         models.free(device)
 
     rec.run("checkpoint", checkpoint)
     pending = list(s["cap_modes"])
     while pending:
-        group, pending = pending[: s["cap_parallel"]], pending[s["cap_parallel"]:]
+        group, pending = pending[: s["cap_parallel"]], pending[s["cap_parallel"] :]
         processes = {}
         for mode in group:
             path = os.path.join(args.out, f"cap-{mode}.json")
             if os.path.exists(path):
                 os.remove(path)
-            command = [sys.executable, "-m", "benchmarks.gpu.stages", "memory_cap_mode", "--mode", mode,
-                       "--out", args.out, "--scale", args.scale, "--work", args.work, "--deadline", str(args.deadline)]
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.gpu.stages",
+                "memory_cap_mode",
+                "--mode",
+                mode,
+                "--out",
+                args.out,
+                "--scale",
+                args.scale,
+                "--work",
+                args.work,
+                "--deadline",
+                str(args.deadline),
+            ]
             log = open(os.path.join(args.out, f"cap-{mode}.log"), "w")
             processes[mode] = (subprocess.Popen(command, cwd=ROOT, stderr=log), log, path)
         rec.log(f"capped processes started: {', '.join(group)}")
         for mode, (process, log, path) in processes.items():
+
             def collect(entry, process=process, log=log, path=path, mode=mode):
                 try:
                     process.wait(timeout=max(1.0, rec.seconds_left()))
-                except subprocess.TimeoutExpired:
+                except subprocess.TimeoutExpired as error:
                     process.kill()
                     process.wait()
-                    raise RuntimeError("the capped process ran past the stage budget")
+                    raise RuntimeError("the capped process ran past the stage budget") from error
                 finally:
                     log.close()
                 result = json.load(open(path)) if os.path.exists(path) else {}
                 entry.update(result.get("substeps", {}).get("run", {}))
                 entry.pop("seconds", None)
                 if "fits" not in entry:
-                    raise RuntimeError(f"the capped process (exit {process.returncode}) gave no answer; see cap-{mode}.log")
+                    raise RuntimeError(
+                        f"the capped process (exit {process.returncode}) gave no answer; see cap-{mode}.log"
+                    )
+
             rec.run(f"mode-{mode}", collect)
         for process, log, _ in processes.values():  # any left running when the budget ran out
             if process.poll() is None:
@@ -691,13 +849,23 @@ def stage_memory_cap_mode(rec, s, args):
         else:
             entry.update(cap_applied=False, note="CPU scale: no memory cap (CUDA only); this only runs the code path")
         rows, tokenizer = models.data(shape["vocab"], seq, batch * (s["cap_steps"] + 1))
-        checkpoint = models.random_checkpoint(args.work, label, shape, tokenizer, max(s["share_seq_lens"]), device,
-                                              dtype)
+        checkpoint = models.random_checkpoint(
+            args.work, label, shape, tokenizer, max(s["share_seq_lens"]), device, dtype
+        )
         try:
             model = models.load_model(checkpoint, "nf4", dtype, device)
-            trainer = build_trainer(args.mode, model, tokenizer, rows, output_dir=os.path.join(args.work, f"cap-{args.mode}"),
-                                    cache_dir=os.path.join(args.work, f"cap-{args.mode}-cache"), seq_len=seq,
-                                    batch=batch, steps=s["cap_steps"] + 1, device=device)
+            trainer = build_trainer(
+                args.mode,
+                model,
+                tokenizer,
+                rows,
+                output_dir=os.path.join(args.work, f"cap-{args.mode}"),
+                cache_dir=os.path.join(args.work, f"cap-{args.mode}-cache"),
+                seq_len=seq,
+                batch=batch,
+                steps=s["cap_steps"] + 1,
+                device=device,
+            )
             runner = Runner(args.mode, trainer, device)
             prepare_history_cache(trainer)
             for _ in range(s["cap_steps"] + 1):
@@ -716,21 +884,32 @@ def stage_memory_cap_mode(rec, s, args):
 
 # ----------------------------------------------------------------------------------------------------- distributed
 
+
 def stage_distributed(rec, s, args):
     configs = list(s["distributed_configs"])
     rec.data["configs"] = configs
     deepspeed = importlib.util.find_spec("deepspeed") is not None
     runnable = [name for name in configs if deepspeed or not name.startswith("zero")]
     for name in configs:
+
         def launch(entry, name=name):
             if name.startswith("zero") and not deepspeed:
                 raise Skip("not available: deepspeed is not installed on this machine (and is not carried in .whl)")
             if s["device"] != "cuda":
-                raise Skip("accelerate refuses --cpu together with FSDP or DeepSpeed, and without a GPU Trainer runs "
-                           "plain DDP (docs/multi-gpu.md); the worker's code path runs under sub-step plain-cpu instead")
+                raise Skip(
+                    "accelerate refuses --cpu together with FSDP or DeepSpeed, and without a GPU Trainer runs "
+                    "plain DDP (docs/multi-gpu.md); the worker's code path runs under sub-step plain-cpu instead"
+                )
             share = rec.seconds_left() / max(1, len(runnable) - runnable.index(name))
-            _launch_worker(entry, s, args, name, ["--config_file", os.path.join(ROOT, "benchmarks", "gpu",
-                                                                              "accelerate", f"{name}.yaml")], share)
+            _launch_worker(
+                entry,
+                s,
+                args,
+                name,
+                ["--config_file", os.path.join(ROOT, "benchmarks", "gpu", "accelerate", f"{name}.yaml")],
+                share,
+            )
+
         rec.run(name, launch, needs_seconds=15)
     if s["device"] != "cuda":
         rec.run("plain-cpu", lambda entry: _launch_worker(entry, s, args, "plain-cpu", ["--cpu"], rec.seconds_left()))
@@ -740,11 +919,30 @@ def _launch_worker(entry, s, args, name, launch_args, timeout):
     path = os.path.join(args.out, f"dist-{name}.json")
     if os.path.exists(path):
         os.remove(path)
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_processes", "1",
-               "--num_machines", "1", "--mixed_precision", "bf16" if s["device"] == "cuda" else "no",
-               "--dynamo_backend", "no", "-m", "benchmarks.gpu.distributed_worker",
-               "--out", path, "--scale", args.scale, "--work", os.path.join(args.work, f"dist-{name}"),
-               "--modes", *s["distributed_modes"]]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launch_args,
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16" if s["device"] == "cuda" else "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "benchmarks.gpu.distributed_worker",
+        "--out",
+        path,
+        "--scale",
+        args.scale,
+        "--work",
+        os.path.join(args.work, f"dist-{name}"),
+        "--modes",
+        *s["distributed_modes"],
+    ]
     entry["command"] = " ".join(shlex.quote(part) for part in command)
     with open(os.path.join(args.out, f"dist-{name}.log"), "w") as log:
         try:
@@ -761,6 +959,7 @@ def _launch_worker(entry, s, args, name, launch_args, timeout):
 
 # --------------------------------------------------------------------------------------------------------- quality
 
+
 def stage_quality(rec, s, args):
     def entry_point(entry):
         if not os.path.exists(os.path.join(ROOT, "benchmarks", "quality", "run.py")):
@@ -768,16 +967,19 @@ def stage_quality(rec, s, args):
         extra = shlex.split(args.quality_args) if args.quality_args else ["--help"]
         command = [sys.executable, "-m", "benchmarks.quality.run", *extra]
         entry["command"] = " ".join(command)
-        completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                                   timeout=max(5.0, rec.seconds_left() - 2))
+        completed = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=max(5.0, rec.seconds_left() - 2)
+        )
         entry["returncode"] = completed.returncode
         entry["output_tail"] = (completed.stdout + completed.stderr)[-3000:]
         if extra == ["--help"]:
             text = completed.stdout
             entry["mentions_gpu_scale"] = "gpu" in text
             entry["mentions_real_model_mode"] = "real" in text.lower()
-            entry["note"] = ("only the entry point was checked (--help); pass --quality-args to check.py to run the "
-                             "real-model quality benchmark in this stage")
+            entry["note"] = (
+                "only the entry point was checked (--help); pass --quality-args to check.py to run the "
+                "real-model quality benchmark in this stage"
+            )
         if completed.returncode != 0:
             raise RuntimeError(f"exit {completed.returncode}: {entry['output_tail'][-500:]}")
 
@@ -825,8 +1027,11 @@ def main():
     except Exception as error:  # noqa: BLE001 - recorded; the stage's status becomes failed
         import traceback
 
-        rec.data["substeps"]["stage"] = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000],
-                                         "traceback": traceback.format_exc()[-4000:]}
+        rec.data["substeps"]["stage"] = {
+            "status": "failed",
+            "error": f"{type(error).__name__}: {error}"[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
     return rec.finish()
 
 

@@ -15,11 +15,19 @@ import re
 import subprocess
 import sys
 
+
 ROOTS = ("transformers", "trl", "datasets", "peft", "accelerate", "bitsandbytes")
 # The image's own torch is taken as it is (its CUDA libraries need not be pip distributions)
 NOT_EXPANDED = {"torch"}
-PROJECT_REQUIREMENTS = ("torch>=2.4", "trl>=1.16,<2", "transformers>=5.23,<6", "peft>=0.21,<1", "accelerate>=1.15",
-                        "datasets>=5.2", "bitsandbytes>=0.50")
+PROJECT_REQUIREMENTS = (
+    "torch>=2.4",
+    "trl>=1.16,<2",
+    "transformers>=5.23,<6",
+    "peft>=0.21,<1",
+    "accelerate>=1.15",
+    "datasets>=5.2",
+    "bitsandbytes>=0.50",
+)
 
 
 def unmet_requirements():
@@ -47,7 +55,9 @@ def unmet_requirements():
             continue
         seen.add(key)
         version = installed(requirement.name)
-        if version is None or (requirement.specifier and not requirement.specifier.contains(version, prereleases=True)):
+        if version is None or (
+            requirement.specifier and not requirement.specifier.contains(version, prereleases=True)
+        ):
             unmet.append((str(requirement), parent, version))
             continue
         if _normal(requirement.name) not in NOT_EXPANDED:  # the whole closure: httpx2 needs httpcore2, ...
@@ -81,8 +91,21 @@ def check_and_fix(site=None, compat_dir=None):
         chosen = _choose(unmet, compat_dir, report["installed_from_compat"]) if site and compat_dir else []
         if not chosen:
             break
-        command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                   "--no-cache-dir", "--upgrade", "--target", site, *chosen]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            site,
+            *chosen,
+        ]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
         report["installed_from_compat"] += [os.path.basename(path) for path in chosen]
         if completed.returncode != 0:

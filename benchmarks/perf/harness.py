@@ -28,18 +28,43 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_sstoken import SSTokenConfig, SSTokenTrainer
 
+
 VARIANTS = ("sft", "floor", "attention", "base", "base-cached", "lagged", "ema")
 SSTOKEN_VARIANTS = ("attention", "base", "base-cached", "lagged", "ema")
 SCALES = {
-    "toy": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2, vocab=200),  # for the smoke tests only
+    "toy": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab=200,
+    ),  # for the smoke tests only
     # big enough on 2 CPU cores that the matrix products dominate, small enough for a few minutes
-    "cpu": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                num_key_value_heads=2, vocab=4000),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab=128256),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab=128256),
+    "cpu": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab=4000,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab=128256,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab=128256,
+    ),
 }
 # the selection settings of each SSTokenTrainer variant (on top of attention_warmup_ratio=0)
 SELECTION = {
@@ -67,7 +92,10 @@ def synthetic_data(vocab_words: int, seq_len: int, examples: int, seed: int = 0)
     words = [f"w{i}" for i in range(vocab_words)]
     prompt_len, completion_len = (seq_len * 3) // 4, seq_len - (seq_len * 3) // 4 - 1  # -1: TRL appends EOS
     rows = [
-        {"prompt": " ".join(rng.choices(words, k=prompt_len)), "completion": " " + " ".join(rng.choices(words, k=completion_len))}
+        {
+            "prompt": " ".join(rng.choices(words, k=prompt_len)),
+            "completion": " " + " ".join(rng.choices(words, k=completion_len)),
+        }
         for _ in range(examples)
     ]
     return rows, words
@@ -76,10 +104,16 @@ def synthetic_data(vocab_words: int, seq_len: int, examples: int, seed: int = 0)
 def llama_config(shape: dict, tokenizer, max_positions: int, attn_implementation: str = "sdpa") -> LlamaConfig:
     """A Llama config of `shape` (a SCALES entry or the same keys) for `tokenizer`'s vocabulary."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=max_positions,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"],
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
         tie_word_embeddings=False,
     )
     config._attn_implementation = attn_implementation
@@ -90,27 +124,61 @@ def lora(r: int = 16) -> LoraConfig:
     return LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 
 
-def build_trainer(variant, model, tokenizer, rows, *, output_dir, cache_dir, seq_len, batch, steps, device,
-                  bf16=None, peft_config=None, **overrides):
+def build_trainer(
+    variant,
+    model,
+    tokenizer,
+    rows,
+    *,
+    output_dir,
+    cache_dir,
+    seq_len,
+    batch,
+    steps,
+    device,
+    bf16=None,
+    peft_config=None,
+    **overrides,
+):
     """The trainer of one variant on `model` (which it takes over), gradient checkpointing on, LoRA r=16 by default."""
     common = dict(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch, gradient_checkpointing=True,
-        learning_rate=1e-4, report_to="none", save_strategy="no", logging_steps=10**6, max_length=seq_len,
-        bf16=(device == "cuda") if bf16 is None else bf16, use_cpu=device == "cpu", seed=0,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        gradient_checkpointing=True,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        max_length=seq_len,
+        bf16=(device == "cuda") if bf16 is None else bf16,
+        use_cpu=device == "cpu",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     common.update(overrides)
     peft_config = peft_config or lora()
     dataset = Dataset.from_list(rows)
     if variant in ("sft", "floor"):
         trainer_class = SFTTrainer if variant == "sft" else FloorTrainer
-        return trainer_class(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft_config)
+        return trainer_class(
+            model=model,
+            args=SFTConfig(**common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     selection = dict(attention_warmup_ratio=0.0, **SELECTION[variant])
     if variant == "base-cached":
         selection.update(history_cache_dir=cache_dir, history_cache_batch_size=2 * batch)
-    return SSTokenTrainer(model=model, args=SSTokenConfig(**common, **selection), train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=peft_config)
+    return SSTokenTrainer(
+        model=model,
+        args=SSTokenConfig(**common, **selection),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
 
 
 def sync(device):

@@ -34,6 +34,7 @@ import time
 
 import torch
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,8 +60,18 @@ def build(variant, args, tokenizer, rows, cache_dir, output_dir):
     config = llama_config(SCALES[args.scale], tokenizer, max_positions=max(4096, args.seq_len))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = LlamaForCausalLM(config).to(dtype=dtype, device=args.device)
-    return build_trainer(variant, model, tokenizer, rows, output_dir=output_dir, cache_dir=cache_dir,
-                         seq_len=args.seq_len, batch=args.batch, steps=args.warmup + args.steps, device=args.device)
+    return build_trainer(
+        variant,
+        model,
+        tokenizer,
+        rows,
+        output_dir=output_dir,
+        cache_dir=cache_dir,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        steps=args.warmup + args.steps,
+        device=args.device,
+    )
 
 
 def current_rss_bytes():
@@ -103,8 +114,24 @@ def peak_memory_bytes(device):
 
 def measure_memory(variant, args):
     """Peak memory of a variant, alone in a fresh process (warm-up + 3 steps)."""
-    command = [sys.executable, __file__, "--memory-of", variant, "--scale", args.scale, "--device", args.device,
-               "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--warmup", "1", "--steps", "3"]
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        variant,
+        "--scale",
+        args.scale,
+        "--device",
+        args.device,
+        "--seq-len",
+        str(args.seq_len),
+        "--batch",
+        str(args.batch),
+        "--warmup",
+        "1",
+        "--steps",
+        "3",
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if completed.returncode != 0:
         raise RuntimeError(completed.stderr[-3000:])
@@ -121,8 +148,9 @@ def setup(args):
 def memory_only(args):
     rows, tokenizer = setup(args)
     with tempfile.TemporaryDirectory() as tmp:
-        runner = Runner(args.memory_of, build(args.memory_of, args, tokenizer, rows, os.path.join(tmp, "cache"), tmp),
-                        args.device)
+        runner = Runner(
+            args.memory_of, build(args.memory_of, args, tokenizer, rows, os.path.join(tmp, "cache"), tmp), args.device
+        )
         prepare_history_cache(runner.trainer)
         runner.step()  # the first step allocates the optimizer state: count it in the baseline of every variant
         if args.device == "cuda":
@@ -178,8 +206,11 @@ def main():
                 sync(args.device)
                 seconds = time.perf_counter() - start
             if variant == "base-cached" and prepared:
-                caching = {"seconds": seconds, "tokens": len(rows) * args.seq_len,
-                           "tokens_per_second": len(rows) * args.seq_len / seconds}
+                caching = {
+                    "seconds": seconds,
+                    "tokens": len(rows) * args.seq_len,
+                    "tokens_per_second": len(rows) * args.seq_len / seconds,
+                }
             runners.append(runner)
         tokens_per_step = None
         for round_index in range(args.warmup + args.steps):
@@ -187,20 +218,34 @@ def main():
                 tokens_per_step = runner.step()
             print(f"round {round_index + 1}/{args.warmup + args.steps} done", file=sys.stderr)
 
-    results = {"command": "python " + " ".join(sys.argv), "scale": args.scale, "shape": SCALES[args.scale],
-               "device": args.device, "seq_len": args.seq_len, "batch": args.batch, "threads": args.threads,
-               "warmup_steps": args.warmup, "timed_steps": args.steps,
-               "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                            "machine": platform.machine(), "cpus": os.cpu_count()},
-               "variants": {}}
-    medians = {r.name: statistics.median(r.times[args.warmup:]) for r in runners}
+    results = {
+        "command": "python " + " ".join(sys.argv),
+        "scale": args.scale,
+        "shape": SCALES[args.scale],
+        "device": args.device,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "threads": args.threads,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+        "variants": {},
+    }
+    medians = {r.name: statistics.median(r.times[args.warmup :]) for r in runners}
     for runner in runners:
-        timed = runner.times[args.warmup:]
+        timed = runner.times[args.warmup :]
         median = medians[runner.name]
         entry = {
-            "step_seconds_median": median, "step_seconds_min": min(timed), "step_seconds_max": max(timed),
+            "step_seconds_median": median,
+            "step_seconds_min": min(timed),
+            "step_seconds_max": max(timed),
             "tokens_per_second": tokens_per_step / median,
-            "attention_seconds_median": statistics.median(runner.attention_times[args.warmup:]),
+            "attention_seconds_median": statistics.median(runner.attention_times[args.warmup :]),
         }
         entry["attention_share_of_step"] = entry["attention_seconds_median"] / median
         if "sft" in medians:
@@ -255,8 +300,11 @@ def markdown(results):
         )
     if "caching_pass" in results:
         c = results["caching_pass"]
-        lines += ["", f"Caching pass: {c['tokens']} tokens in {c['seconds']:.1f} s = {c['tokens_per_second']:.0f} tokens/s, "
-                  f"{c['vs_training_throughput']:.2f}x the plain SFT training throughput."]
+        lines += [
+            "",
+            f"Caching pass: {c['tokens']} tokens in {c['seconds']:.1f} s = {c['tokens_per_second']:.0f} tokens/s, "
+            f"{c['vs_training_throughput']:.2f}x the plain SFT training throughput.",
+        ]
     return "\n".join(lines) + "\n"
 
 
