@@ -549,13 +549,13 @@ def stage_cost(rec, s, args):
         lora="r=16, alpha=16, all linear layers",
     )
     rec.run("attention-kernel-alone", lambda entry: _kernel_timing(entry, s))
+    # shape by shape, the small one first: if the 8B shape runs out of budget, the 1B figures are all there
     for label, shape, batch in s["cost_shapes"]:
         rec.run(
             f"side-by-side-{label}",
             lambda entry, name=label, sh=shape, b=batch: _side_by_side(entry, rec, s, args, timer, name, sh, b),
             needs_seconds=20,
         )
-    for label, shape, _ in s["cost_shapes"]:
         rec.run(
             f"attention-share-{label}",
             lambda entry, name=label, sh=shape: _attention_share(entry, rec, s, args, timer, name, sh),
