@@ -24,7 +24,9 @@ def reference_scores(weights, context, sink, allowed):
         if not allowed[i].any():
             continue
         p = weights[:, i, :]
-        out["context_mass"][i] = sum(p[h, j] for h in range(num_heads) for j in range(length) if context[j]) / num_heads
+        out["context_mass"][i] = (
+            sum(p[h, j] for h in range(num_heads) for j in range(length) if context[j]) / num_heads
+        )
         off_sink = sum(p[h, j] for h in range(num_heads) for j in range(length) if not sink[j])
         on_context = sum(p[h, j] for h in range(num_heads) for j in range(length) if context[j] and not sink[j])
         if off_sink > 0:
@@ -75,7 +77,7 @@ def hand_built_case(seed, batch=3, heads=4, kv_heads=2, length=11, dim=8, paddin
     generator = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, heads, length, dim, generator=generator) * 2
     key = torch.randn(batch, kv_heads, length, dim, generator=generator) * 2
-    key[:, :, 0] += 3 * query[:, ::heads // kv_heads, 1:].mean(2)  # a sink-like first key: large logits for all
+    key[:, :, 0] += 3 * query[:, :: heads // kv_heads, 1:].mean(2)  # a sink-like first key: large logits for all
     valid = torch.ones(batch, length, dtype=torch.bool)
     if padding == "right":
         valid[1, -3:] = False
@@ -113,8 +115,15 @@ def test_scores_match_float64_reference(score, padding, packed, kv_heads, chunk_
     )
     sink = sink_keys(valid, sequence_ids)
     got = context_attention_mass(
-        query, key, context=context, key_valid=valid, scaling=0.35, sequence_ids=sequence_ids,
-        chunk_size=chunk_size, score=score, sink=sink,
+        query,
+        key,
+        context=context,
+        key_valid=valid,
+        scaling=0.35,
+        sequence_ids=sequence_ids,
+        chunk_size=chunk_size,
+        score=score,
+        sink=sink,
     )
     for row in range(query.size(0)):
         allowed = allowed_matrix(valid[row], sequence_ids[row])
@@ -156,7 +165,13 @@ def test_packed_row_scores_equal_the_sequences_scored_alone():
     valid = torch.ones_like(context)
     for score in ATTENTION_SCORES:
         packed = context_attention_mass(
-            query, key, context=context, key_valid=valid, scaling=0.3, sequence_ids=sequence_ids, score=score,
+            query,
+            key,
+            context=context,
+            key_valid=valid,
+            scaling=0.3,
+            sequence_ids=sequence_ids,
+            score=score,
             sink=sink_keys(valid, sequence_ids),
         )
         start = 0
@@ -164,8 +179,13 @@ def test_packed_row_scores_equal_the_sequences_scored_alone():
             part = slice(start, start + n)
             alone_valid = valid[:, part]
             alone = context_attention_mass(
-                query[:, :, part], key[:, :, part], context=context[:, part], key_valid=alone_valid, scaling=0.3,
-                score=score, sink=sink_keys(alone_valid),
+                query[:, :, part],
+                key[:, :, part],
+                context=context[:, part],
+                key_valid=alone_valid,
+                scaling=0.3,
+                score=score,
+                sink=sink_keys(alone_valid),
             )
             torch.testing.assert_close(packed[:, part], alone, atol=1e-6, rtol=0)
             start += n
@@ -187,12 +207,16 @@ def test_sink_free_ignores_how_much_a_single_head_puts_on_the_sink():
         boosted = key.clone()
         boosted[0, 0, 0, 0] += boost
         results[boost] = {
-            s: context_attention_mass(query, boosted, context=context, key_valid=valid, scaling=1.0, score=s, sink=sink)
+            s: context_attention_mass(
+                query, boosted, context=context, key_valid=valid, scaling=1.0, score=s, sink=sink
+            )
             for s in ATTENTION_SCORES
         }
     assert (results[20.0]["context_mass"][0, 1:] > 0.99).all()  # dominated by the sink
     torch.testing.assert_close(results[20.0]["sink_free"], results[0.0]["sink_free"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(results[20.0]["position_corrected"], results[0.0]["position_corrected"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        results[20.0]["position_corrected"], results[0.0]["position_corrected"], atol=1e-5, rtol=0
+    )
 
 
 def test_a_dormant_head_gets_no_vote_in_sink_free():
@@ -207,7 +231,9 @@ def test_a_dormant_head_gets_no_vote_in_sink_free():
     key[0, 1, 0, 1] = 50.0
     key[0, 1, 1:3, 1] = 10.0  # its tiny non-sink rest goes to the context
     sink = sink_keys(valid)
-    pooled = context_attention_mass(query, key, context=context, key_valid=valid, scaling=1.0, score="sink_free", sink=sink)
+    pooled = context_attention_mass(
+        query, key, context=context, key_valid=valid, scaling=1.0, score="sink_free", sink=sink
+    )
     head0 = context_attention_mass(query[:, :1], key[:, :1], context=context, key_valid=valid, scaling=1.0,
                                    score="sink_free", sink=sink)  # fmt: skip
     torch.testing.assert_close(pooled[0, 3:], head0[0, 3:], atol=1e-6, rtol=0)
@@ -311,8 +337,14 @@ def test_trainer_passes_the_score_to_the_capture(tokenizer, tmp_path):
     model = build_tiny_model(tokenizer, num_layers=2)
     rows = [{"prompt": "a b c", "completion": " d e f"}] * 4
     args = SSTokenConfig(
-        output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_steps=1,
-        per_device_train_batch_size=2, attention_score="sink_free", selection_method="attention",
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        attention_score="sink_free",
+        selection_method="attention",
     )
     trainer = SSTokenTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     assert trainer._attention.score == "sink_free"
@@ -340,7 +372,7 @@ def test_scores_on_smollm2_match_float64_eager(smollm2_dir):
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])  # left padding
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     context = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (r, n) in enumerate(zip(rows, contexts)):
+    for i, (r, n) in enumerate(zip(rows, contexts, strict=False)):
         context[i, width - len(r) : width - len(r) + n] = True
     layers = [model.config.num_hidden_layers - 1, model.config.num_hidden_layers // 2]
     reference_model = copy.deepcopy(model).double()

@@ -32,6 +32,7 @@ from datasets import Dataset
 from . import noise
 from .tasks import FAMILIES, Instance, generate
 
+
 BOILERPLATE_TEXT = "Sure! Here is what you asked for. "
 RANDOM_MARKER_TEXT = " Ref:"
 CODE_LETTERS = "KQZXJV"
@@ -53,10 +54,10 @@ def prompt_text(instance: Instance) -> str:
     if instance.family == "add":
         return f"What is {words[1]} + {words[3]}?"
     if instance.family == "reverse":
-        return f"Reverse the list: {', '.join(words[words.index(':') + 1:])}."
+        return f"Reverse the list: {', '.join(words[words.index(':') + 1 :])}."
     if instance.family == "lookup":
         table = words[2 : words.index(".")]
-        pairs = [f"{key} {value}" for key, value in zip(table[0::3], table[1::3])]
+        pairs = [f"{key} {value}" for key, value in zip(table[0::3], table[1::3], strict=False)]
         return f"Table: {', '.join(pairs)}. What is the value of {words[-2]}?"
     if instance.family == "replace":
         items = words[words.index("list") + 2 :]
@@ -168,7 +169,7 @@ def tokenize_example(tokenizer, model_name: str, prompt: str, response: RealResp
         spans.append((position, position + len(segment), kind))
         position += len(segment)
     kinds, labels = [], []
-    for token, (start, end) in zip(ids, offsets):
+    for token, (start, end) in zip(ids, offsets, strict=False):
         if end <= len(head):
             kinds.append(-1)
             labels.append(-100)
@@ -195,7 +196,7 @@ def sft_dataset(tokenizer, model_name: str, instances: list[Instance], responses
 
 def kind_counts(responses: list[RealResponse], tokenizer=None, model_name=None, instances=None) -> dict:
     """Realised noise, in segments (words or items) and, with a tokenizer, in tokens."""
-    counts = {kind: 0 for kind in KINDS}
+    counts = dict.fromkeys(KINDS, 0)
     for response in responses:
         for kind, _ in response.segments:
             counts[kind] += 1
@@ -210,8 +211,8 @@ def kind_counts(responses: list[RealResponse], tokenizer=None, model_name=None, 
         / max(len(responses), 1),
     }
     if tokenizer is not None:
-        tokens = {kind: 0 for kind in KINDS}
-        for instance, response in zip(instances, responses):
+        tokens = dict.fromkeys(KINDS, 0)
+        for instance, response in zip(instances, responses, strict=False):
             for kind in tokenize_example(tokenizer, model_name, prompt_text(instance), response)["kinds"]:
                 if kind >= 0:
                     tokens[KINDS[kind]] += 1

@@ -69,7 +69,7 @@ def greedy_generate(model, tokenizer, model_name, prompts_ids, max_new_tokens, b
 def _summarize(per_example, instances, key):
     result = {"overall": sum(s[key] for s in per_example) / len(per_example)}
     for family in FAMILIES:
-        scores = [s[key] for s, i in zip(per_example, instances) if i.family == family]
+        scores = [s[key] for s, i in zip(per_example, instances, strict=False) if i.family == family]
         if scores:
             result[family] = sum(scores) / len(scores)
     return result
@@ -99,16 +99,18 @@ def clean_nll(model, tokenizer, model_name, instances, batch_size=32) -> dict:
     return {f"{name}_nll": total / max(count, 1) for name, (total, count) in totals.items()}
 
 
-def evaluate(model, tokenizer, model_name, instances, max_new_tokens=24, samples=4) -> dict:
+def evaluate(model, tokenizer, model_name, instances, max_new_tokens=48, samples=4) -> dict:
     prompts = [real_data.prompt_ids(tokenizer, model_name, real_data.prompt_text(i)) for i in instances]
     texts = greedy_generate(model, tokenizer, model_name, prompts, max_new_tokens)
-    per_example = [score_generation(text, instance) for text, instance in zip(texts, instances)]
+    per_example = [score_generation(text, instance) for text, instance in zip(texts, instances, strict=False)]
     return {
         "exact_match": _summarize(per_example, instances, "exact_match"),
         "strict_match": _summarize(per_example, instances, "strict_match"),
         **clean_nll(model, tokenizer, model_name, instances),
-        "samples": [{"prompt": real_data.prompt_text(i), "generation": t, "answer": real_data.answer_text(i)}
-                    for i, t in list(zip(instances, texts))[:samples]],  # fmt: skip
+        "samples": [
+            {"prompt": real_data.prompt_text(i), "generation": t, "answer": real_data.answer_text(i)}
+            for i, t in list(zip(instances, texts, strict=False))[:samples]
+        ],  # fmt: skip
     }
 
 

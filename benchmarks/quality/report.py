@@ -14,6 +14,7 @@ from pathlib import Path
 from .noise import KINDS
 from .tasks import FAMILIES
 
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS = REPO_ROOT / "docs" / "benchmarks.md"
 
@@ -56,9 +57,12 @@ def markdown_real(results: dict) -> str:
     realised = results["data"]["noisy_realised"]
     if realised and "response_token_fraction_by_kind" in realised:
         fractions = realised["response_token_fraction_by_kind"]
-        lines += ["", "Noisy training data, response tokens by kind: "
-                  + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fractions.items())
-                  + f"; {100 * realised['corrupt_fraction_of_answer_items']:.1f}% of answer items corrupted."]
+        lines += [
+            "",
+            "Noisy training data, response tokens by kind: "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fractions.items())
+            + f"; {100 * realised['corrupt_fraction_of_answer_items']:.1f}% of answer items corrupted.",
+        ]
     for dataset in ("noisy", "clean"):
         rows = [(name, cells[dataset]) for name, cells in summary["main"].items() if dataset in cells]
         if not rows:
@@ -74,26 +78,43 @@ def markdown_real(results: dict) -> str:
                          + " | ".join(_pct(kept.get(k)) for k in KINDS) + " |")  # fmt: skip
     noisy = [(name, cells["noisy"]) for name, cells in summary["main"].items() if "noisy" in cells]
     if noisy:
-        lines += ["", "**Kept fraction by position in the response** (noisy data; decile 1 = first tenth)", "",
-                  "| method | " + " | ".join(f"d{d + 1}" for d in range(10)) + " |", "|---|" + "---|" * 10]
+        lines += [
+            "",
+            "**Kept fraction by position in the response** (noisy data; decile 1 = first tenth)",
+            "",
+            "| method | " + " | ".join(f"d{d + 1}" for d in range(10)) + " |",
+            "|---|" + "---|" * 10,
+        ]
         for name, cell in noisy:
             deciles = cell.get("kept_fraction_by_position_decile") or [None] * 10
             lines.append(f"| {name} | " + " | ".join(_pct(v) for v in deciles) + " |")
     attention = base.get("attention_before_sft", {})
     if attention:
-        lines += ["", "**The attention statistic before SFT** (noisy training rows; mean score per token kind; sink "
-                  "share = fraction of the context mass on the sink, the first token)", "",
-                  "| layer | sink share | score | " + " | ".join(KINDS) + " |", "|---|---|---|" + "---|" * len(KINDS)]
+        lines += [
+            "",
+            "**The attention statistic before SFT** (noisy training rows; mean score per token kind; sink "
+            "share = fraction of the context mass on the sink, the first token)",
+            "",
+            "| layer | sink share | score | " + " | ".join(KINDS) + " |",
+            "|---|---|---|" + "---|" * len(KINDS),
+        ]
         for layer, diag in attention.items():
             for score in ("context_mass", "sink_free", "position_corrected"):
                 by_kind = diag[f"{score}_by_kind"]
-                lines.append(f"| {layer} | {100 * diag['sink_share_of_context_mass']:.0f}% | {score} | "
-                             + " | ".join(f"{by_kind[k]:.3f}" if k in by_kind else "-" for k in KINDS) + " |")
+                lines.append(
+                    f"| {layer} | {100 * diag['sink_share_of_context_mass']:.0f}% | {score} | "
+                    + " | ".join(f"{by_kind[k]:.3f}" if k in by_kind else "-" for k in KINDS)
+                    + " |"
+                )
     ablations = summary.get("ablations", {})
     if ablations:
-        lines += ["", "**Ablations of sstoken** (noisy data)", "",
-                  "| setting | n | exact match | strict match | answer NLL | kept answer | kept corrupt | kept random |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "**Ablations of sstoken** (noisy data)",
+            "",
+            "| setting | n | exact match | strict match | answer NLL | kept answer | kept corrupt | kept random |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         reference = summary["main"].get("sstoken", {}).get("noisy")
         for name, cells in [("sstoken (ratio 0.6, gamma 0.5, base, warm-up 0.2, last layer)", {"noisy": reference}),
                             *ablations.items()]:  # fmt: skip
@@ -119,7 +140,10 @@ def plot_real(results: dict, path: Path):
 
     main = results["summary"]["main"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, metric, label in ((axes[0], "exact_match", "exact match (%)"), (axes[1], "answer_nll", "clean answer NLL")):
+    for ax, metric, label in (
+        (axes[0], "exact_match", "exact match (%)"),
+        (axes[1], "answer_nll", "clean answer NLL"),
+    ):
         names = list(main)
         for offset, dataset in ((-0.2, "noisy"), (0.2, "clean")):
             xs = [i + offset for i, n in enumerate(names) if dataset in main[n]]
@@ -202,16 +226,22 @@ def markdown(results: dict) -> str:
         lines.append("|---|---|---|---|")
         if reference:
             kept = reference["kept_fraction_by_kind"]
-            lines.append(f"| main sstoken | {_pm_seeds(reference['exact_match'])} | 0 | "
-                         + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random")) + " |")
+            lines.append(
+                f"| main sstoken | {_pm_seeds(reference['exact_match'])} | 0 | "
+                + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random"))
+                + " |"
+            )
         for name, cell in summary["ablations"].items():
             noisy = cell["noisy"]
             diff = (
                 f"{100 * (noisy['exact_match']['mean'] - reference['exact_match']['mean']):+.1f}" if reference else "-"
             )
             kept = noisy["kept_fraction_by_kind"]
-            lines.append(f"| {name} | {_pm_seeds(noisy['exact_match'])} | {diff} | "
-                         + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random")) + " |")
+            lines.append(
+                f"| {name} | {_pm_seeds(noisy['exact_match'])} | {diff} | "
+                + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random"))
+                + " |"
+            )
 
     failed = [r for r in results.get("runs", []) if r["status"] != "ok"]
     if failed:
@@ -253,10 +283,12 @@ def plot(results: dict, path: Path):
     ax.legend()
 
     ax = axes[1]
-    kinds = [k for k in ("answer", "corrupt", "format", "boilerplate", "random")]
+    kinds = ["answer", "corrupt", "format", "boilerplate", "random"]
     width = 0.8 / len(kinds)
     for j, kind in enumerate(kinds):
-        values = [100 * summary["main"][n].get("noisy", {}).get("kept_fraction_by_kind", {}).get(kind, 0) for n in names]
+        values = [
+            100 * summary["main"][n].get("noisy", {}).get("kept_fraction_by_kind", {}).get(kind, 0) for n in names
+        ]
         ax.bar([i - 0.4 + (j + 0.5) * width for i in range(len(names))], values, width, label=kind)
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_ylabel("response tokens of the kind trained on (%)")

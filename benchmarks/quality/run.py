@@ -25,6 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 
 from . import base_model, data, evaluate, methods, noise, tasks  # noqa: E402
 from .scales import SCALES  # noqa: E402
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATASETS = ("noisy", "clean")
@@ -42,7 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="model, data and step sizes")
     parser.add_argument("--quick", action="store_true", help="same as --scale tiny: a smoke test of the pipeline")
     parser.add_argument(
-        "--model", choices=("lab", "smollm2", "gemma3"), default="lab",
+        "--model",
+        choices=("lab", "smollm2", "gemma3"),
+        default="lab",
         help="lab: the benchmark's own small model, pretrained here; smollm2 / gemma3: a real pretrained model "
         "(trl_sstoken.real_models) with natural-language tasks (real-model mode, scales real-*)",
     )
@@ -56,7 +60,11 @@ def parse_args(argv=None):
         "--only-ablations", action="store_true", help="run the ablations only, not the main table (a later stage)"
     )
     parser.add_argument(
-        "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a number of the scale, e.g. --set sft_steps=300 sft_lr=1e-3 (recorded in the JSON)",
     )
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="parallel runs")
@@ -128,7 +136,7 @@ def design(real: bool = False) -> dict:
             "of spaces and a final '.') equals the ground truth",
             "secondary_metrics": "strict_match (the whole generation is the clean response); answer_nll (teacher-"
             "forced mean NLL of the clean answer tokens of the eval prompts)",
-            "decoding": "greedy, max 24 new tokens, stop at the end-of-turn token",
+            "decoding": "greedy, max 48 new tokens (24 in the first, stopped attempt), stop at the end-of-turn token",
             "std": "sample standard deviation over seeds (n - 1 denominator)",
         }
     return {
@@ -367,7 +375,7 @@ def _real_base_model(name: str, scale: dict, splits, device: str, report: dict):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_real_model(path, device)
     noisy_rows = [real_data.tokenize_example(tokenizer, name, real_data.prompt_text(i), r)
-                  for i, r in list(zip(splits.train, splits.train_noisy))[: scale["diagnostic_rows"]]]  # fmt: skip
+                  for i, r in list(zip(splits.train, splits.train_noisy, strict=False))[: scale["diagnostic_rows"]]]  # fmt: skip
     report["data"]["noisy_realised"] = real_data.kind_counts(splits.train_noisy, tokenizer, name, splits.train)
     report["data"]["clean_realised"] = real_data.kind_counts(splits.train_clean, tokenizer, name, splits.train)
     report["data"]["example_noisy_response"] = [r.text for r in splits.train_noisy[:4]]
@@ -511,7 +519,7 @@ def main(argv=None):
         ref_jobs = reference_jobs(scale, seeds, info["recipe_hash"], cache_dir) if "rho1" in runnable else []
         reference_path = {job["seed"]: job["path"] for job in ref_jobs}
     elif "rho1" in runnable:
-        ref_jobs = [j for j in reference_jobs(scale, seeds, info["recipe_hash"], cache_dir)]
+        ref_jobs = list(reference_jobs(scale, seeds, info["recipe_hash"], cache_dir))
         todo = [j for j in ref_jobs if not (Path(j["path"]) / "adapter_config.json").exists()]
         for index, job in enumerate(todo):
             job["index"] = index

@@ -1,32 +1,65 @@
-import sys, torch
+"""Exploration (issue 13): which context parts (sink, system prompt, user words, template) SmolLM2 response
+tokens attend to, per layer, from the scored token's own query (self) and from the query that predicts it (pred).
+
+    python benchmarks/quality/exploration/context_parts.py
+"""
+
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from trl_sstoken.real_models import real_model_path
-sys.path.insert(0, "/tmp"); torch.set_num_threads(2)
-path = real_model_path("smollm2"); tok = AutoTokenizer.from_pretrained(path)
+
+
+torch.set_num_threads(2)
+path = real_model_path("smollm2")
+tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-exec(open("/tmp/explore_attn.py").read().split("if os.environ")[0].split("EX = ")[1].join(["EX = ", ""]) if False else "")
-from importlib import util
-src = open("/tmp/explore_attn.py").read()
-EX = eval(src.split("EX = ")[1].split("\ndef build")[0])
+# the five hand-written examples of sinks_per_layer.py
+EX = [
+    ("What is 12 + 7?", [("bp", "Sure! Here is the answer:"), ("ans", " 19")]),
+    (
+        "Reverse the list: apple, pear, fig.",
+        [("bp", "Sure! Here is the reversed list:"), ("ans", " fig, pear, apple")],
+    ),
+    (
+        "Table: red=4, blue=17, gold=2. What is blue?",
+        [("bp", "Sure! Here is what you asked for."), ("ans", " blue=17")],
+    ),
+    ("What is the capital of France?", [("bp", "The capital of France is"), ("ans", " Paris.")]),
+    ("Replace cat with owl in: ant, cat, fox.", [("ans", "ant, owl, fox"), ("rnd", " ref: k12 k07 k33")]),
+]
+
+
 def build(prompt, parts):
     chat = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    ids = tok(chat, add_special_tokens=False)["input_ids"]; kinds = ["ctx"] * len(ids)
+    ids = tok(chat, add_special_tokens=False)["input_ids"]
+    kinds = ["ctx"] * len(ids)
     for kind, text in parts:
-        t = tok(text, add_special_tokens=False)["input_ids"]; ids += t; kinds += [kind] * len(t)
-    ids.append(tok.convert_tokens_to_ids("<|im_end|>")); kinds.append("eos"); return ids, kinds
+        t = tok(text, add_special_tokens=False)["input_ids"]
+        ids += t
+        kinds += [kind] * len(t)
+    ids.append(tok.convert_tokens_to_ids("<|im_end|>"))
+    kinds.append("eos")
+    return ids, kinds
+
+
 L = model.config.num_hidden_layers
 acc = {}
 for prompt, parts in EX:
-    ids, kinds = build(prompt, parts); T = len(ids)
+    ids, kinds = build(prompt, parts)
+    T = len(ids)
     toks = [tok.decode([i]) for i in ids]
     # context parts: sink=0; system = 1..index of 2nd <|im_start|>; user content = after 'user\n' up to its <|im_end|>; template = rest of ctx
     starts = [i for i, t in enumerate(toks) if t == "<|im_start|>"]
     part = ["tmpl"] * T
     part[0] = "sink"
-    for i in range(3, starts[1] - 2): part[i] = "sys"
-    for i in range(starts[1] + 3, starts[2] - 2): part[i] = "user"
+    for i in range(3, starts[1] - 2):
+        part[i] = "sys"
+    for i in range(starts[1] + 3, starts[2] - 2):
+        part[i] = "user"
     for i, k in enumerate(kinds):
-        if k != "ctx": part[i] = "resp"
+        if k != "ctx":
+            part[i] = "resp"
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids]), output_attentions=True)
     fr = kinds.index(next(k for k in kinds if k != "ctx"))
@@ -35,17 +68,31 @@ for prompt, parts in EX:
         for t in range(fr, T):
             for align, q in (("self", t), ("pred", t - 1)):
                 wq = w[:, q, : q + 1]
-                shares = {p: wq[:, [i for i in range(q + 1) if part[i] == p]].sum(-1) for p in ("sink", "sys", "user", "tmpl", "resp")}
+                shares = {
+                    p: wq[:, [i for i in range(q + 1) if part[i] == p]].sum(-1)
+                    for p in ("sink", "sys", "user", "tmpl", "resp")
+                }
                 nonsink = 1 - shares["sink"]
                 pooled_sf_ctx = (shares["sys"] + shares["user"] + shares["tmpl"]).sum() / nonsink.sum()
                 pooled_user = shares["user"].sum() / nonsink.sum()
                 a = acc.setdefault((layer, align, kinds[t]), [])
-                a.append([shares[p].mean().item() for p in ("sink", "sys", "user", "tmpl", "resp")] + [pooled_sf_ctx.item(), pooled_user.item()])
-print("shares of attention of response-token queries (head mean). pooled sink-free ctx = sum_h ctx_nonsink / sum_h (1-sink)")
-print(f"{'L':>2} {'align':>5} {'kind':>4} {'sink':>5} {'sys':>5} {'user':>5} {'tmpl':>5} {'resp':>5} | {'sfctx':>5} {'sfuser':>6}")
+                a.append(
+                    [shares[p].mean().item() for p in ("sink", "sys", "user", "tmpl", "resp")]
+                    + [pooled_sf_ctx.item(), pooled_user.item()]
+                )
+print(
+    "shares of attention of response-token queries (head mean). pooled sink-free ctx = sum_h ctx_nonsink / sum_h (1-sink)"
+)
+print(
+    f"{'L':>2} {'align':>5} {'kind':>4} {'sink':>5} {'sys':>5} {'user':>5} {'tmpl':>5} {'resp':>5} | {'sfctx':>5} {'sfuser':>6}"
+)
 for layer in [0, 4, 8, 12, 15, 18, 21, 24, 27, 29]:
     for align in ("self", "pred"):
         for kind in ("bp", "ans", "rnd", "eos"):
             v = acc[(layer, align, kind)]
             m = [sum(x[i] for x in v) / len(v) for i in range(7)]
-            print(f"{layer:>2} {align:>5} {kind:>4} " + " ".join(f"{x:5.2f}" for x in m[:5]) + f" | {m[5]:5.2f} {m[6]:6.2f}")
+            print(
+                f"{layer:>2} {align:>5} {kind:>4} "
+                + " ".join(f"{x:5.2f}" for x in m[:5])
+                + f" | {m[5]:5.2f} {m[6]:6.2f}"
+            )
