@@ -24,6 +24,7 @@ from .checkpoints import CHECKPOINT_MARKER, is_checkpoint_complete, last_complet
 from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_selection_fields
 from .config import SSTokenConfig
 from .config_reference import add_to_model_card
+from .model_card import card_names, name_base_model_and_dataset
 from .history import FrozenBaseHistory, HistoryUpdateCallback, build_history, is_peft_model
 from .history.cache import (
     CACHE_FILE,
@@ -522,12 +523,16 @@ class SSTokenTrainer(SFTTrainer):
 
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card, plus a section that records the method and every ssToken setting of this run."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        """TRL's model card, naming the base model (hub id or local path) and the dataset (hub links for hub ids
+        only; the output folder's name as title by default), plus a section that records the method and every
+        ssToken setting of this run."""
+        names = card_names(self, model_name, dataset_name)
+        hub_dataset = dataset_name if names.dataset_is_hub else None  # TRL links any name it gets to the hub
+        super().create_model_card(model_name=names.model_name, dataset_name=hub_dataset, tags=tags)
         path = os.path.join(self.args.output_dir, "README.md")
         if self.is_world_process_zero() and os.path.isfile(path):
             with open(path, encoding="utf-8") as file:
-                card = file.read()
+                card = name_base_model_and_dataset(file.read(), names)
             with open(path, "w", encoding="utf-8") as file:
                 file.write(add_to_model_card(card, self.args))
 
