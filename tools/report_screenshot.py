@@ -112,7 +112,10 @@ def check_screenshot(png: Path, page_html: str, window=WINDOW, min_pixels: int =
 
 
 def main() -> int:
+    from trl_sstoken.cli import quiet_third_party_warnings
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_third_party_warnings()
     with tempfile.TemporaryDirectory() as scratch:
         page = run_smollm2_demo(Path(scratch) / "demo")
         screenshot(page, ASSET)
