@@ -22,8 +22,8 @@ ASSET = REPO / "docs" / "assets" / "selection-report-smollm2.png"
 WINDOW = (1200, 2000)  # the whole report of DEMO_ARGS: settings, summary and the examples
 # A short, reproducible fine-tuning of the real model on the bundled data (seconds per step on a CPU)
 DEMO_ARGS = [
-    "--max_steps", "4", "--per_device_train_batch_size", "4", "--max_length", "64", "--logging_steps", "2",
-    "--history_update_steps", "2", "--num_report_examples", "6", "--num_eval_examples", "8",
+    "--max_steps", "3", "--per_device_train_batch_size", "4", "--max_length", "64", "--logging_steps", "1",
+    "--history_update_steps", "1", "--num_report_examples", "5", "--num_eval_examples", "4",
 ]
 # Chromium as the tests run it: no GPU, no sandbox (root in a container), and none of the background connections a
 # closed network refuses
