@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -18,9 +19,11 @@ from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
 from trl_sstoken.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
 
 MAX_STEPS = 8
 
@@ -44,13 +47,27 @@ def build(out_dir):
     data = rows()
     tokenizer = build_tiny_tokenizer([row["prompt"] + row["completion"] for row in data])
     args = SSTokenConfig(
-        output_dir=out_dir, max_steps=MAX_STEPS, save_strategy="steps", save_steps=2, per_device_train_batch_size=4,
-        learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False, seed=0,
-        history="lagged", history_update_steps=3, attention_warmup_ratio=0.25,
+        output_dir=out_dir,
+        max_steps=MAX_STEPS,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        history="lagged",
+        history_update_steps=3,
+        attention_warmup_ratio=0.25,
     )
     return SSTokenTrainer(
-        model=build_tiny_model(tokenizer), args=args, train_dataset=Dataset.from_list(data),
-        processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
+        model=build_tiny_model(tokenizer),
+        args=args,
+        train_dataset=Dataset.from_list(data),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
     )
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from trl_sstoken.checkpoints import CHECKPOINT_MARKER
 
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_worker.py")
 
 
@@ -26,7 +27,9 @@ def uninterrupted(tmp_path_factory):
 
 
 def kill_when_paused(out_dir, how, timeout=240):
-    process = subprocess.Popen([sys.executable, WORKER, out_dir, how], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, WORKER, out_dir, how], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + timeout
     while not os.path.exists(os.path.join(out_dir, "paused")):
         if process.poll() is not None:
@@ -41,7 +44,9 @@ def kill_when_paused(out_dir, how, timeout=240):
 
 
 def resume(out_dir):
-    completed = subprocess.run([sys.executable, WORKER, out_dir, "resume"], capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, WORKER, out_dir, "resume"], capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed, load_file(os.path.join(out_dir, "final_adapter.safetensors"))
 

@@ -12,6 +12,7 @@ from conftest import QUICKSTART_ROWS
 
 from trl_sstoken import cli
 
+
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
 

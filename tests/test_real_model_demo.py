@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import chromium_or_skip
 from test_cli import page_selection
-
 from tools.report_screenshot import DEMO_ARGS, check_screenshot, run_smollm2_demo, screenshot
+
 from trl_sstoken import cli
 
 
@@ -45,7 +45,9 @@ def test_demo_says_how_the_data_was_rendered(tmp_path, tiny_model_dir, smollm2_d
     args = SimpleNamespace(trust_remote_code=False, model_init_kwargs=None)
     _, _, rows, data_format = cli._real_demo_model(str(smollm2_dir), [{"prompt": "p", "completion": " c"}], args)
     assert data_format == "as conversations in its chat template" and tokenizer.chat_template
-    assert rows == [{"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}]
+    assert rows == [
+        {"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}
+    ]
     plain = tmp_path / "no-template"
     plain.mkdir()
     for item in tiny_model_dir.iterdir():
@@ -54,8 +56,23 @@ def test_demo_says_how_the_data_was_rendered(tmp_path, tiny_model_dir, smollm2_d
     config.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
     (plain / "chat_template.jinja").unlink(missing_ok=True)
-    status = cli.main(["demo", "--model_name_or_path", str(plain), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
-                       "--num_report_examples", "2", "--num_eval_examples", "4", "--max_length", "32"])
+    status = cli.main(
+        [
+            "demo",
+            "--model_name_or_path",
+            str(plain),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "1",
+            "--num_report_examples",
+            "2",
+            "--num_eval_examples",
+            "4",
+            "--max_length",
+            "32",
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr().out
     assert "as prompt-completion text: its tokenizer has no chat template" in printed
@@ -74,4 +91,6 @@ def test_a_real_browser_draws_the_real_model_report(smollm2_demo, tmp_path):
     blank = tmp_path / "blank.html"
     blank.write_text("<html><body></body></html>")
     with pytest.raises(AssertionError, match="blank"):
-        check_screenshot(screenshot(blank, tmp_path / "blank.png", chromium=chromium), page.read_text(encoding="utf-8"))
+        check_screenshot(
+            screenshot(blank, tmp_path / "blank.png", chromium=chromium), page.read_text(encoding="utf-8")
+        )

@@ -17,19 +17,39 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+
 REPO = Path(__file__).resolve().parent.parent
 ASSET = REPO / "docs" / "assets" / "selection-report-smollm2.png"
 WINDOW = (1200, 2000)  # the whole report of DEMO_ARGS: settings, summary and the examples
 # A short, reproducible fine-tuning of the real model on the bundled data (seconds per step on a CPU)
 DEMO_ARGS = [
-    "--max_steps", "3", "--per_device_train_batch_size", "4", "--max_length", "64", "--logging_steps", "1",
-    "--history_update_steps", "1", "--num_report_examples", "5", "--num_eval_examples", "4",
+    "--max_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_length",
+    "64",
+    "--logging_steps",
+    "1",
+    "--history_update_steps",
+    "1",
+    "--num_report_examples",
+    "5",
+    "--num_eval_examples",
+    "4",
 ]
 # Chromium as the tests run it: no GPU, no sandbox (root in a container), and none of the background connections a
 # closed network refuses
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
 ]
 
 
@@ -62,8 +82,14 @@ def screenshot(page: Path, png: Path, window=WINDOW, chromium: str | None = None
     png.unlink(missing_ok=True)
     url = Path(page).resolve().as_uri()
     with tempfile.TemporaryDirectory() as profile:
-        command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={png}",
-                   f"--window-size={window[0]},{window[1]}", url]
+        command = [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--screenshot={png}",
+            f"--window-size={window[0]},{window[1]}",
+            url,
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if not png.is_file():
         raise RuntimeError(f"Chromium wrote no screenshot (exit {result.returncode}): {result.stderr[-2000:]}")
@@ -101,13 +127,19 @@ def check_screenshot(png: Path, page_html: str, window=WINDOW, min_pixels: int =
     assert len(counts) > 50, f"screenshot has only {len(counts)} colours"
 
     def near(targets):
-        return sum(n for rgb, n in counts.items() if any(max(abs(a - b) for a, b in zip(rgb, t)) <= 3 for t in targets))
+        return sum(
+            n
+            for rgb, n in counts.items()
+            if any(max(abs(a - b) for a, b in zip(rgb, t, strict=True)) <= 3 for t in targets)
+        )
 
     expected = report_colours(page_html)
     found = {role: near(colours) for role, colours in expected.items()}
     found["kept underline"] = near({_hex("#1b7f3b")})
     for role, pixels in found.items():
-        assert pixels >= min_pixels, f"screenshot shows {pixels} pixels of the {role} tokens' colour, expected >= {min_pixels}"
+        assert pixels >= min_pixels, (
+            f"screenshot shows {pixels} pixels of the {role} tokens' colour, expected >= {min_pixels}"
+        )
     return found
 
 

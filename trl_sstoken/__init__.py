@@ -8,6 +8,7 @@ nor TRL: the console script sets its warning filters first (`cli.quiet_third_par
 import importlib
 from typing import TYPE_CHECKING
 
+
 __all__ = ["SSTokenConfig", "SSTokenTrainer", "select_tokens"]
 __version__ = "0.1.0"
 

@@ -9,6 +9,7 @@ import os
 import re
 import warnings
 
+
 CHECKPOINT_MARKER = "sstoken_checkpoint_complete.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from types import SimpleNamespace
 
+
 PROG = "trl-sstoken"
 COMMANDS = {
     "train": "Fine-tune a model with ssToken token selection (every `trl sft` flag, plus the ssToken fields).",
     "demo": "Offline demo: fine-tune a tiny local model on the bundled dataset and write a selection report.",
     "inspect": "Score and select the tokens of a dataset with a model/adapter, without training; write an HTML page.",
 }
-REL_METHODS = ("sstoken", "rel")
 BUNDLED_DATASET = "data/quickstart.jsonl"
 
 
@@ -72,8 +72,10 @@ class DemoArguments:
     )
     num_eval_examples: int | None = field(
         default=None,
-        metadata={"help": "On how many bundled examples the plain NLL before and after training is measured (all "
-                  "by default). At least 1."},
+        metadata={
+            "help": "On how many bundled examples the plain NLL before and after training is measured (all "
+            "by default). At least 1."
+        },
     )
     model_name_or_path: str | None = field(
         default=None,
@@ -110,7 +112,9 @@ def make_parser(command: str):
 
     prog = f"{PROG} {command}"
     if command == "train":
-        return TrlParser((ScriptArguments, SSTokenConfig, ModelConfig, DatasetMixtureConfig, LoadingArguments), prog=prog)
+        return TrlParser(
+            (ScriptArguments, SSTokenConfig, ModelConfig, DatasetMixtureConfig, LoadingArguments), prog=prog
+        )
     if command == "inspect":
         parser = TrlParser(
             (ScriptArguments, SSTokenConfig, ModelConfig, DatasetMixtureConfig, LoadingArguments, InspectArguments),
@@ -201,7 +205,10 @@ def run_train(script_args, training_args, model_args, dataset_args, loading_args
     from .trainer import SSTokenTrainer
 
     _require_model(model_args)
-    training_args.model_init_kwargs = {**_model_init_kwargs(model_args, training_args), **(training_args.model_init_kwargs or {})}
+    training_args.model_init_kwargs = {
+        **_model_init_kwargs(model_args, training_args),
+        **(training_args.model_init_kwargs or {}),
+    }
     datasets = load_sft_datasets(
         script_args.dataset_name,
         script_args.dataset_config,
@@ -231,7 +238,9 @@ def run_train(script_args, training_args, model_args, dataset_args, loading_args
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("Training completed.")
     trainer.save_model(training_args.output_dir)
-    dataset_name = script_args.dataset_name if script_args.dataset_name and not os.path.exists(script_args.dataset_name) else None
+    dataset_name = (
+        script_args.dataset_name if script_args.dataset_name and not os.path.exists(script_args.dataset_name) else None
+    )
     # the card names a local dataset too (without a hub link)
     trainer.create_model_card(
         model_name=os.path.basename(os.path.normpath(training_args.output_dir)), dataset_name=script_args.dataset_name
@@ -245,7 +254,7 @@ def run_train(script_args, training_args, model_args, dataset_args, loading_args
 
 def describe_history(trainer) -> str:
     """One line: which history model REL compares with, and what it costs (a model copy without --use_peft)."""
-    from .history.adapter import AdapterHistory, FrozenBaseHistory
+    from .history.adapter import AdapterDisabledHistory, AdapterHistory
     from .history.cache import CachedHistory
     from .history.model_copy import ModelCopyHistory
 
@@ -254,7 +263,7 @@ def describe_history(trainer) -> str:
         return f"no history model (--selection_method {args.selection_method} does not use REL)."
     if isinstance(history, CachedHistory):
         return f"history: the base model's log-probs, cached in {args.history_cache_dir} (no history forward while training)."
-    if isinstance(history, FrozenBaseHistory):
+    if isinstance(history, AdapterDisabledHistory):
         return "history: the base weights with the LoRA adapter disabled (no copy)."
     schedule = {
         "base": "frozen at the start",
@@ -345,6 +354,7 @@ def run_inspect(script_args, sstoken_args, model_args, dataset_args, loading_arg
 def _history_weights(sstoken_args, adapter_path):
     """The saved history adapter a lagged/ema inspection needs: `<adapter_path>/history/` of a checkpoint."""
     from .history import HISTORY_ADAPTER
+    from .methods import REL_METHODS
 
     if sstoken_args.selection_method not in REL_METHODS or sstoken_args.history == "base":
         return None
@@ -434,10 +444,18 @@ def run_demo(demo_args, sstoken_args):
     examples = collect_examples(trainer, demo_args.num_report_examples, sstoken_args.per_device_train_batch_size)
     report_path = os.path.join(output_dir, "selection_report.html")
     settings = report_settings(trainer, model=model_label, dataset=f"trl_sstoken/{BUNDLED_DATASET}")
-    summary = write_report(report_path, examples, settings, special_tokens_of(tokenizer), title="ssToken demo: selection report")
-    write_figure(os.path.join(output_dir, "selection.svg"), examples[:3], title="What ssToken keeps (trl-sstoken demo)")
+    summary = write_report(
+        report_path, examples, settings, special_tokens_of(tokenizer), title="ssToken demo: selection report"
+    )
+    write_figure(
+        os.path.join(output_dir, "selection.svg"), examples[:3], title="What ssToken keeps (trl-sstoken demo)"
+    )
 
-    fractions = [entry["sstoken/selected_fraction"] for entry in trainer.state.log_history if "sstoken/selected_fraction" in entry]
+    fractions = [
+        entry["sstoken/selected_fraction"]
+        for entry in trainer.state.log_history
+        if "sstoken/selected_fraction" in entry
+    ]
     over = "" if len(eval_rows) == len(rows) else f" of the first {len(eval_rows)} examples"
     print(f"\nPlain NLL over every response token{over}: {before:.3f} before training, {after:.3f} after.")
     if fractions:
@@ -618,9 +636,13 @@ def _read_yaml_config(path: str) -> dict:
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
             problem = getattr(error, "problem", None) or str(error).splitlines()[0]
             context = getattr(error, "context", None)
-            raise ValueError(f"--config {where}: not valid YAML: {problem}" + (f" ({context})" if context else "")) from None
+            raise ValueError(
+                f"--config {where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+            ) from None
     if not isinstance(config, dict):
-        raise ValueError(f"--config {path!r} must hold a YAML mapping of flag names to values, got {type(config).__name__}.")
+        raise ValueError(
+            f"--config {path!r} must hold a YAML mapping of flag names to values, got {type(config).__name__}."
+        )
     return config
 
 
@@ -636,7 +658,9 @@ def _model_init_kwargs(model_args, training_args) -> dict:
 def _require_model(model_args):
     path = model_args.model_name_or_path
     if not path:
-        raise ValueError("--model_name_or_path is required: a hub id (e.g. Qwen/Qwen2.5-0.5B) or a local model folder.")
+        raise ValueError(
+            "--model_name_or_path is required: a hub id (e.g. Qwen/Qwen2.5-0.5B) or a local model folder."
+        )
     from .loading import looks_like_a_path
 
     if not os.path.exists(path) and looks_like_a_path(path):
@@ -644,7 +668,9 @@ def _require_model(model_args):
             f"--model_name_or_path {path!r} looks like a local path, but no such folder exists. Pass a folder written "
             "by save_pretrained, or a hub id such as Qwen/Qwen2.5-0.5B."
         )
-    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
+        os.path.join(path, "config.json")
+    ):
         raise ValueError(
             f"--model_name_or_path {path!r} holds a PEFT adapter, not a model. Pass the base model as "
             "--model_name_or_path and the adapter folder as --adapter_path (inspect)."
@@ -653,6 +679,8 @@ def _require_model(model_args):
 
 def _check_rel_has_adapter(method: str, has_adapter: bool, flag: str):
     """`inspect` of REL without an adapter would compare the model with itself: every REL would be 0."""
+    from .methods import REL_METHODS
+
     if method in REL_METHODS and not has_adapter:
         raise ValueError(
             f"--selection_method {method} needs a LoRA adapter, because REL compares the model with an earlier state "

@@ -23,6 +23,11 @@ class CardNames:
     dataset_is_hub: bool
     usage_id: str  # what the quick start loads: the hub id pushed to, else the output folder
 
+    @property
+    def hub_dataset(self) -> str | None:
+        """The dataset name to give TRL, which links whatever it gets to the hub."""
+        return self.dataset if self.dataset_is_hub else None
+
 
 def is_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name) and not looks_like_a_path(name)

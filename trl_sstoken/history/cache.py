@@ -4,9 +4,9 @@ The base model's log-probs never change during training, so one no-grad pass ove
 computes them all. They are stored as safetensors (never pickle): a flat float32 tensor of every example's label
 log-probs in prediction space (length L - 1 for an example of L tokens) plus int64 offsets, with metadata that
 identifies what they were computed from: the prepared dataset's fingerprint, the model's weights and config, and the
-tokenizer. A later run with the same three reuses the file; any difference is refused, naming the part that
-differs, and a truncated or corrupt file is detected by its checksum instead of being read as garbage. Files are
-written to a temporary name and renamed, so an interrupted pass never leaves a half-written cache behind.
+tokenizer (`fingerprints.py`). A later run with the same three reuses the file; any difference is refused, naming
+the part that differs, and a truncated or corrupt file is detected by its checksum instead of being read as garbage.
+Files are written to a temporary name and renamed, so an interrupted pass never leaves a half-written cache behind.
 
 During training, the collator hook (`trl_sstoken.collator`) carries each example's index through TRL's shuffling
 and collation, and `CachedHistory.log_probs` gathers the stored values into the batch's padded layout.
@@ -17,13 +17,14 @@ import json
 import os
 import tempfile
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..collator import EXAMPLE_IDS_KEY, TOKEN_EXAMPLE_KEY, pop_selection_fields
+from ..collator import EXAMPLE_IDS_KEY, TOKEN_EXAMPLE_KEY, pop_example_index
+from .base import History
+
 
 CACHE_FILE = "history_logprobs.safetensors"
 FORMAT = "trl_sstoken.history_cache/1"
@@ -43,72 +44,15 @@ def example_predictions(token_example: torch.Tensor) -> tuple[torch.Tensor, torc
     return mask, owner
 
 
-def model_fingerprint(model, skip_substrings=("lora_", "modules_to_save", "trainable_tokens")) -> str:
-    """A fingerprint of a model's config and weights (adapter weights excluded).
-
-    Hashing every byte of an 8B model would take minutes, so each parameter contributes its name, shape, dtype and
-    up to 1024 evenly spaced values. Two models that differ in any config field or in any sampled value differ here.
-    """
-    digest = hashlib.sha256()
-    config = model.config.to_dict() if hasattr(model, "config") else {}
-    config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, param in sorted(model.named_parameters()):
-        if any(part in name for part in skip_substrings):
-            continue
-        flat = param.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 1024), device=flat.device).long()
-        sample = flat[index].to(torch.float64).cpu()
-        digest.update(f"{_strip_peft_prefix(name)}:{tuple(param.shape)}:{param.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A fingerprint of everything that decides how text becomes ids: vocabulary, rules, special tokens, template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    payload = {
-        "class": type(tokenizer).__name__,
-        "backend": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def dataset_fingerprint(dataset) -> str:
-    """A fingerprint of the prepared training set's content: every row's input ids, labels and packed sequence
-    lengths, in order.
-
-    Hashing the content rather than trusting `Dataset._fingerprint` keeps the key stable across runs even when
-    `datasets` cannot hash a preparation function (it then draws a random fingerprint).
-    """
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "select_columns"):
-        raise HistoryCacheError(
-            "history_cache_dir needs a map-style datasets.Dataset (the cache is keyed by its rows); an "
-            f"IterableDataset or {type(dataset).__name__} cannot be indexed. Unset history_cache_dir to compute the "
-            "base history on the fly."
-        )
-    digest = hashlib.sha256()
-    columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in dataset.column_names]
-    for batch in dataset.select_columns(columns).with_format("numpy").iter(batch_size=1024):
-        for column in columns:
-            for row in batch[column]:
-                array = np.asarray(row, dtype=np.int64)
-                digest.update(np.int64(array.size).tobytes())
-                digest.update(array.tobytes())
-    return f"{len(dataset)} rows, sha256 {digest.hexdigest()}"
-
-
-def _strip_peft_prefix(name: str) -> str:
-    return name.replace("base_model.model.", "").replace(".base_layer", "")
-
-
 def write_cache(path: str, identity: dict, per_example: list[torch.Tensor]) -> None:
     lengths = torch.tensor([0] + [len(v) for v in per_example], dtype=torch.int64)
     offsets = lengths.cumsum(0)
     values = torch.cat(per_example).float().contiguous() if per_example else torch.zeros(0)
-    metadata = {"format": FORMAT, "identity": json.dumps(identity, sort_keys=True), "sha256": _checksum(values, offsets)}
+    metadata = {
+        "format": FORMAT,
+        "identity": json.dumps(identity, sort_keys=True),
+        "sha256": _checksum(values, offsets),
+    }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=".history_logprobs.", suffix=".tmp")
@@ -134,11 +78,15 @@ def read_cache(path: str, expected_identity: dict) -> tuple[torch.Tensor, torch.
     if metadata.get("format") != FORMAT:
         raise HistoryCacheError(f"{path} is not a trl_sstoken history cache (format {metadata.get('format')!r}).")
     if metadata.get("sha256") != _checksum(values, offsets):
-        raise HistoryCacheError(f"The history cache {path} is corrupt: its checksum does not match. Delete it to recompute.")
+        raise HistoryCacheError(
+            f"The history cache {path} is corrupt: its checksum does not match. Delete it to recompute."
+        )
     stored = json.loads(metadata["identity"])
     differing = [part for part in IDENTITY_PARTS if stored.get(part) != expected_identity.get(part)]
     if differing:
-        details = "; ".join(f"{part}: cached {stored.get(part)!r}, now {expected_identity.get(part)!r}" for part in differing)
+        details = "; ".join(
+            f"{part}: cached {stored.get(part)!r}, now {expected_identity.get(part)!r}" for part in differing
+        )
         raise HistoryCacheError(
             f"The history cache {path} was computed for a different {' and '.join(differing)} ({details}). Delete it "
             "to recompute, or point history_cache_dir at another directory."
@@ -161,20 +109,19 @@ def compute_log_probs(history, model, dataset, collate, batch_size: int, device)
     for start in tqdm(range(0, len(dataset), batch_size), desc="Caching history log-probs", unit="batch"):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(rows).items()}
-        fields = pop_selection_fields(batch)
-        if fields[EXAMPLE_IDS_KEY].tolist() != list(range(start, start + len(rows))):
+        example_index = pop_example_index(batch)
+        if example_index[EXAMPLE_IDS_KEY].tolist() != list(range(start, start + len(rows))):
             raise RuntimeError("The caching pass must see the training set in index order.")
         log_probs = history.log_probs(model, batch).float().cpu()
-        mask, owner = example_predictions(fields[TOKEN_EXAMPLE_KEY].cpu())
+        mask, owner = example_predictions(example_index[TOKEN_EXAMPLE_KEY].cpu())
         lengths = torch.bincount(owner[mask], minlength=len(rows)).tolist()
         per_example.extend(torch.split(log_probs[mask], lengths))
     return per_example
 
 
-class CachedHistory:
-    """A `base` history read from the cache: `log_probs` gathers stored values, no forward pass."""
-
-    parameter_bytes = 0
+class CachedHistory(History):
+    """A `base` history read from the cache: `log_probs` gathers stored values, no forward pass. The cache lives in
+    history_cache_dir, is found by its identity and reused on resume: nothing goes into checkpoints."""
 
     def __init__(self, source, path: str, identity: dict):
         self.source = source  # computes the fixed history when the cache has to be built
@@ -182,7 +129,6 @@ class CachedHistory:
         self.identity = identity
         self.values = None
         self.offsets = None
-        self.num_forwards = 0  # forwards run by the building pass only
 
     @property
     def ready(self) -> bool:
@@ -201,18 +147,18 @@ class CachedHistory:
         write_cache(self.path, self.identity, per_example)
         self.values, self.offsets = read_cache(self.path, self.identity)
 
-    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
+    def log_probs(self, model, inputs, example_index=None) -> torch.Tensor:
         if not self.ready:
             raise RuntimeError("The history cache is not loaded; SSTokenTrainer.train() builds or loads it first.")
-        fields = fields or {}
-        if EXAMPLE_IDS_KEY not in fields or TOKEN_EXAMPLE_KEY not in fields:
+        example_index = example_index or {}
+        if EXAMPLE_IDS_KEY not in example_index or TOKEN_EXAMPLE_KEY not in example_index:
             raise ValueError(
                 "A cached history needs each example's index and position in the batch (`sstoken_example_ids`, "
                 "`sstoken_token_example`), which the trainer's collator hook adds; this batch has none. Was the data "
                 "collator replaced after the trainer was built?"
             )
-        mask, owner = example_predictions(fields[TOKEN_EXAMPLE_KEY])
-        ids = fields[EXAMPLE_IDS_KEY].cpu().long()
+        mask, owner = example_predictions(example_index[TOKEN_EXAMPLE_KEY])
+        ids = example_index[EXAMPLE_IDS_KEY].cpu().long()
         starts, stops = self.offsets[ids], self.offsets[ids + 1]
         lengths = torch.bincount(owner[mask].cpu(), minlength=len(ids))
         if not torch.equal(lengths, stops - starts):
@@ -229,21 +175,7 @@ class CachedHistory:
         out[mask] = gathered.to(mask.device)
         return out
 
-    def on_optimizer_step(self, global_step: int) -> None:
-        """The base history never changes."""
 
-    def save_checkpoint(self, directory: str) -> None:
-        """The cache lives in history_cache_dir and is reused on resume."""
-
-    def load_checkpoint(self, directory: str) -> None:
-        """Nothing to load: the cache is found by its identity."""
-
-
-class InitialWeightsHistory:
-    """The model as it is before training, for building the cache of a full fine-tuning run's `base` history."""
-
-    parameter_bytes = 0
-
-    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
-        with torch.no_grad():
-            return model(**inputs, fused_lm_head=True).log_probs
+class UntrainedModelHistory(History):
+    """The trained model itself, as it is before its first update: the `base` history of a full fine-tuning run, valid
+    only for the pass that builds its cache (no copy needed)."""
