@@ -42,8 +42,15 @@ def test_make_sets_up_a_missing_venv_then_runs(tmp_path):
         shutil.copy(REPO / name, copy / name)
     (copy / ".ci").mkdir()
     shutil.copy(REPO / ".ci/constraints.txt", copy / ".ci/constraints.txt")
+    # a clean make, not a sub-make of `make test VENV=...` (which would pass its variables and directory messages)
+    env = {key: value for key, value in os.environ.items() if key not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "VENV")}
+
+    def plan_of(target):
+        command = ["make", "--no-print-directory", "-n", target]
+        return subprocess.run(command, cwd=copy, capture_output=True, text=True, check=True, env=env).stdout
+
     for target, runs in (("demo", "trl-sstoken demo"), ("test", "python -m pytest -q")):
-        plan = subprocess.run(["make", "-n", target], cwd=copy, capture_output=True, text=True, check=True).stdout
+        plan = plan_of(target)
         assert "python3 -m venv .venv" in plan
         assert 'import torch" 2>/dev/null' in plan and "pip install -q torch==2.13.0" in plan
         assert "grep -v '^torch==' .ci/constraints.txt" in plan
@@ -52,7 +59,7 @@ def test_make_sets_up_a_missing_venv_then_runs(tmp_path):
     # once set up (the stamp newer than pyproject.toml and the constraints), nothing is installed again
     (copy / ".venv").mkdir()
     (copy / ".venv" / ".trl-sstoken-installed").touch()
-    plan = subprocess.run(["make", "-n", "test"], cwd=copy, capture_output=True, text=True, check=True).stdout
+    plan = plan_of("test")
     assert "pip install" not in plan and plan.strip().endswith("python -m pytest -q")
 
 
