@@ -15,6 +15,8 @@ from trl_sstoken import cli
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
+# what a calling make (`make test VENV=... PYTEST_ARGS=...`) puts in the environment of its recipes
+MAKE_VARIABLES = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "PYTHON", "VENV", "EXTRAS", "TORCH", "ARGS", "PYTEST_ARGS")
 
 
 def code_blocks(text, language):
@@ -43,7 +45,7 @@ def test_make_sets_up_a_missing_venv_then_runs(tmp_path):
     (copy / ".ci").mkdir()
     shutil.copy(REPO / ".ci/constraints.txt", copy / ".ci/constraints.txt")
     # a clean make, not a sub-make of `make test VENV=...` (which would pass its variables and directory messages)
-    env = {key: value for key, value in os.environ.items() if key not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "VENV")}
+    env = {key: value for key, value in os.environ.items() if key not in MAKE_VARIABLES}
 
     def plan_of(target):
         command = ["make", "--no-print-directory", "-n", target]
