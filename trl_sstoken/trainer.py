@@ -6,6 +6,7 @@ tokens over the denominator the config names. Evaluation is untouched: plain NLL
 losses stay comparable with plain SFT.
 """
 
+import functools
 import hashlib
 import math
 import os
@@ -20,7 +21,7 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 
 from .attention import PACKING_IMPLEMENTATIONS, AttentionCapture, AttentionUnavailableError
-from .checkpoints import CHECKPOINT_MARKER, is_checkpoint_complete, last_complete_checkpoint, mark_checkpoint_complete
+from .checkpoints import adapters_loaded_in_place, checkpoint_settings, resolve_resume, save_checkpoint
 from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_selection_fields
 from .config import SSTokenConfig
 from .config_reference import add_to_model_card
@@ -33,6 +34,7 @@ from .history.cache import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
+from .quantized import keep_quantized_weights_unpacked
 from .reference import ReferenceAdapter, ReferenceModel
 from .regions import Regions, regions_from_batch
 from .scoring import (
@@ -119,6 +121,7 @@ class SSTokenTrainer(SFTTrainer):
                 "with it. Subclass SSTokenTrainer and override compute_loss instead."
             )
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        keep_quantized_weights_unpacked(self.model)  # exact and differentiable 4-bit forwards on the CPU
         if self.label_smoother is not None:
             raise ValueError(
                 "label_smoothing_factor is not supported by SSTokenTrainer (its loss is the NLL of the selected "
@@ -501,25 +504,18 @@ class SSTokenTrainer(SFTTrainer):
     # ----- saving and resuming -----
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            checkpoint = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            mark_checkpoint_complete(checkpoint, self.state.global_step)
+        """`Trainer`'s checkpoint, written by the crash-safe protocol of `trl_sstoken.checkpoints`: marked complete
+        (files and settings recorded) before any older checkpoint is deleted."""
+        save_checkpoint(self, functools.partial(super()._save_checkpoint, model, trial), trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """As `Trainer.train`, but `resume_from_checkpoint=True` takes the last *complete* checkpoint: one that a
-        crash interrupted while it was being written is skipped, never loaded."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-        elif isinstance(resume_from_checkpoint, str) and not is_checkpoint_complete(resume_from_checkpoint):
-            raise ValueError(
-                f"The checkpoint {resume_from_checkpoint} is incomplete: it has no {CHECKPOINT_MARKER}, which "
-                "SSTokenTrainer writes after everything else, so writing it was interrupted. Resume from an earlier "
-                "checkpoint, or pass resume_from_checkpoint=True to take the last complete one."
-            )
+        """As `Trainer.train`, but a checkpoint is resumed from only if it verifies (every recorded file unchanged, the
+        same ssToken settings); `resume_from_checkpoint=True` (or "true") takes the last one that does."""
+        resume_from_checkpoint = resolve_resume(
+            resume_from_checkpoint, self.args.output_dir, checkpoint_settings(self.args)
+        )
         self._prepare_history_cache()
         return super().train(resume_from_checkpoint, *args, **kwargs)
-
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, plus a section that records the method and every ssToken setting of this run."""
@@ -563,7 +559,8 @@ class SSTokenTrainer(SFTTrainer):
             shutil.copyfile(card, target)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with adapters_loaded_in_place(self.accelerator.unwrap_model(model if model is not None else self.model)):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self._history is not None:
             self._history.load_checkpoint(resume_from_checkpoint)
 
