@@ -34,6 +34,7 @@ from .history.cache import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
+from .inputs import check_prepared_inputs, check_trainer_inputs
 from .quantized import keep_quantized_weights_unpacked
 from .reference import ReferenceAdapter, ReferenceModel
 from .regions import Regions, regions_from_batch
@@ -120,7 +121,11 @@ class SSTokenTrainer(SFTTrainer):
                 "SSTokenTrainer computes its own loss from the selected tokens; compute_loss_func cannot be combined "
                 "with it. Subclass SSTokenTrainer and override compute_loss instead."
             )
+        train_dataset = trainer_kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        eval_dataset = trainer_kwargs.get("eval_dataset", trainer_args[2] if len(trainer_args) > 2 else None)
+        check_trainer_inputs(args, model, train_dataset, eval_dataset)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        check_prepared_inputs(self, model, train_dataset)
         keep_quantized_weights_unpacked(self.model)  # exact and differentiable 4-bit forwards on the CPU
         if self.label_smoother is not None:
             raise ValueError(
