@@ -141,13 +141,27 @@ def write_cache(path: str, identity: dict, per_example: list[torch.Tensor]) -> N
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     temporary = os.path.join(directory, f".history_logprobs.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, unlike mkstemp
     try:
         save_file({"log_probs": values, "offsets": offsets}, temporary, metadata=metadata)
+        os.chmod(temporary, 0o666 & ~_umask())  # safetensors creates its files 0600
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def read_cache(path: str, expected_identity: dict) -> tuple[torch.Tensor, torch.Tensor]:
