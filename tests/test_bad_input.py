@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import QUICKSTART_ROWS, config, first_batch, lora_config
 from datasets import Dataset
-from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
+from transformers import AttentionInterface, BloomConfig, BloomForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -15,26 +15,26 @@ from trl_sstoken.attention import AttentionUnavailableError
 from trl_sstoken.tiny import build_tiny_model
 
 
-def gpt2(tokenizer):
-    """A model whose attention modules are not `*.self_attn`: its attention cannot be captured."""
+def bloom(tokenizer):
+    """A model whose attention (ALiBi) never runs through AttentionInterface: it cannot be captured."""
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128))
+    return BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4))
 
 
 def test_uncapturable_attention_is_an_error_unless_rel_fallback_is_allowed(tmp_path, tokenizer, dataset):
     with pytest.raises(AttentionUnavailableError, match="allow_rel_fallback=True"):
-        SSTokenTrainer(model=gpt2(tokenizer), args=config(tmp_path), train_dataset=dataset,
-                       processing_class=tokenizer, peft_config=lora_config(target_modules=["c_attn"]))
+        SSTokenTrainer(model=bloom(tokenizer), args=config(tmp_path), train_dataset=dataset,
+                       processing_class=tokenizer, peft_config=lora_config(target_modules=["query_key_value"]))
     with pytest.warns(UserWarning, match="Falling back to REL-only"):
         trainer = SSTokenTrainer(
-            model=gpt2(tokenizer), args=config(tmp_path, allow_rel_fallback=True, max_steps=2), train_dataset=dataset,
-            processing_class=tokenizer, peft_config=lora_config(target_modules=["c_attn"]),
+            model=bloom(tokenizer), args=config(tmp_path, allow_rel_fallback=True, max_steps=2), train_dataset=dataset,
+            processing_class=tokenizer, peft_config=lora_config(target_modules=["query_key_value"]),
         )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "sstoken/selected_fraction" in e]
     assert len(logs) == 2 and all("sstoken/rel_mean" in e and "sstoken/attention_mean" not in e for e in logs)
     with pytest.raises(AttentionUnavailableError):  # attention-only selection has nothing to fall back to
-        SSTokenTrainer(model=gpt2(tokenizer), args=config(tmp_path, selection_method="attention", allow_rel_fallback=True),
+        SSTokenTrainer(model=bloom(tokenizer), args=config(tmp_path, selection_method="attention", allow_rel_fallback=True),
                        train_dataset=dataset, processing_class=tokenizer)
 
 

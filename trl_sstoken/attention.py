@@ -7,6 +7,8 @@ that layer's RoPE'd q and k under `no_grad`. No other layer is touched, no atten
 backward, and the statistic is computed in query chunks, so its extra memory is one (chunk x T) block per head.
 """
 
+import functools
+import inspect
 import sys
 from contextlib import contextmanager
 
@@ -188,15 +190,38 @@ class AttentionCapture:
 
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
-    """The self-attention module of each decoder layer, in depth order."""
-    modules = [module for name, module in model.named_modules() if name.endswith("self_attn")]
+    """The causal self-attention modules of the model, in depth order: those the capture can see.
+
+    A module qualifies by how it computes attention, not by its name: its `forward` looks its kernel up in
+    transformers' `ALL_ATTENTION_FUNCTIONS` (the registry the capturing implementation is installed into), and it is
+    not marked non-causal (vision towers and encoders of multimodal models are). That finds `*.self_attn` in Llama,
+    Qwen or Gemma, `*.attention` in GPTNeoX and the attention mixers between the Mamba layers of hybrids such as
+    NemotronH; layer indices (`attention_layer`) count these modules only.
+    """
+    modules = [
+        module
+        for module in model.modules()
+        if _calls_attention_interface(type(module)) and getattr(module, "is_causal", True) is not False
+    ]
     if not modules:
         raise AttentionUnavailableError(
-            f"Cannot find the self-attention layers of {type(model).__name__} (no module named '*.self_attn'), so its "
-            "attention to the context cannot be captured. Set allow_rel_fallback=True to select by REL alone, or use "
-            "selection_method='random', 'full' or a baseline."
+            f"Cannot find an attention layer of {type(model).__name__} that runs through transformers' "
+            "AttentionInterface (ALL_ATTENTION_FUNCTIONS), so its attention to the context cannot be captured. Set "
+            "allow_rel_fallback=True to select by REL alone, or use selection_method='random', 'full' or a baseline."
         )
     return modules
+
+
+@functools.cache
+def _calls_attention_interface(module_class: type) -> bool:
+    forward = module_class.__dict__.get("forward")
+    if forward is None or module_class.__module__.startswith("torch."):
+        return False
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):  # no source available (compiled or dynamically created)
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
 
 
 def _underlying_pretrained_model(model: torch.nn.Module) -> PreTrainedModel:

@@ -45,24 +45,38 @@ def example_predictions(token_example: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def model_fingerprint(model, skip_substrings=("lora_", "modules_to_save", "trainable_tokens")) -> str:
-    """A fingerprint of a model's config and weights (adapter weights excluded).
+    """A SHA-256 over a model's config and every byte of its weights and persistent buffers (adapters excluded).
 
-    Hashing every byte of an 8B model would take minutes, so each parameter contributes its name, shape, dtype and
-    up to 1024 evenly spaced values. Two models that differ in any config field or in any sampled value differ here.
+    Any changed weight, at any position, changes the fingerprint, so a cache computed from other weights is never
+    taken for this model's. Quantized models are hashed as stored: a bitsandbytes 4-bit layer's packed bytes and its
+    quantization state (absmax, code map) are all in `state_dict()`. Tied weights are hashed once. The cost is one
+    read of the weights, which the caching pass does anyway (measured in docs/real-models.md).
     """
     digest = hashlib.sha256()
     config = model.config.to_dict() if hasattr(model, "config") else {}
     config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, param in sorted(model.named_parameters()):
-        if any(part in name for part in skip_substrings):
+    seen = set()
+    for name, tensor in sorted(model.state_dict().items()):
+        if any(part in name for part in skip_substrings) or not isinstance(tensor, torch.Tensor):
             continue
-        flat = param.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 1024), device=flat.device).long()
-        sample = flat[index].to(torch.float64).cpu()
-        digest.update(f"{_strip_peft_prefix(name)}:{tuple(param.shape)}:{param.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
+        digest.update(f"{_strip_peft_prefix(name)}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        storage = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and storage in seen:  # a tied weight: its name is hashed, its bytes once
+            continue
+        seen.add(storage)
+        _hash_tensor_bytes(digest, tensor)
     return digest.hexdigest()
+
+
+def _hash_tensor_bytes(digest, tensor: torch.Tensor, chunk_bytes: int = 1 << 26) -> None:
+    """Feeds a tensor's raw bytes to `digest`, in chunks of at most 64 MiB off the accelerator."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return
+    flat = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
+    for start in range(0, flat.numel(), chunk_bytes):
+        digest.update(flat[start : start + chunk_bytes].cpu().numpy().data)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
