@@ -15,7 +15,8 @@ a kill can land in the middle of a deletion). Each probe is one numbered event.
    then a new process resumes with `resume_from_checkpoint=True` and trains to the end; its final adapter is compared
    bit for bit with the reference.
 
-SELECTION: "default" (`STEP_POINTS`, `SAVE_POINTS`, `FINAL_POINTS` below: 23 points) or "all" (every event).
+SELECTION: "default" (`STEP_POINTS`, `SAVE_POINTS`, `FINAL_POINTS` below: 23 points), "saves" (every event of the
+checkpoints of steps 4 and 8) or "all" (every event).
 """
 
 import builtins
@@ -269,6 +270,8 @@ def select(events, selection):
     """Event numbers (1-based) to kill at."""
     if selection == "all":
         return list(range(1, len(events) + 1))
+    if selection == "saves":  # every event of the checkpoint of step 4 and of the final one
+        return [i for i in range(1, len(events) + 1) if _in_save(events, i, 4) or _in_save(events, i, MAX_STEPS)]
     numbered = list(enumerate(events, start=1))
     chosen = [_first(numbered, pattern) for pattern in STEP_POINTS]
     chosen += [_first([(i, n) for i, n in numbered if _in_save(events, i, 4)], p) for p in SAVE_POINTS]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import QUICKSTART_ROWS, config, lora_config
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
 from trl_sstoken import SSTokenTrainer
 from trl_sstoken.collator import EXAMPLE_ID_COLUMN
@@ -14,7 +14,7 @@ def build(tmp_path, tokenizer, rows=None, model=None, **overrides):
     return SSTokenTrainer(
         model=model if model is not None else build_tiny_model(tokenizer),
         args=config(tmp_path, **overrides),
-        train_dataset=Dataset.from_list(QUICKSTART_ROWS if rows is None else rows) if not isinstance(rows, Dataset) else rows,
+        train_dataset=rows if isinstance(rows, (Dataset, IterableDataset)) else Dataset.from_list(rows or QUICKSTART_ROWS),
         processing_class=tokenizer,
         peft_config=lora_config(),
     )
@@ -93,3 +93,9 @@ def test_a_model_loaded_by_name_with_a_non_finite_weight_is_refused(tmp_path, to
     model.save_pretrained(broken)
     with pytest.raises(ValueError, match=r"embed_tokens.weight holds 1 non-finite value"):
         build(tmp_path, tokenizer, model=str(broken))
+
+
+def test_an_empty_streaming_dataset_is_refused(tmp_path, tokenizer):
+    empty = Dataset.from_list(QUICKSTART_ROWS[:2]).to_iterable_dataset().filter(lambda row: False)
+    with pytest.raises(ValueError, match=r"train_dataset is empty \(it yields no rows\)"):
+        build(tmp_path, tokenizer, rows=empty, max_steps=2)

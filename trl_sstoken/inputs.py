@@ -14,6 +14,7 @@ non-finite and the run would "succeed" with loss 0.
 
 import os
 
+import datasets
 import torch
 
 from .collator import EXAMPLE_ID_COLUMN
@@ -98,7 +99,7 @@ def check_dataset(dataset, name: str) -> None:
     if hasattr(dataset, "__len__"):
         if len(dataset) == 0:
             raise ValueError(f"{name} is empty (0 rows); there is nothing to train on. Check the dataset and split.")
-    elif hasattr(dataset, "__iter__") and next(iter(dataset), None) is None:
+    elif isinstance(dataset, datasets.IterableDataset) and next(iter(dataset), None) is None:
         raise ValueError(f"{name} is empty (it yields no rows); there is nothing to train on.")
     columns = [c for c in TEXT_COLUMNS if c in (getattr(dataset, "column_names", None) or [])]
     if not columns or not hasattr(dataset, "with_format") or not hasattr(dataset, "__len__"):

@@ -522,6 +522,7 @@ class SSTokenTrainer(SFTTrainer):
         self._prepare_history_cache()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, plus a section that records the method and every ssToken setting of this run."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
