@@ -387,7 +387,8 @@ def _read_marker(path: str) -> tuple[dict | None, str | None]:
         return None, f"its {CHECKPOINT_MARKER} has format {marker['format']!r}; this trl_sstoken reads {MARKER_FORMAT!r}."
     files, settings = marker.get("files"), marker.get("settings")
     if not isinstance(files, dict) or not isinstance(settings, dict) or not all(
-        isinstance(entry, dict) for entry in files.values()
+        isinstance(entry, dict) and not os.path.isabs(name) and ".." not in name.split(os.sep)
+        for name, entry in files.items()
     ):
         return None, f"its {CHECKPOINT_MARKER} is damaged (no record of files or settings). Resume from another checkpoint."
     return marker, None
