@@ -15,7 +15,8 @@ a kill can land in the middle of a deletion). Each probe is one numbered event.
    then a new process resumes with `resume_from_checkpoint=True` and trains to the end; its final adapter is compared
    bit for bit with the reference.
 
-SELECTION: "default" (`STEP_POINTS`, `SAVE_POINTS`, `FINAL_POINTS` below: 23 points), "saves" (every event of the
+SELECTION: "default" (`STEP_POINTS`, `SAVE_POINTS`, `FINAL_POINTS` below: 23 points, plus `DOUBLE_FAULT`: a
+run killed, resumed, killed again during the resumed run's own rotation, resumed again), "saves" (every event of the
 checkpoints of steps 4 and 8) or "all" (every event).
 """
 
@@ -71,7 +72,8 @@ def build(out_dir):
 
 
 class Probes:
-    """Numbered events; the process SIGKILLs itself at event `kill_at`."""
+    """Numbered events; the process SIGKILLs itself at event number `kill_at`, or at the first event whose name
+    matches `kill_at` when it is a string."""
 
     def __init__(self, out_dir, kill_at=None):
         self.root = os.path.abspath(out_dir)
@@ -81,7 +83,8 @@ class Probes:
 
     def event(self, name, tear=None):
         self.events.append(name)
-        if len(self.events) == self.kill_at:
+        due = re.search(self.kill_at, name) if isinstance(self.kill_at, str) else len(self.events) == self.kill_at
+        if due:
             if tear:
                 tear()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -279,6 +282,29 @@ def select(events, selection):
     return sorted({index for index in chosen if index is not None})
 
 
+DOUBLE_FAULT = (
+    r"^unlink .*checkpoint-2[^/]*/adapter_model\.safetensors$",  # the first run, deleting checkpoint-2
+    r"^rename checkpoint-4$",  # the resumed run, about to delete checkpoint-4 after marking checkpoint-6
+)
+
+
+def double_fault(root, reference):
+    """Killed in the middle of a deletion, resumed and killed again in its own rotation, resumed again to the end."""
+    out_dir = os.path.join(root, "double")
+    first = fork_run(out_dir, kill_at=DOUBLE_FAULT[0])
+    second = fork_run(out_dir, kill_at=DOUBLE_FAULT[1], resume=True)
+    left = sorted(name for name in os.listdir(out_dir) if name.startswith(("checkpoint-", ".sstoken-deleting-")))
+    resumed = fork_run(out_dir, resume=True)
+    result = {"index": 0, "event": " then ".join(DOUBLE_FAULT), "kill": "killed" if first == second == "killed" else
+              f"{first}, {second}", "left": left, "resume": resumed}
+    if resumed == "ok":
+        adapter = load_file(os.path.join(out_dir, FINAL_ADAPTER))
+        same = adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in reference)
+        result["adapter"] = "bit-identical" if same else "DIFFERENT"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
+
+
 def _first(numbered, pattern):
     return next((index for index, name in numbered if re.search(pattern, name)), None)
 
@@ -319,6 +345,8 @@ def matrix(root, selection="default"):
                 result["adapter"] = "bit-identical" if same else "DIFFERENT"
         results.append(result)
         shutil.rmtree(out_dir, ignore_errors=True)
+    if selection == "default":
+        results.append(double_fault(root, reference))
     return {"events": len(events), "results": results}
 
 

@@ -33,7 +33,7 @@ def describe(result):
 
 def test_every_kill_resumes_to_the_uninterrupted_adapter(fault_matrix):
     results = fault_matrix["results"]
-    assert len(results) == 23, [r["event"] for r in results]  # every kill point of the matrix was found
+    assert len(results) == 24, [r["event"] for r in results]  # every kill point of the matrix was found, + 1 double
     not_killed = [describe(r) for r in results if r["kill"] != "killed"]
     assert not not_killed, not_killed
     failed = [describe(r) for r in results if r.get("adapter") != "bit-identical"]
@@ -53,3 +53,5 @@ def test_the_matrix_reaches_the_states_it_claims(fault_matrix):
     assert all(any(name.startswith(".sstoken-deleting-checkpoint-2") for name in r["left"]) for r in half_deleted)
     first = by_event["step 1: forward (micro-batch 0)"]
     assert first["resume"].startswith("refused: no complete checkpoint yet")
+    double = fault_matrix["results"][-1]
+    assert " then " in double["event"] and double["left"][-1] == "checkpoint-6"  # the second kill came after marking 6

@@ -102,3 +102,30 @@ def test_qlora_resume_equals_uninterrupted(tmp_path, tokenizer, dataset, model_d
         for name, value in after_4.items():
             if f".{HISTORY_ADAPTER}." in name:
                 assert torch.equal(value, after_4[name.replace(f".{HISTORY_ADAPTER}.", ".default.")]), name
+
+
+def test_an_evaluation_leaves_the_4bit_layers_as_training_uses_them(tmp_path, tokenizer, dataset, model_dir):
+    """bitsandbytes would repack the weights on this no-grad eval forward; later training forwards would then give
+    other values and no gradient through the base layers."""
+    from conftest import first_batch
+
+    trainer, _, _ = make(tmp_path, tokenizer, dataset, model_dir, "nf4", "a", history="lagged")
+    model = trainer.model
+    model.train()
+    batch = first_batch(trainer)
+
+    def gradients():
+        torch.manual_seed(0)  # the same LoRA dropout masks
+        model.zero_grad()
+        trainer.compute_loss(model, dict(batch)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = gradients()
+    trainer.evaluate(dataset.select(range(8)))
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    model.train()
+    after = gradients()
+    assert before.keys() == after.keys() and len(before) > 0
+    for name, grad in before.items():
+        assert torch.equal(after[name], grad), name
