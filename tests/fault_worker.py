@@ -80,8 +80,11 @@ class Probes:
         self.kill_at = kill_at
         self.events = []
         self.trainer = None
+        self.active = True
 
     def event(self, name, tear=None):
+        if not self.active:
+            return
         self.events.append(name)
         due = re.search(self.kill_at, name) if isinstance(self.kill_at, str) else len(self.events) == self.kill_at
         if due:
@@ -204,6 +207,7 @@ def child(out_dir, kill_at=None, resume=False, record=False):
         if kill_at is not None or record:
             probes.install(trainer)
         trainer.train(resume_from_checkpoint=True if resume else None)
+        probes.active = False  # what follows is the worker's own bookkeeping
         adapter = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if ".default." in n}
         save_file(adapter, os.path.join(out_dir, FINAL_ADAPTER))
         if record:

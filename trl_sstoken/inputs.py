@@ -73,7 +73,7 @@ def check_history_device(value) -> None:
 
 def check_reference_model(value) -> None:
     """`reference_model` must be an existing local model folder, or a hub id that can be loaded."""
-    if value is None or os.path.isdir(os.path.expanduser(value)):
+    if value is None or os.path.isdir(value):
         return
     if os.path.exists(value):
         raise ValueError(f"reference_model={value!r} is a file; it must be a model folder or a hub id.")
