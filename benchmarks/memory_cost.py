@@ -22,16 +22,32 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
 from trl_sstoken.history import AdapterHistory  # noqa: E402
 from trl_sstoken.tiny import build_tiny_tokenizer  # noqa: E402
 
+
 SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
 }
 LORA = dict(r=64, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear")
 
@@ -48,16 +64,33 @@ def measured(mode, peft):
     torch.manual_seed(0)
     texts = [f"what is item {i} ? item {i} is number {i % 7} ." for i in range(32)]
     tokenizer = build_tiny_tokenizer(texts)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024,
-                                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    )
     rows = [{"prompt": t.split("?")[0] + "?", "completion": t.split("?")[1]} for t in texts]
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = SSTokenTrainer(
             model=model,
-            args=SSTokenConfig(output_dir=output_dir, max_steps=1, per_device_train_batch_size=4, report_to="none",
-                               use_cpu=True, bf16=False, save_strategy="no", history=mode,
-                               attention_warmup_ratio=0.0),
+            args=SSTokenConfig(
+                output_dir=output_dir,
+                max_steps=1,
+                per_device_train_batch_size=4,
+                report_to="none",
+                use_cpu=True,
+                bf16=False,
+                save_strategy="no",
+                history=mode,
+                attention_warmup_ratio=0.0,
+            ),
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=LoraConfig(r=16, lora_alpha=16, target_modules="all-linear") if peft else None,
@@ -120,9 +153,11 @@ def main():
     print("|---|---|---|---|---|---|")
     for row in results["measured"]:
         mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
-        print(f"| {row['training']} | {row['mode']} | {mib(row['model_parameter_bytes'])} | "
-              f"{mib(row['trainable_parameter_bytes'])} | {mib(row['history_bytes'])} | "
-              f"{mib(row['optimizer_state_bytes'])} |")
+        print(
+            f"| {row['training']} | {row['mode']} | {mib(row['model_parameter_bytes'])} | "
+            f"{mib(row['trainable_parameter_bytes'])} | {mib(row['history_bytes'])} | "
+            f"{mib(row['optimizer_state_bytes'])} |"
+        )
     print()
     for row in results["counted"]:
         print(json.dumps(row, indent=1))

@@ -39,6 +39,7 @@ import tracemalloc
 from importlib import resources
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -51,6 +52,7 @@ import trl_sstoken  # noqa: E402
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
 from trl_sstoken.history import HISTORY_ADAPTER  # noqa: E402
 from trl_sstoken.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,7 +80,7 @@ def slope_per_1000(steps: list[int], values: list[float]) -> float:
         return 0.0
     mean_x, mean_y = sum(steps) / n, sum(values) / n
     sxx = sum((x - mean_x) ** 2 for x in steps)
-    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(steps, values))
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(steps, values, strict=True))
     return 1000.0 * sxy / sxx if sxx else 0.0
 
 
@@ -92,7 +94,9 @@ class SoakProbe(TrainerCallback):
         self.python_growth = None
         named = dict(model.named_parameters())
         self.history = [p for n, p in named.items() if f".{HISTORY_ADAPTER}." in n]
-        self.trained = [named[n.replace(f".{HISTORY_ADAPTER}.", ".default.")] for n in named if f".{HISTORY_ADAPTER}." in n]
+        self.trained = [
+            named[n.replace(f".{HISTORY_ADAPTER}.", ".default.")] for n in named if f".{HISTORY_ADAPTER}." in n
+        ]
         if not self.history:
             raise RuntimeError("The model has no history adapter; the soak needs history='lagged' or 'ema'.")
         self.samples = []
@@ -106,7 +110,9 @@ class SoakProbe(TrainerCallback):
             trained_finite = all(bool(torch.isfinite(p).all()) for p in self.trained)
             history_max = max(float(p.abs().max()) for p in self.history)
             trained_max = max(float(p.abs().max()) for p in self.trained)
-            gap = math.sqrt(sum(float((h - t).double().pow(2).sum()) for h, t in zip(self.history, self.trained)))
+            gap = math.sqrt(
+                sum(float((h - t).double().pow(2).sum()) for h, t in zip(self.history, self.trained, strict=True))
+            )
         entry = {
             "step": step,
             "seconds": round(time.perf_counter() - self.started, 2),
@@ -131,7 +137,11 @@ class SoakProbe(TrainerCallback):
             growth = tracemalloc.take_snapshot().compare_to(self.trace_start, "lineno")
             tracemalloc.stop()
             self.python_growth = [
-                {"where": str(stat.traceback), "size_diff_kib": round(stat.size_diff / 1024, 1), "count_diff": stat.count_diff}
+                {
+                    "where": str(stat.traceback),
+                    "size_diff_kib": round(stat.size_diff / 1024, 1),
+                    "count_diff": stat.count_diff,
+                }
                 for stat in growth[:15]
             ]
 
@@ -169,7 +179,10 @@ def git_state() -> dict:
             return None
 
     status = git("status", "--porcelain", "--", "trl_sstoken", "benchmarks/soak.py")
-    return {"commit": git("rev-parse", "HEAD"), "package_or_script_modified": bool(status) if status is not None else None}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "package_or_script_modified": bool(status) if status is not None else None,
+    }
 
 
 def versions() -> dict:
@@ -249,7 +262,9 @@ def main(argv=None) -> int:
             processing_class=tokenizer,
             peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"),
         )
-        probe = SoakProbe(trainer.model, args.sample_every, trace_from=args.steps // 2 if args.trace_python_growth else None)
+        probe = SoakProbe(
+            trainer.model, args.sample_every, trace_from=args.steps // 2 if args.trace_python_growth else None
+        )
         trainer.add_callback(probe)
         started = time.perf_counter()
         trainer.train()

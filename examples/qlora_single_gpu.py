@@ -15,6 +15,7 @@ import sys
 
 from trl_sstoken import cli
 
+
 QLORA_24GB = dict(
     # An 8B-class model whose chat template TRL can mark for assistant-only loss (see assistant_only_loss below)
     model_name_or_path="Qwen/Qwen2.5-7B-Instruct",

@@ -12,6 +12,7 @@ import os
 import tempfile
 from importlib import resources
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from datasets import Dataset  # noqa: E402
@@ -72,7 +73,9 @@ def main():
         trainer.train()
         after = trainer.evaluate(trainer.train_dataset)["eval_loss"]
         print(f"\nplain NLL over all response tokens: {before:.3f} before, {after:.3f} after training")
-        fractions = [e["sstoken/selected_fraction"] for e in trainer.state.log_history if "sstoken/selected_fraction" in e]
+        fractions = [
+            e["sstoken/selected_fraction"] for e in trainer.state.log_history if "sstoken/selected_fraction" in e
+        ]
         print(f"fraction of response tokens trained on: {sum(fractions) / len(fractions):.3f}")
         print("\nWhat ssToken selects now ([kept] tokens are trained on):")
         show_selection(trainer, [0, 1, 2], tokenizer)

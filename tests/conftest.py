@@ -5,6 +5,7 @@ import json
 import os
 from importlib import resources
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -16,6 +17,7 @@ from trl import SFTConfig  # noqa: E402
 
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
 from trl_sstoken.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
 
 torch.set_num_threads(1)
 
@@ -76,7 +78,9 @@ def config(tmp_path, config_class=None, **overrides):
 def make_trainer(tmp_path, tokenizer, dataset):
     """make_trainer(architecture="qwen2", peft=True, **config_overrides) -> SSTokenTrainer on a fresh tiny model."""
 
-    def make(architecture="qwen2", peft=True, train_dataset=None, trainer_class=SSTokenTrainer, lora=None, **overrides):
+    def make(
+        architecture="qwen2", peft=True, train_dataset=None, trainer_class=SSTokenTrainer, lora=None, **overrides
+    ):
         model = build_tiny_model(tokenizer, architecture=architecture)
         plain = not issubclass(trainer_class, SSTokenTrainer)  # a plain SFTTrainer gets a plain SFTConfig
         return trainer_class(
@@ -114,9 +118,9 @@ def record_selections(trainer):
     select = trainer._select
 
     def recording_select(*args, **kwargs):
-        keep = select(*args, **kwargs)
-        recorded.append((trainer.state.global_step, keep.detach().cpu().clone()))
-        return keep
+        selection = select(*args, **kwargs)
+        recorded.append((trainer.state.global_step, selection.keep.detach().cpu().clone()))
+        return selection
 
     trainer._select = recording_select
     return recorded

@@ -29,6 +29,7 @@ import signal
 import sys
 import traceback
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -38,9 +39,11 @@ from peft import LoraConfig  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import trainer_callback  # noqa: E402
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
 from trl_sstoken.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+
 
 MAX_STEPS = 8
 FINAL_ADAPTER = "final_adapter.safetensors"
@@ -60,14 +63,31 @@ def build(out_dir):
     data = rows()
     tokenizer = build_tiny_tokenizer([row["prompt"] + row["completion"] for row in data])
     args = SSTokenConfig(
-        output_dir=out_dir, max_steps=MAX_STEPS, save_strategy="steps", save_steps=2, save_total_limit=1,
-        per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1,
-        report_to="none", use_cpu=True, bf16=False, seed=0, max_length=64, disable_tqdm=True,
-        history="lagged", history_update_steps=3, attention_warmup_ratio=0.25,
+        output_dir=out_dir,
+        max_steps=MAX_STEPS,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        max_length=64,
+        disable_tqdm=True,
+        history="lagged",
+        history_update_steps=3,
+        attention_warmup_ratio=0.25,
     )
     return SSTokenTrainer(
-        model=build_tiny_model(tokenizer), args=args, train_dataset=Dataset.from_list(data),
-        processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
+        model=build_tiny_model(tokenizer),
+        args=args,
+        train_dataset=Dataset.from_list(data),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"),
     )
 
 
@@ -139,7 +159,7 @@ class Probes:
             if not probes.mine(path):
                 return real_rmtree(path, ignore_errors=ignore_errors, onerror=onerror, **kwargs)
             try:
-                for folder, dirs, files in os.walk(path, topdown=False):
+                for folder, _, files in os.walk(path, topdown=False):
                     for name in sorted(files):
                         os.unlink(os.path.join(folder, name))
                     os.rmdir(folder)
@@ -299,8 +319,13 @@ def double_fault(root, reference):
     second = fork_run(out_dir, kill_at=DOUBLE_FAULT[1], resume=True)
     left = sorted(name for name in os.listdir(out_dir) if name.startswith(("checkpoint-", ".sstoken-deleting-")))
     resumed = fork_run(out_dir, resume=True)
-    result = {"index": 0, "event": " then ".join(DOUBLE_FAULT), "kill": "killed" if first == second == "killed" else
-              f"{first}, {second}", "left": left, "resume": resumed}
+    result = {
+        "index": 0,
+        "event": " then ".join(DOUBLE_FAULT),
+        "kill": "killed" if first == second == "killed" else f"{first}, {second}",
+        "left": left,
+        "resume": resumed,
+    }
     if resumed == "ok":
         adapter = load_file(os.path.join(out_dir, FINAL_ADAPTER))
         same = adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in reference)
@@ -345,7 +370,9 @@ def matrix(root, selection="default"):
                 resumed = "ok" if result["resume"].endswith(": ok") else resumed
             if resumed == "ok":
                 adapter = load_file(os.path.join(out_dir, FINAL_ADAPTER))
-                same = adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in reference)
+                same = adapter.keys() == reference.keys() and all(
+                    torch.equal(adapter[k], reference[k]) for k in reference
+                )
                 result["adapter"] = "bit-identical" if same else "DIFFERENT"
         results.append(result)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -356,6 +383,6 @@ def matrix(root, selection="default"):
 
 if __name__ == "__main__":
     if sys.argv[2:3] == ["record"]:
-        print(fork_run(sys.argv[1], record=True))
+        print(fork_run(sys.argv[1], record=True))  # noqa: T201
     else:
-        print(json.dumps(matrix(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "default")))
+        print(json.dumps(matrix(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "default")))  # noqa: T201

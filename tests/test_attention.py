@@ -6,6 +6,7 @@ import torch
 from trl_sstoken.attention import AttentionCapture, context_attention_mass
 from trl_sstoken.tiny import build_tiny_model
 
+
 LENGTH = 12
 
 
@@ -49,7 +50,11 @@ def eager_reference(model, layer, input_ids, attention_mask, context):
 @pytest.mark.parametrize("layer", [0, -1])
 def test_statistic_matches_float64_eager_reference(tokenizer, architecture, implementation, padding, layer):
     model = build_tiny_model(
-        tokenizer, architecture=architecture, num_layers=3, num_heads=4, num_kv_heads=2,
+        tokenizer,
+        architecture=architecture,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
         attn_implementation=implementation,
     )
     input_ids, attention_mask, context = batch_with_padding(len(tokenizer), padding)
@@ -77,7 +82,9 @@ def test_grouped_query_attention_against_repeat_kv(num_kv_heads):
     weights = logits.masked_fill(~causal, float("-inf")).softmax(-1)
     expected = (weights * context[:, None, None, :]).sum(-1).mean(1)
     for chunk_size in (1, 4, 64):
-        got = context_attention_mass(query, key, context=context, key_valid=valid, scaling=dim**-0.5, chunk_size=chunk_size)
+        got = context_attention_mass(
+            query, key, context=context, key_valid=valid, scaling=dim**-0.5, chunk_size=chunk_size
+        )
         torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=0)
 
 
@@ -87,7 +94,9 @@ def test_causal_mask_applies_even_when_the_model_passes_none():
     query, key = torch.randn(1, 2, 6, 4, generator=generator), torch.randn(1, 2, 6, 4, generator=generator)
     context = torch.zeros(1, 6, dtype=torch.bool)
     context[0, 5] = True  # only the last key is "context": no earlier query may see it
-    got = context_attention_mass(query, key, context=context, key_valid=torch.ones(1, 6, dtype=torch.bool), scaling=0.5)
+    got = context_attention_mass(
+        query, key, context=context, key_valid=torch.ones(1, 6, dtype=torch.bool), scaling=0.5
+    )
     assert (got[0, :5] == 0).all() and got[0, 5] > 0
 
 
@@ -98,7 +107,9 @@ def test_model_mask_narrows_but_never_widens():
     everything = torch.ones(1, 1, 4, 4, dtype=torch.bool)  # a (wrong) bidirectional model mask
     window = torch.ones(4, 4, dtype=torch.bool).tril().triu(-1)[None, None]  # sliding window of 2
     plain = context_attention_mass(query, key, context=context, key_valid=valid, scaling=1.0)
-    widened = context_attention_mass(query, key, context=context, key_valid=valid, scaling=1.0, attention_mask=everything)
+    widened = context_attention_mass(
+        query, key, context=context, key_valid=valid, scaling=1.0, attention_mask=everything
+    )
     narrowed = context_attention_mass(query, key, context=context, key_valid=valid, scaling=1.0, attention_mask=window)
     torch.testing.assert_close(widened, plain)
     assert narrowed[0, 0] == 1 and narrowed[0, 1] > 0 and (narrowed[0, 2:] == 0).all()
@@ -115,7 +126,7 @@ def test_logits_and_gradients_are_unchanged(tokenizer):
     torch.testing.assert_close(logits, expected, atol=0, rtol=0)
     logits.square().mean().backward()
     expected.square().mean().backward()
-    for (name, param), (_, ref_param) in zip(model.named_parameters(), reference.named_parameters()):
+    for (name, param), (_, ref_param) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         torch.testing.assert_close(param.grad, ref_param.grad, atol=0, rtol=0, msg=name)
     capture.remove()
     assert model.config._attn_implementation == "sdpa"

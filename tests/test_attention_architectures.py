@@ -28,25 +28,51 @@ def tiny_config(architecture, vocab_size):
         )
     if architecture == "nemotron_h":  # hybrid: Mamba2 mixers with two attention mixers between them
         return transformers.NemotronHConfig(
-            **common, hidden_size=32, num_hidden_layers=5, hybrid_override_pattern="M*M*M", num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=8,
-            ssm_state_size=8, n_groups=1,
+            **common,
+            hidden_size=32,
+            num_hidden_layers=5,
+            hybrid_override_pattern="M*M*M",
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=64,
+            mamba_num_heads=4,
+            mamba_head_dim=8,
+            ssm_state_size=8,
+            n_groups=1,
         )
     if architecture == "gemma3":  # sliding-window layers, q/k norm, query_pre_attn_scalar
         return transformers.Gemma3TextConfig(
-            **common, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-            intermediate_size=64, sliding_window=4, query_pre_attn_scalar=16,
+            **common,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=64,
+            sliding_window=4,
+            query_pre_attn_scalar=16,
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         )
     if architecture == "qwen3":  # q/k norm
         return transformers.Qwen3Config(
-            **common, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            **common,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
             intermediate_size=64,
         )
     if architecture == "phi3":  # fused qkv projection
         return transformers.Phi3Config(
-            **common, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, pad_token_id=1,
+            **common,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            pad_token_id=1,
         )
     raise ValueError(architecture)
 

@@ -23,19 +23,31 @@ def bloom(tokenizer):
 
 def test_uncapturable_attention_is_an_error_unless_rel_fallback_is_allowed(tmp_path, tokenizer, dataset):
     with pytest.raises(AttentionUnavailableError, match="allow_rel_fallback=True"):
-        SSTokenTrainer(model=bloom(tokenizer), args=config(tmp_path), train_dataset=dataset,
-                       processing_class=tokenizer, peft_config=lora_config(target_modules=["query_key_value"]))
+        SSTokenTrainer(
+            model=bloom(tokenizer),
+            args=config(tmp_path),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(target_modules=["query_key_value"]),
+        )
     with pytest.warns(UserWarning, match="Falling back to REL-only"):
         trainer = SSTokenTrainer(
-            model=bloom(tokenizer), args=config(tmp_path, allow_rel_fallback=True, max_steps=2), train_dataset=dataset,
-            processing_class=tokenizer, peft_config=lora_config(target_modules=["query_key_value"]),
+            model=bloom(tokenizer),
+            args=config(tmp_path, allow_rel_fallback=True, max_steps=2),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(target_modules=["query_key_value"]),
         )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "sstoken/selected_fraction" in e]
     assert len(logs) == 2 and all("sstoken/rel_mean" in e and "sstoken/attention_mean" not in e for e in logs)
     with pytest.raises(AttentionUnavailableError):  # attention-only selection has nothing to fall back to
-        SSTokenTrainer(model=bloom(tokenizer), args=config(tmp_path, selection_method="attention", allow_rel_fallback=True),
-                       train_dataset=dataset, processing_class=tokenizer)
+        SSTokenTrainer(
+            model=bloom(tokenizer),
+            args=config(tmp_path, selection_method="attention", allow_rel_fallback=True),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_padding_free_with_an_attention_kernel_that_cannot_keep_sequences_apart(tmp_path, tokenizer, dataset):
@@ -44,8 +56,13 @@ def test_padding_free_with_an_attention_kernel_that_cannot_keep_sequences_apart(
     model = build_tiny_model(tokenizer)
     model.set_attn_implementation("my_kernel")
     with pytest.raises(ValueError, match="'my_kernel' does not"):
-        SSTokenTrainer(model=model, args=config(tmp_path, padding_free=True, max_length=None), train_dataset=dataset,
-                       processing_class=tokenizer, peft_config=lora_config())
+        SSTokenTrainer(
+            model=model,
+            args=config(tmp_path, padding_free=True, max_length=None),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(),
+        )
 
 
 def test_examples_whose_response_is_truncated_away_are_reported(make_trainer):
@@ -78,7 +95,7 @@ def test_the_history_is_never_updated_from_nonfinite_weights(make_trainer):
         history.trained_params[0].fill_(float("nan"))
     with pytest.warns(UserWarning, match="keeps its last finite state"):
         history.on_optimizer_step(1)
-    for param, expected in zip(history.history_params, before):
+    for param, expected in zip(history.history_params, before, strict=True):
         assert torch.equal(param, expected)
 
 

@@ -8,8 +8,9 @@ from conftest import first_batch, lora_config, randomize_adapter
 from trl import SFTTrainer
 
 from trl_sstoken.reference import REFERENCE_ADAPTER
-from trl_sstoken.scoring import excess_loss, keep_counts, probability_weights, select_by_probability, top_k_per_batch
+from trl_sstoken.scoring import excess_loss, num_to_keep, probability_weights, select_by_probability, top_k_per_batch
 from trl_sstoken.tiny import build_tiny_model
+
 
 DETERMINISTIC = dict(lora=lora_config(lora_dropout=0.0))
 
@@ -45,7 +46,9 @@ def test_dft_equals_trls_dft_loss_and_gradients(make_trainer):
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, dict(batch))
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        )
     torch.testing.assert_close(results[0][0], results[1][0])
     for name, grad in results[1][1].items():
         torch.testing.assert_close(results[0][1][name], grad, msg=name)
@@ -78,8 +81,13 @@ def reference_adapter_dir(make_trainer, tmp_path):
 
 
 def test_rho1_with_a_reference_adapter(make_trainer, reference_adapter_dir, tmp_path):
-    trainer = make_trainer(selection_method="rho1", reference_adapter=reference_adapter_dir, max_steps=2,
-                           selection_ratio=0.5, **DETERMINISTIC)
+    trainer = make_trainer(
+        selection_method="rho1",
+        reference_adapter=reference_adapter_dir,
+        max_steps=2,
+        selection_ratio=0.5,
+        **DETERMINISTIC,
+    )
     named = dict(trainer.model.named_parameters())
     reference = {n: p.detach().clone() for n, p in named.items() if f".{REFERENCE_ADAPTER}." in n}
     assert reference and all(not named[n].requires_grad for n in reference)
@@ -99,7 +107,7 @@ def test_rho1_with_a_reference_adapter(make_trainer, reference_adapter_dir, tmp_
     response = selection.regions.response
     expected = top_k_per_batch(reference_logps - current, response, 0.5)
     assert torch.equal(selection.keep, expected)
-    assert int(selection.keep.sum()) == int(keep_counts(response.sum().reshape(1), 0.5))
+    assert int(selection.keep.sum()) == int(num_to_keep(response.reshape(1, -1), 0.5))
 
     trainer.train()
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}

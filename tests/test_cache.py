@@ -8,6 +8,7 @@ from datasets import Dataset
 from trl_sstoken.history.cache import CACHE_FILE, CachedHistory, HistoryCacheError
 from trl_sstoken.tiny import build_tiny_tokenizer
 
+
 SETTINGS = dict(max_steps=4, attention_warmup_ratio=0.0, selection_method="rel")
 
 
@@ -29,7 +30,7 @@ def test_cached_run_selects_what_the_on_the_fly_run_selects_without_history_forw
     cached.train()
     assert len(building_forwards) == -(-len(cached.train_dataset) // 8)  # and no history forward while training
     assert len(selections) == len(expected) == 4
-    for (step, keep), (expected_step, expected_keep) in zip(selections, expected):
+    for (step, keep), (expected_step, expected_keep) in zip(selections, expected, strict=True):
         assert step == expected_step and torch.equal(keep, expected_keep)
     losses = [e["loss"] for e in cached.state.log_history if "loss" in e]
     expected_losses = [e["loss"] for e in on_the_fly.state.log_history if "loss" in e]
@@ -103,5 +104,5 @@ def test_full_fine_tuning_with_a_cached_base_needs_no_model_copy(make_trainer, t
     assert cached._history.parameter_bytes == 0
     selections = record_selections(cached)
     cached.train()
-    for (_, keep), (_, expected_keep) in zip(selections, expected):
+    for (_, keep), (_, expected_keep) in zip(selections, expected, strict=True):
         assert torch.equal(keep, expected_keep)

@@ -12,6 +12,7 @@ from conftest import count_calls
 import trl_sstoken.history.cache as cache
 from trl_sstoken.history.cache import CACHE_FILE, HistoryCacheError, read_cache, write_cache
 
+
 IDENTITY = {"dataset": "3 rows, sha256 ab", "model": "cd", "tokenizer": "ef"}
 PER_EXAMPLE = [torch.tensor([-1.5, -0.25]), torch.tensor([-3.0]), torch.tensor([-0.5, -2.0, -4.0])]
 

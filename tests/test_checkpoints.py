@@ -26,13 +26,17 @@ from trl_sstoken.checkpoints import (
 from trl_sstoken.history.model_copy import CHECKPOINT_FILE
 from trl_sstoken.tiny import build_tiny_model
 
+
 SETTINGS = dict(max_steps=4, save_strategy="steps", save_steps=2, history="lagged", history_update_steps=3)
 
 
 def trainer_for(tmp_path, tokenizer, dataset, output_dir, peft=True, **overrides):
     return SSTokenTrainer(
-        model=build_tiny_model(tokenizer), args=config(tmp_path, output_dir=str(output_dir), **{**SETTINGS, **overrides}),
-        train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config() if peft else None,
+        model=build_tiny_model(tokenizer),
+        args=config(tmp_path, output_dir=str(output_dir), **{**SETTINGS, **overrides}),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config() if peft else None,
     )
 
 
@@ -55,8 +59,14 @@ def test_the_marker_records_every_file_and_the_settings(run):
     marker = json.loads((run / "checkpoint-4" / CHECKPOINT_MARKER).read_text())
     assert marker["global_step"] == 4
     files = marker["files"]
-    for name in ("adapter_model.safetensors", "history/adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-                 "rng_state.pth", "trainer_state.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "history/adapter_model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+    ):
         assert files[name]["size"] == os.path.getsize(run / "checkpoint-4" / name)
         assert len(files[name]["sha256"]) == 64
     assert marker["settings"]["history"] == "lagged" and marker["settings"]["selection_ratio"] == 0.6
@@ -65,8 +75,15 @@ def test_the_marker_records_every_file_and_the_settings(run):
 
 
 @pytest.mark.parametrize(
-    "name", ["adapter_model.safetensors", "history/adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-             "trainer_state.json", "rng_state.pth"],
+    "name",
+    [
+        "adapter_model.safetensors",
+        "history/adapter_model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng_state.pth",
+    ],
 )
 def test_a_checkpoint_missing_a_file_is_refused_naming_it(copy, tmp_path, tokenizer, dataset, name):
     os.remove(copy / "checkpoint-4" / name)
@@ -140,9 +157,18 @@ def test_what_is_not_a_checkpoint_of_this_trainer_says_so(tmp_path, tokenizer, d
     with pytest.raises(CheckpointError, match="writing it was interrupted"):
         resolve_resume(str(interrupted), str(tmp_path / "out"), settings)
     plain = SFTTrainer(
-        model=build_tiny_model(tokenizer), train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(),
-        args=config(tmp_path, config_class=SFTConfig, output_dir=str(tmp_path / "plain"), max_steps=1,
-                    save_strategy="steps", save_steps=1),
+        model=build_tiny_model(tokenizer),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        args=config(
+            tmp_path,
+            config_class=SFTConfig,
+            output_dir=str(tmp_path / "plain"),
+            max_steps=1,
+            save_strategy="steps",
+            save_steps=1,
+        ),
     )
     plain.train()
     with pytest.raises(CheckpointError, match="not a checkpoint of SSTokenTrainer"):
@@ -182,14 +208,19 @@ def test_rotation_keeps_the_newest_complete_checkpoint_and_clears_leftovers(tmp_
     assert os.listdir(tmp_path) == ["checkpoint-6"]
 
 
-def test_save_total_limit_one_deletes_the_older_checkpoint_only_after_the_newer_is_marked(tmp_path, tokenizer, dataset):
+def test_save_total_limit_one_deletes_the_older_checkpoint_only_after_the_newer_is_marked(
+    tmp_path, tokenizer, dataset
+):
     trainer = trainer_for(tmp_path, tokenizer, dataset, tmp_path / "out", save_total_limit=1)
     seen = []
     real_delete = checkpoints.delete_checkpoint
 
     def recording_delete(path):
-        newer = [name for name in os.listdir(tmp_path / "out") if name.startswith("checkpoint-") and
-                 os.path.exists(tmp_path / "out" / name / CHECKPOINT_MARKER)]
+        newer = [
+            name
+            for name in os.listdir(tmp_path / "out")
+            if name.startswith("checkpoint-") and os.path.exists(tmp_path / "out" / name / CHECKPOINT_MARKER)
+        ]
         seen.append((os.path.basename(path), sorted(newer)))
         real_delete(path)
 
@@ -203,15 +234,17 @@ def test_save_total_limit_one_deletes_the_older_checkpoint_only_after_the_newer_
 
 
 def test_a_full_fine_tuning_history_file_with_foreign_weights_is_refused(tmp_path, tokenizer, dataset):
-    trainer = trainer_for(tmp_path, tokenizer, dataset, tmp_path / "a", peft=False, history="ema", max_steps=2,
-                          learning_rate=1e-3)
+    trainer = trainer_for(
+        tmp_path, tokenizer, dataset, tmp_path / "a", peft=False, history="ema", max_steps=2, learning_rate=1e-3
+    )
     trainer.train()
     path = tmp_path / "a" / "checkpoint-2" / CHECKPOINT_FILE
     state = load_file(path)
     state["model.layers.9.mlp.up_proj.weight"] = torch.zeros(1)
     del state[next(iter(state))]
     save_file(state, path)
-    resumed = trainer_for(tmp_path, tokenizer, dataset, tmp_path / "b", peft=False, history="ema", max_steps=3,
-                          learning_rate=1e-3)
+    resumed = trainer_for(
+        tmp_path, tokenizer, dataset, tmp_path / "b", peft=False, history="ema", max_steps=3, learning_rate=1e-3
+    )
     with pytest.raises(ValueError, match=f"{CHECKPOINT_FILE} in the checkpoint .* is not this model's history"):
         resumed._history.load_checkpoint(str(tmp_path / "a" / "checkpoint-2"))

@@ -23,6 +23,7 @@ from trl_sstoken.config_reference import sstoken_fields
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.loading import UsageError, load_sft_datasets, load_tokenizer, pick_split
 
+
 REPO = Path(__file__).resolve().parent.parent
 SENTENCE = "what is two plus three ? sure ! five ."
 
@@ -64,7 +65,9 @@ def trained_run(tmp_path_factory, tiny_model_dir, jsonl_file):
     """`trl-sstoken train --config run.yaml --selection_ratio 0.5 --lora_target_modules all-linear`, run once."""
     folder = tmp_path_factory.mktemp("train")
     config = write_yaml(folder / "run.yaml", train_settings(tiny_model_dir, jsonl_file, folder / "out"))
-    status = cli.main(["train", "--config", str(config), "--selection_ratio", "0.5", "--lora_target_modules", "all-linear"])
+    status = cli.main(
+        ["train", "--config", str(config), "--selection_ratio", "0.5", "--lora_target_modules", "all-linear"]
+    )
     return status, folder / "out"
 
 
@@ -83,7 +86,9 @@ def test_train_applies_the_flag_override_and_saves_the_adapter_without_history(t
     assert "ssToken" in card and "2510.18250" in card
     # and the training logged a kept fraction that ceil(0.5 * n) explains, not ceil(0.9 * n)
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
-    fractions = [entry["sstoken/selected_fraction"] for entry in state["log_history"] if "sstoken/selected_fraction" in entry]
+    fractions = [
+        entry["sstoken/selected_fraction"] for entry in state["log_history"] if "sstoken/selected_fraction" in entry
+    ]
     assert len(fractions) == 2 and all(0.5 <= f < 0.7 for f in fractions)
     # the final artifact: the trained adapter only, on every linear layer (the all-linear flag reached PEFT)
     assert not (out / HISTORY_ADAPTER).exists()
@@ -93,7 +98,13 @@ def test_train_applies_the_flag_override_and_saves_the_adapter_without_history(t
     assert any("mlp.down_proj.lora_A" in key for key in keys) and any("self_attn.o_proj.lora_B" in key for key in keys)
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert {name.rsplit(".", 1)[-1] for name in adapter_config["target_modules"]} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     }
     # the checkpoint keeps the history adapter, for an exact resume
     assert (out / "checkpoint-2" / HISTORY_ADAPTER / "adapter_model.safetensors").exists()
@@ -188,8 +199,12 @@ def test_local_data_files_of_every_supported_type(tmp_path, suffix):
     rows = QUICKSTART_ROWS[:5]
     path = tmp_path / f"data{suffix}"
     dataset = Dataset.from_list(rows)
-    {".json": lambda: path.write_text(json.dumps(rows)), ".jsonl": lambda: dataset.to_json(str(path)),
-     ".csv": lambda: dataset.to_csv(str(path), index=False), ".parquet": lambda: dataset.to_parquet(str(path))}[suffix]()
+    {
+        ".json": lambda: path.write_text(json.dumps(rows)),
+        ".jsonl": lambda: dataset.to_json(str(path)),
+        ".csv": lambda: dataset.to_csv(str(path), index=False),
+        ".parquet": lambda: dataset.to_parquet(str(path)),
+    }[suffix]()
     loaded = pick_split(load_sft_datasets(str(path), train_split="train"), "train", "--dataset_train_split")
     assert loaded.to_list() == rows
 
@@ -198,11 +213,15 @@ def test_saved_datasets_and_bad_paths(tmp_path):
     Dataset.from_list(QUICKSTART_ROWS[:3]).save_to_disk(str(tmp_path / "saved"))
     assert len(load_sft_datasets(str(tmp_path / "saved"))["train"]) == 3
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(UsageError, match=r"unsupported type '.txt'; allowed file types: .json, .jsonl, .csv, .parquet"):
+    with pytest.raises(
+        UsageError, match=r"unsupported type '.txt'; allowed file types: .json, .jsonl, .csv, .parquet"
+    ):
         load_sft_datasets(str(tmp_path / "notes.txt"))
     with pytest.raises(UsageError, match="No dataset given. Pass --dataset_name"):
         load_sft_datasets(None)
-    with pytest.raises(UsageError, match=r"--dataset_test_split 'test' is not a split of the dataset; its splits are: train"):
+    with pytest.raises(
+        UsageError, match=r"--dataset_test_split 'test' is not a split of the dataset; its splits are: train"
+    ):
         pick_split(load_sft_datasets(str(tmp_path / "saved")), "test", "--dataset_test_split")
 
 
@@ -223,14 +242,18 @@ def expected_selection(model_dir, adapter_dir, rows, batch_size, history_weights
     """(response positions, kept positions) per example, straight from SSTokenTrainer.preview_selection."""
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir, is_trainable=True)
     args = SSTokenConfig(output_dir=str(model_dir / "scratch"), report_to="none", use_cpu=True, bf16=False, **config)
-    trainer = SSTokenTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(str(model_dir)))
+    trainer = SSTokenTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(str(model_dir))
+    )
     if history_weights is not None:
         cli._load_history_adapter(trainer.model, str(history_weights))
     expected = []
     for start in range(0, len(rows), batch_size):
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(start, min(start + batch_size, len(rows)))])
+        batch = trainer.data_collator(
+            [trainer.train_dataset[i] for i in range(start, min(start + batch_size, len(rows)))]
+        )
         selection = trainer.preview_selection(batch)
-        for response, keep in zip(selection.regions.response.tolist(), selection.keep.tolist()):
+        for response, keep in zip(selection.regions.response.tolist(), selection.keep.tolist(), strict=True):
             expected.append(({j + 1 for j, r in enumerate(response) if r}, {j + 1 for j, k in enumerate(keep) if k}))
     return expected, trainer
 
@@ -246,13 +269,30 @@ def page_selection(page):
     return [by_example[i] for i in sorted(by_example)]
 
 
-def test_inspect_page_marks_exactly_what_preview_selection_keeps(tmp_path, tiny_model_dir, jsonl_file, random_adapter, capsys):
+def test_inspect_page_marks_exactly_what_preview_selection_keeps(
+    tmp_path, tiny_model_dir, jsonl_file, random_adapter, capsys
+):
     report = tmp_path / "report.html"
-    status = cli.main([
-        "inspect", "--model_name_or_path", str(tiny_model_dir), "--adapter_path", str(random_adapter),
-        "--dataset_name", str(jsonl_file), "--num_examples", "6", "--per_device_train_batch_size", "4",
-        "--max_length", "64", "--use_cpu", "--report_path", str(report),
-    ])
+    status = cli.main(
+        [
+            "inspect",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--adapter_path",
+            str(random_adapter),
+            "--dataset_name",
+            str(jsonl_file),
+            "--num_examples",
+            "6",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_length",
+            "64",
+            "--use_cpu",
+            "--report_path",
+            str(report),
+        ]
+    )
     assert status == 0
     assert f"Report written to {report}" in capsys.readouterr().out
     page = report.read_text()
@@ -269,8 +309,22 @@ def test_inspect_a_checkpoint_with_its_lagged_history(tmp_path, trained_run, tin
     checkpoint = out / "checkpoint-2"
     report = tmp_path / "lagged.html"
     arguments = [
-        "inspect", "--model_name_or_path", str(tiny_model_dir), "--adapter_path", str(checkpoint), "--history", "lagged",
-        "--dataset_name", str(jsonl_file), "--num_examples", "4", "--max_length", "64", "--use_cpu", "--report_path", str(report),
+        "inspect",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--adapter_path",
+        str(checkpoint),
+        "--history",
+        "lagged",
+        "--dataset_name",
+        str(jsonl_file),
+        "--num_examples",
+        "4",
+        "--max_length",
+        "64",
+        "--use_cpu",
+        "--report_path",
+        str(report),
     ]
     assert cli.main(arguments) == 0
     # the reference: a trainer whose history (a copy of the adapter at first) gets the checkpoint's history weights
@@ -287,7 +341,9 @@ def test_inspect_a_checkpoint_with_its_lagged_history(tmp_path, trained_run, tin
     assert page_selection(report.read_text()) == expected
 
 
-def test_inspect_needs_an_adapter_for_rel_and_a_checkpoint_for_lagged(tmp_path, tiny_model_dir, jsonl_file, random_adapter, capsys):
+def test_inspect_needs_an_adapter_for_rel_and_a_checkpoint_for_lagged(
+    tmp_path, tiny_model_dir, jsonl_file, random_adapter, capsys
+):
     base = ["inspect", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(jsonl_file), "--use_cpu"]
     assert cli.main(base) == 2
     assert "--selection_method sstoken needs a LoRA adapter" in capsys.readouterr().err
@@ -297,14 +353,31 @@ def test_inspect_needs_an_adapter_for_rel_and_a_checkpoint_for_lagged(tmp_path, 
     assert "holds no adapter_config.json" in capsys.readouterr().err
     assert cli.main(base + ["--num_examples", "0", "--selection_method", "attention"]) == 2
     assert "--num_examples=0 is out of range" in capsys.readouterr().err
-    assert cli.main(["inspect", "--model_name_or_path", str(random_adapter), "--dataset_name", str(jsonl_file), "--use_cpu"]) == 2
+    assert (
+        cli.main(
+            ["inspect", "--model_name_or_path", str(random_adapter), "--dataset_name", str(jsonl_file), "--use_cpu"]
+        )
+        == 2
+    )
     assert "holds a PEFT adapter, not a model" in capsys.readouterr().err
 
 
 def test_inspect_without_adapter_by_attention(tmp_path, tiny_model_dir, jsonl_file):
     report = tmp_path / "attention.html"
-    arguments = ["inspect", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(jsonl_file),
-                 "--selection_method", "attention", "--num_examples", "3", "--use_cpu", "--report_path", str(report)]
+    arguments = [
+        "inspect",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(jsonl_file),
+        "--selection_method",
+        "attention",
+        "--num_examples",
+        "3",
+        "--use_cpu",
+        "--report_path",
+        str(report),
+    ]
     assert cli.main(arguments) == 0
     spans = [s for s in parse_spans(report.read_text()) if "data-kept" in s]
     assert spans and all("attention " in s["title"] and "REL" not in s["title"] for s in spans)
@@ -315,8 +388,22 @@ def test_inspect_without_adapter_by_attention(tmp_path, tiny_model_dir, jsonl_fi
 
 def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    status = cli.main(["demo", "--output_dir", str(out), "--max_steps", "4", "--num_report_examples", "5",
-                       "--logging_steps", "2", "--history_update_steps", "2", "--use_cpu"])
+    status = cli.main(
+        [
+            "demo",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--num_report_examples",
+            "5",
+            "--logging_steps",
+            "2",
+            "--history_update_steps",
+            "2",
+            "--use_cpu",
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr().out
     assert "Plain NLL over every response token" in printed and "Selection report:" in printed
@@ -329,7 +416,13 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     assert (out / "selection.svg").read_text().startswith("<svg")
     # the printed "inspect it again" command works on what the demo saved
     command = next(line for line in printed.splitlines() if line.startswith("Inspect it again:"))
-    arguments = command.split("trl-sstoken ", 1)[1].split() + ["--num_examples", "2", "--use_cpu", "--report_path", str(tmp_path / "again.html")]
+    arguments = command.split("trl-sstoken ", 1)[1].split() + [
+        "--num_examples",
+        "2",
+        "--use_cpu",
+        "--report_path",
+        str(tmp_path / "again.html"),
+    ]
     assert cli.main(arguments) == 0 and (tmp_path / "again.html").exists()
 
 
@@ -346,7 +439,13 @@ def test_console_script_is_declared_and_runs_as_a_module():
     module, function = scripts["trl-sstoken"].split(":")
     assert (module, function) == ("trl_sstoken.cli", "entry_point")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "trl_sstoken.cli", "train", "--help"], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_sstoken.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0
     assert "usage: trl-sstoken train" in result.stdout
     for field in sstoken_fields():
@@ -356,7 +455,9 @@ def test_console_script_is_declared_and_runs_as_a_module():
 @pytest.mark.parametrize("config", sorted((REPO / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(config):
     parser = cli.make_parser("train")
-    script_args, training_args, model_args, dataset_args, _ = cli.parse_command_args(parser, ["--config", str(config), "--bf16", "false"])
+    script_args, training_args, model_args, dataset_args, _ = cli.parse_command_args(
+        parser, ["--config", str(config), "--bf16", "false"]
+    )
     assert model_args.model_name_or_path and script_args.dataset_name
     assert training_args.selection_method in ("sstoken", "full") and model_args.use_peft
     assert training_args.assistant_only_loss  # the shipped configs use conversational data

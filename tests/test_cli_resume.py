@@ -23,6 +23,18 @@ def test_resume_from_checkpoint_true_false_and_a_typo(tmp_path, tiny_model_dir, 
     assert cli.main(["train", "--config", str(config), "--resume_from_checkpoint", typo]) == 2
     error = capsys.readouterr().err
     assert f"Cannot resume from {typo}: the path does not exist" in error
-    assert cli.main(["train", "--config", str(config), "--output_dir", str(tmp_path / "fresh"),
-                     "--resume_from_checkpoint", "false"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--output_dir",
+                str(tmp_path / "fresh"),
+                "--resume_from_checkpoint",
+                "false",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "fresh" / "checkpoint-2").is_dir()

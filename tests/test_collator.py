@@ -52,8 +52,12 @@ def test_a_user_collator_passed_to_the_trainer_is_wrapped(make_trainer, tokenize
         return inner(examples)
 
     trainer = SSTokenTrainer(
-        model=build_tiny_model(tokenizer), args=config(tmp_path, max_steps=2, attention_warmup_ratio=0.0),
-        train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(), data_collator=user_collator,
+        model=build_tiny_model(tokenizer),
+        args=config(tmp_path, max_steps=2, attention_warmup_ratio=0.0),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        data_collator=user_collator,
     )
     assert trainer.data_collator.collator is user_collator
     batch = next(iter(trainer.get_train_dataloader()))

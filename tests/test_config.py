@@ -6,6 +6,7 @@ from trl import SFTConfig
 from trl_sstoken import SSTokenConfig, SSTokenTrainer
 from trl_sstoken.config import HISTORY_MODES, LOSS_NORMALIZATIONS, SELECTION_METHODS
 
+
 SSTOKEN_FIELDS = [
     "selection_method",
     "selection_ratio",
@@ -77,7 +78,9 @@ def test_every_allowed_combination_is_accepted(tmp_path, method, history, normal
     if method == "profit" and normalization == "selected":
         pytest.skip("refused on purpose: see test_profit_needs_a_window_independent_normalization")
     extra = {"reference_adapter": str(tmp_path)} if method == "rho1" else {}
-    config = make(tmp_path, selection_method=method, history=history, selection_loss_normalization=normalization, **extra)
+    config = make(
+        tmp_path, selection_method=method, history=history, selection_loss_normalization=normalization, **extra
+    )
     assert config.selection_method == method
 
 
@@ -113,7 +116,10 @@ def test_plain_sft_config_is_converted(tmp_path, tokenizer, dataset):
 
     sft_args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_steps=1)
     trainer = SSTokenTrainer(
-        model=build_tiny_model(tokenizer), args=sft_args, train_dataset=dataset, processing_class=tokenizer,
+        model=build_tiny_model(tokenizer),
+        args=sft_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
         peft_config=pytest.importorskip("peft").LoraConfig(r=2, target_modules="all-linear"),
     )
     assert isinstance(trainer.args, SSTokenConfig)
@@ -125,8 +131,11 @@ def test_compute_loss_func_is_refused(tmp_path, tokenizer, dataset):
 
     with pytest.raises(ValueError, match="compute_loss_func"):
         SSTokenTrainer(
-            model=build_tiny_model(tokenizer), args=make(tmp_path, selection_method="random"),
-            train_dataset=dataset, processing_class=tokenizer, compute_loss_func=lambda *a, **k: 0,
+            model=build_tiny_model(tokenizer),
+            args=make(tmp_path, selection_method="random"),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            compute_loss_func=lambda *a, **k: 0,
         )
 
 
@@ -136,7 +145,24 @@ def test_label_smoothing_is_refused(tmp_path, tokenizer, dataset):
     for method in ("sstoken", "full"):
         with pytest.raises(ValueError, match="label_smoothing_factor"):
             SSTokenTrainer(
-                model=build_tiny_model(tokenizer), args=make(tmp_path, selection_method=method, label_smoothing_factor=0.1),
-                train_dataset=dataset, processing_class=tokenizer,
+                model=build_tiny_model(tokenizer),
+                args=make(tmp_path, selection_method=method, label_smoothing_factor=0.1),
+                train_dataset=dataset,
+                processing_class=tokenizer,
                 peft_config=pytest.importorskip("peft").LoraConfig(r=2, target_modules="all-linear"),
             )
+
+
+def test_the_docstring_documents_every_field_under_its_group():
+    """The `Parameters:` docstring (TRL's layout) and the field declarations follow `FIELD_GROUPS`, in order."""
+    from trl_sstoken.config import FIELD_GROUPS
+    from trl_sstoken.config_reference import sstoken_fields
+
+    doc = SSTokenConfig.__doc__
+    position = doc.index("Parameters:")
+    grouped = [name for names in FIELD_GROUPS.values() for name in names]
+    assert grouped == [field.name for field in sstoken_fields()]  # declared in group order, each field once
+    for heading, names in FIELD_GROUPS.items():
+        position = doc.index(f"> {heading}\n", position)
+        for name in names:
+            position = doc.index(f"\n        {name} (`", position)

@@ -10,6 +10,7 @@ from trl_sstoken.attention import context_attention_mass
 from trl_sstoken.collator import SelectionCollator
 from trl_sstoken.regions import regions_from_batch
 
+
 X = -100
 
 
@@ -41,11 +42,18 @@ def test_prompt_completion(make_trainer):
 
 def test_conversational_prompt_completion(make_trainer):
     data = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": "what is two plus two ?"}],
-          "completion": [{"role": "assistant", "content": "four ."}]}]
+        [
+            {
+                "prompt": [{"role": "user", "content": "what is two plus two ?"}],
+                "completion": [{"role": "assistant", "content": "four ."}],
+            }
+        ]
     )
     _, context, response = prepared_regions(make_trainer(train_dataset=data))
-    assert context.replace("\n", " ").split() == "<|im_start|> user what is two plus two ? <|im_end|> <|im_start|> assistant".split()
+    assert (
+        context.replace("\n", " ").split()
+        == "<|im_start|> user what is two plus two ? <|im_end|> <|im_start|> assistant".split()
+    )
     assert response.split()[:2] == ["four", "."]
 
 
@@ -61,12 +69,25 @@ def test_three_turn_chat_with_assistant_only_loss(make_trainer):
     ]
     trainer = make_trainer(train_dataset=Dataset.from_list([{"messages": messages}]), assistant_only_loss=True)
     regions, context, response = prepared_regions(trainer)
-    assert response.replace("<|im_end|>", " <|im_end|>").split() == ["two", ".", "<|im_end|>", "four", ".", "<|im_end|>", "six", ".", "<|im_end|>"]
+    assert response.replace("<|im_end|>", " <|im_end|>").split() == [
+        "two",
+        ".",
+        "<|im_end|>",
+        "four",
+        ".",
+        "<|im_end|>",
+        "six",
+        ".",
+        "<|im_end|>",
+    ]
     words = context.replace("<|im_start|>", " ").replace("<|im_end|>", " ").split()
-    assert words == (
-        "system once upon a time user what is one plus one ? assistant user what is two plus two ? assistant "
-        "user what is three plus three ? assistant"
-    ).split()
+    assert (
+        words
+        == (
+            "system once upon a time user what is one plus one ? assistant user what is two plus two ? assistant "
+            "user what is three plus three ? assistant"
+        ).split()
+    )
     # for a token of the third assistant turn, the context is every non-assistant position before it, and only those
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
@@ -91,8 +112,11 @@ def test_a_packed_row_of_three_sequences():
     )
     for start, stop in ((0, 3), (3, 7), (7, 9)):
         alone = context_attention_mass(
-            query[:, :, start:stop], key[:, :, start:stop], context=regions.context[:, start:stop],
-            key_valid=regions.valid[:, start:stop], scaling=0.5,
+            query[:, :, start:stop],
+            key[:, :, start:stop],
+            context=regions.context[:, start:stop],
+            key_valid=regions.valid[:, start:stop],
+            scaling=0.5,
         )
         torch.testing.assert_close(packed[:, start:stop], alone)
 
@@ -102,7 +126,10 @@ def test_sequence_layout_round_trip_and_padding_free_equivalence():
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     padded = regions_from_batch({"labels": labels, "attention_mask": attention_mask})
     free = regions_from_batch(
-        {"labels": torch.tensor([[X, X, 5, 6, X, 7, X, 8, 9]]), "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2]])}
+        {
+            "labels": torch.tensor([[X, X, 5, 6, X, 7, X, 8, 9]]),
+            "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2]]),
+        }
     )
     assert torch.equal(padded.sequence_response, free.sequence_response)
     values = torch.randn(2, 5)
@@ -116,13 +143,19 @@ def test_sequence_layout_round_trip_and_padding_free_equivalence():
 @pytest.mark.parametrize("normalization", ["selected", "sequence"])
 def test_padding_free_selects_and_trains_exactly_like_padded(make_trainer, method, normalization):
     trainer = make_trainer(
-        selection_method=method, selection_loss_normalization=normalization, attention_warmup_ratio=0.0,
-        padding_free=True, max_length=None, lora=lora_config(lora_dropout=0.0),
+        selection_method=method,
+        selection_loss_normalization=normalization,
+        attention_warmup_ratio=0.0,
+        padding_free=True,
+        max_length=None,
+        lora=lora_config(lora_dropout=0.0),
     )
     randomize_adapter(trainer.model)
     examples = [trainer.train_dataset[i] for i in range(4)]
     padding_free = trainer.data_collator(examples)
-    padded = SelectionCollator(DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id))(examples)
+    padded = SelectionCollator(DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id))(
+        examples
+    )
     assert padding_free["input_ids"].shape[0] == 1 and padded["input_ids"].shape[0] == 4
 
     selections = {}
@@ -138,10 +171,13 @@ def test_padding_free_selects_and_trains_exactly_like_padded(make_trainer, metho
         trainer.model.train()
         trainer.model.zero_grad()
         trainer._micro_step = 0
-        trainer._window = None
+        trainer._window_counts = None
         loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch)))
         loss.backward()
-        results[name] = (loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        results[name] = (
+            loss.detach(),
+            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None},
+        )
     torch.testing.assert_close(results["padding_free"][0], results["padded"][0], atol=1e-6, rtol=1e-5)
     for name, grad in results["padded"][1].items():
         torch.testing.assert_close(results["padding_free"][1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
@@ -149,16 +185,23 @@ def test_padding_free_selects_and_trains_exactly_like_padded(make_trainer, metho
 
 @pytest.mark.parametrize("strategy", ["bfd", "bfd_split", "wrapped"])
 def test_trl_packing_trains_with_per_sequence_selection(make_trainer, strategy):
-    trainer = make_trainer(packing=True, packing_strategy=strategy, max_length=48, attention_warmup_ratio=0.0,
-                           per_device_train_batch_size=2, max_steps=2)
+    trainer = make_trainer(
+        packing=True,
+        packing_strategy=strategy,
+        max_length=48,
+        attention_warmup_ratio=0.0,
+        per_device_train_batch_size=2,
+        max_steps=2,
+    )
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     regions = regions_from_batch(batch)
     if strategy == "wrapped":  # fixed-length rows, no sequence boundaries: each row is one sequence to the model
         assert regions.layout.num_sequences == batch["input_ids"].shape[0]
     else:
         assert regions.layout.num_sequences > batch["input_ids"].shape[0]  # several sequences per packed row
-    from trl_sstoken.scoring import keep_counts
-    expected = keep_counts(regions.num_response, 0.6).sum().item() / regions.num_response.sum().item()
+    from trl_sstoken.scoring import num_to_keep
+
+    expected = num_to_keep(regions.sequence_response, 0.6).sum().item() / regions.num_response.sum().item()
     trainer.model.train()
     trainer.compute_loss(trainer.model, dict(batch))
     assert trainer._metrics["train"]["sstoken/selected_fraction"][-1] == pytest.approx(expected)
@@ -167,14 +210,17 @@ def test_trl_packing_trains_with_per_sequence_selection(make_trainer, strategy):
 
 
 def test_cached_history_with_padding_free_batches(make_trainer, tmp_path):
-    settings = dict(selection_method="rel", attention_warmup_ratio=0.0, padding_free=True, max_length=None, max_steps=3)
+    settings = dict(
+        selection_method="rel", attention_warmup_ratio=0.0, padding_free=True, max_length=None, max_steps=3
+    )
     on_the_fly = make_trainer(**settings)
     from conftest import record_selections
+
     expected = record_selections(on_the_fly)
     on_the_fly.train()
     cached = make_trainer(history_cache_dir=str(tmp_path / "cache"), **settings)
     got = record_selections(cached)
     cached.train()
     assert len(got) == len(expected) == 3
-    for (_, keep), (_, expected_keep) in zip(got, expected):
+    for (_, keep), (_, expected_keep) in zip(got, expected, strict=True):
         assert torch.equal(keep, expected_keep)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -34,10 +35,25 @@ def test_one_process_two_micro_batches_and_two_processes_agree(tmp_path, method,
     single, accumulated, two = (str(tmp_path / name) for name in ("single", "accumulated", "two"))
     distributed_worker.run(single, 4, 1, method, normalization)
     distributed_worker.run(accumulated, 2, 2, method, normalization)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        os.path.join(HERE, "distributed_worker.py"), two, "2", "1", method, normalization,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        os.path.join(HERE, "distributed_worker.py"),
+        two,
+        "2",
+        "1",
+        method,
+        normalization,
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]

@@ -10,6 +10,7 @@ import pytest
 from trl_sstoken import cli
 from trl_sstoken.config_reference import sstoken_fields
 
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -19,15 +20,29 @@ def site(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(REPO), NO_MKDOCS_2_WARNING="1")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(folder)],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return folder
 
 
 def test_docs_build_strictly_with_every_page(site):
-    for page in ("concepts", "quickstart", "configuration", "history", "qlora", "multi-gpu", "cli", "method",
-                 "benchmarks", "troubleshooting"):
+    for page in (
+        "concepts",
+        "quickstart",
+        "configuration",
+        "history",
+        "qlora",
+        "multi-gpu",
+        "cli",
+        "method",
+        "benchmarks",
+        "troubleshooting",
+    ):
         assert (site / page / "index.html").exists(), page
     assert (site / "assets" / "selection.svg").read_text().startswith("<svg")
 

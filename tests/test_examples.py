@@ -13,6 +13,7 @@ from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.loading import load_tokenizer
 from trl_sstoken.tiny import build_tiny_model
 
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
@@ -26,10 +27,33 @@ def load_example(name):
 
 def tiny_flags(model_dir, data_file, output_dir):
     return [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_file), "--output_dir", str(output_dir),
-        "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "64", "--logging_steps", "1",
-        "--report_to", "none", "--use_cpu", "true", "--bf16", "false", "--save_strategy", "no",
-        "--use_peft", "--lora_r", "4", "--lora_alpha", "8",
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(data_file),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_length",
+        "64",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+        "--save_strategy",
+        "no",
+        "--use_peft",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
     ]
 
 
@@ -42,7 +66,9 @@ def test_sft_sstoken_script_trains_and_saves(tmp_path, tiny_model_dir, jsonl_fil
     assert trainer.state.global_step == 2
     fractions = [e["sstoken/selected_fraction"] for e in trainer.state.log_history if "sstoken/selected_fraction" in e]
     assert len(fractions) == 2 and all(0.5 <= f < 0.7 for f in fractions)
-    assert (tmp_path / "out" / "adapter_model.safetensors").exists() and not (tmp_path / "out" / HISTORY_ADAPTER).exists()
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists() and not (
+        tmp_path / "out" / HISTORY_ADAPTER
+    ).exists()
     assert "## ssToken token selection" in (tmp_path / "out" / "README.md").read_text()
 
 
@@ -51,10 +77,32 @@ def test_qlora_single_gpu_script_trains_in_4_bits(tmp_path, tiny_model_dir, json
     example = load_example("qlora_single_gpu.py")
     assert example.QLORA_24GB["load_in_4bit"] and example.QLORA_24GB["gradient_checkpointing"]
     flags = [
-        "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(jsonl_file), "--output_dir", str(tmp_path / "out"),
-        "--assistant_only_loss", "false", "--max_steps", "2", "--max_length", "64", "--gradient_accumulation_steps", "1",
-        "--dtype", "float32", "--bf16", "false", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
-        "--lora_r", "4",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(jsonl_file),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--assistant_only_loss",
+        "false",
+        "--max_steps",
+        "2",
+        "--max_length",
+        "64",
+        "--gradient_accumulation_steps",
+        "1",
+        "--dtype",
+        "float32",
+        "--bf16",
+        "false",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--lora_r",
+        "4",
     ]
     trainer = example.main(flags)
     printed = capsys.readouterr().out
@@ -69,8 +117,19 @@ def test_qlora_single_gpu_script_trains_in_4_bits(tmp_path, tiny_model_dir, json
 
 def test_memory_estimate_adds_up():
     example = load_example("qlora_single_gpu.py")
-    config = type("Config", (), dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False))()
+    config = type(
+        "Config",
+        (),
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            tie_word_embeddings=False,
+        ),
+    )()
     parts = example.estimate_memory_gib(config, lora_r=8, batch_size=2, max_length=16, history="lagged")
     total = parts.pop("total (estimate)")
     assert total == pytest.approx(sum(parts.values()))
@@ -91,7 +150,9 @@ def run_notebook(path, parameters, workdir):
     )
     injected.metadata["tags"] = ["injected-parameters"]
     notebook.cells.insert(index + 1, injected)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    ).execute()
     return notebook
 
 
@@ -110,16 +171,30 @@ def test_colab_notebook_runs_against_a_tiny_local_model(tmp_path, tiny_model_dir
     notebook = run_notebook(
         EXAMPLES / "colab_qlora.ipynb",
         dict(
-            INSTALL=False, MODEL=str(tiny_model_dir_64), DATASET=str(jsonl_file), NUM_EXAMPLES=16,
-            LOAD_IN_4BIT=True, COMPUTE_DTYPE="float32", FP16=False, DEVICE_MAP="cpu",
-            LORA_R=4, MAX_LENGTH=64, MAX_STEPS=2, BATCH_SIZE=4, GRADIENT_ACCUMULATION=1, LOGGING_STEPS=1,
-            OUTPUT_DIR=str(out), REPORT_EXAMPLES=3,
+            INSTALL=False,
+            MODEL=str(tiny_model_dir_64),
+            DATASET=str(jsonl_file),
+            NUM_EXAMPLES=16,
+            LOAD_IN_4BIT=True,
+            COMPUTE_DTYPE="float32",
+            FP16=False,
+            DEVICE_MAP="cpu",
+            LORA_R=4,
+            MAX_LENGTH=64,
+            MAX_STEPS=2,
+            BATCH_SIZE=4,
+            GRADIENT_ACCUMULATION=1,
+            LOGGING_STEPS=1,
+            OUTPUT_DIR=str(out),
+            REPORT_EXAMPLES=3,
         ),
         tmp_path,
     )
     text = "\n".join(
         output.get("text", "") + json.dumps(output.get("data", {}))
-        for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
     )
     assert "4-bit: True" in text  # QLoRA, on the CPU backend of bitsandbytes
     assert "step    1" in text and "step    2" in text  # the selection metrics were logged each step

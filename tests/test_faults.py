@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_worker.py")
 
 

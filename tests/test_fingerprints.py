@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from peft import get_peft_model
 from conftest import lora_config
+from peft import get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from trl_sstoken.history.cache import model_fingerprint
+from trl_sstoken.history.fingerprints import model_fingerprint
 from trl_sstoken.tiny import build_tiny_model
 
 

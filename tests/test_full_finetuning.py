@@ -14,8 +14,13 @@ from trl_sstoken.tiny import build_tiny_model
 @pytest.mark.parametrize("mode", ["base", "lagged", "ema"])
 def test_full_fine_tuning_with_each_history(make_trainer, mode):
     trainer = make_trainer(
-        peft=False, history=mode, history_update_steps=2, history_ema_alpha=0.5, max_steps=4,
-        attention_warmup_ratio=0.0, learning_rate=1e-3,
+        peft=False,
+        history=mode,
+        history_update_steps=2,
+        history_ema_alpha=0.5,
+        max_steps=4,
+        attention_warmup_ratio=0.0,
+        learning_rate=1e-3,
     )
     history = trainer._history
     assert isinstance(history, ModelCopyHistory)
@@ -61,13 +66,16 @@ def test_history_copy_on_another_device_and_a_size_guard(make_trainer):
 def test_a_quantized_model_without_adapter_is_refused(tmp_path, tokenizer, dataset):
     build_tiny_model(tokenizer, hidden_size=64).save_pretrained(tmp_path / "model")
     quantized = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "model", device_map="cpu",
+        tmp_path / "model",
+        device_map="cpu",
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
     )
     with pytest.raises(ValueError, match="quantized model and no PEFT adapter"):
         build_history(quantized, "ema", 1, 0.5)
     with pytest.raises(ValueError, match="adapters"):  # transformers' Trainer refuses it even earlier
-        SSTokenTrainer(model=quantized, args=config(tmp_path, history="ema"), train_dataset=dataset, processing_class=tokenizer)
+        SSTokenTrainer(
+            model=quantized, args=config(tmp_path, history="ema"), train_dataset=dataset, processing_class=tokenizer
+        )
 
 
 def test_checkpoint_holds_the_moving_copy_and_the_final_model_does_not(make_trainer, tmp_path):

@@ -3,7 +3,13 @@ import torch
 from conftest import lora_config, randomize_adapter
 from peft import get_peft_model
 
-from trl_sstoken.history import HISTORY_ADAPTER, AdapterHistory, FrozenBaseHistory, ModelCopyHistory, build_history
+from trl_sstoken.history import (
+    HISTORY_ADAPTER,
+    AdapterDisabledHistory,
+    AdapterHistory,
+    ModelCopyHistory,
+    build_history,
+)
 from trl_sstoken.tiny import build_tiny_model
 
 
@@ -28,7 +34,7 @@ def inputs():
 
 def test_base_history_is_the_model_without_adapter(peft_model):
     history = build_history(peft_model, "base", 1, 0.5)
-    assert isinstance(history, FrozenBaseHistory)
+    assert isinstance(history, AdapterDisabledHistory)
     with torch.no_grad():
         with history.active():
             base_logits = peft_model(**inputs()).logits

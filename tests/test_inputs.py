@@ -14,7 +14,9 @@ def build(tmp_path, tokenizer, rows=None, model=None, **overrides):
     return SSTokenTrainer(
         model=model if model is not None else build_tiny_model(tokenizer),
         args=config(tmp_path, **overrides),
-        train_dataset=rows if isinstance(rows, (Dataset, IterableDataset)) else Dataset.from_list(rows or QUICKSTART_ROWS),
+        train_dataset=rows
+        if isinstance(rows, (Dataset, IterableDataset))
+        else Dataset.from_list(rows or QUICKSTART_ROWS),
         processing_class=tokenizer,
         peft_config=lora_config(),
     )

@@ -9,6 +9,7 @@ from trl_sstoken import SSTokenTrainer
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.tiny import build_tiny_model
 
+
 pytest.importorskip("bitsandbytes")
 
 QUANTIZATIONS = {
@@ -37,7 +38,9 @@ def quantization_config(kind):
 @pytest.mark.parametrize("history", ["base", "lagged", "ema"])
 @pytest.mark.parametrize("kind", list(QUANTIZATIONS))
 def test_qlora_training_with_each_history(tmp_path, tokenizer, dataset, model_dir, kind, history):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(kind), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization_config(kind), device_map="cpu"
+    )
     trainer = SSTokenTrainer(
         model=model,
         args=config(tmp_path, history=history, history_update_steps=1, max_steps=3, attention_warmup_ratio=0.0),
@@ -73,7 +76,9 @@ def test_qlora_training_with_each_history(tmp_path, tokenizer, dataset, model_di
 def test_qlora_through_sft_trainers_own_model_loading(tmp_path, tokenizer, dataset, model_dir):
     trainer = SSTokenTrainer(
         model=str(model_dir),
-        args=config(tmp_path, history="lagged", max_steps=2, model_init_kwargs={"device_map": "cpu", "dtype": "float32"}),
+        args=config(
+            tmp_path, history="lagged", max_steps=2, model_init_kwargs={"device_map": "cpu", "dtype": "float32"}
+        ),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(),

@@ -3,10 +3,8 @@ tiny scale (seconds)."""
 
 import json
 import random
-from pathlib import Path
 
 import pytest
-
 from benchmarks.quality import data, evaluate, methods, noise, tasks
 from benchmarks.quality.run import _run_job, main
 
@@ -39,20 +37,20 @@ def test_noise_rates_and_labels(instances):
     assert realised["corrupt_fraction_of_answer_words"] == pytest.approx(noise.CORRUPT_RATE, abs=0.02)
     assert realised["responses_with_boilerplate"] == pytest.approx(noise.BOILERPLATE_RATE, abs=0.03)
     assert realised["responses_with_random_string"] == pytest.approx(noise.RANDOM_RATE, abs=0.03)
-    for instance, response in zip(many, responses):
+    for instance, response in zip(many, responses, strict=True):
         assert len(response.words) == len(response.kinds)
         answer_positions = [j for j, kind in enumerate(response.kinds) if kind in ("answer", "corrupt")]
         assert len(answer_positions) == len(instance.answer)
-        for j, truth in zip(answer_positions, instance.answer):
+        for j, truth in zip(answer_positions, instance.answer, strict=True):
             word = response.words[j]
             if response.kinds[j] == "answer":
                 assert word == truth
             else:  # a corrupted word is wrong, and of the same type as the true one
                 assert word != truth and (word in tasks.NUMBERS) == (truth in tasks.NUMBERS)
                 assert (word in tasks.KEYS) == (truth in tasks.KEYS)
-        boilerplate = [w for w, k in zip(response.words, response.kinds) if k == "boilerplate"]
+        boilerplate = [w for w, k in zip(response.words, response.kinds, strict=True) if k == "boilerplate"]
         assert boilerplate in ([], list(noise.BOILERPLATE))
-        codes = [w for w, k in zip(response.words, response.kinds) if k == "random"]
+        codes = [w for w, k in zip(response.words, response.kinds, strict=True) if k == "random"]
         assert not codes or noise.RANDOM_LENGTH[0] <= len(codes) <= noise.RANDOM_LENGTH[1]
         assert all(code in noise.CODES for code in codes)
     clean = data.kind_counts([noise.clean_response(i) for i in instances])
@@ -64,7 +62,7 @@ def test_tokens_line_up_with_word_kinds(instances):
     rng = random.Random(0)
     for instance in instances[:40]:
         row = data.tokenize_example(tokenizer, instance.prompt, noise.noisy_response(instance, rng))
-        response_ids = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+        response_ids = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
         assert len(row["kinds"]) == len(row["input_ids"])
         words = tokenizer.convert_ids_to_tokens(response_ids)
         assert words[-1] == tokenizer.eos_token
@@ -72,7 +70,9 @@ def test_tokens_line_up_with_word_kinds(instances):
 
 
 def test_exact_match_scoring():
-    instance = tasks.Instance("reverse", "reverse the list : ant cat fox", ("fox", "cat", "ant"), "ant cat fox backwards is")
+    instance = tasks.Instance(
+        "reverse", "reverse the list : ant cat fox", ("fox", "cat", "ant"), "ant cat fox backwards is"
+    )
     score = lambda text: evaluate.score_generation(text.split(), instance)  # noqa: E731
     assert score("answer : fox cat ant .") == {"exact_match": True, "strict_match": True}
     assert score("sure ! here is what you asked for . answer : fox cat ant . ref : k01 k02") == {

@@ -3,6 +3,7 @@ import torch
 
 from trl_sstoken.regions import regions_from_batch
 
+
 X = -100
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import record_selections
 
+
 CASES = {  # the checkpoint is at step 3: not a multiple of history_update_steps=2
     "base": dict(history="base"),
     "lagged": dict(history="lagged", history_update_steps=2),
@@ -23,7 +24,11 @@ def losses_after(trainer, step):
 @pytest.mark.parametrize("case", list(CASES))
 def test_resume_equals_uninterrupted(make_trainer, tmp_path, case):
     settings = dict(
-        max_steps=6, save_strategy="steps", save_steps=3, attention_warmup_ratio=0.0, gradient_accumulation_steps=2,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+        attention_warmup_ratio=0.0,
+        gradient_accumulation_steps=2,
         per_device_train_batch_size=2,
     )
     settings.update(CASES[case])
@@ -40,11 +45,11 @@ def test_resume_equals_uninterrupted(make_trainer, tmp_path, case):
 
     expected_after = [(step, keep) for step, keep in expected if step >= 3]
     assert [step for step, _ in got] == [step for step, _ in expected_after] == [3, 3, 4, 4, 5, 5]
-    for (_, keep), (_, expected_keep) in zip(got, expected_after):
+    for (_, keep), (_, expected_keep) in zip(got, expected_after, strict=True):
         assert torch.equal(keep, expected_keep)
     assert losses_after(resumed, 3) == losses_after(uninterrupted, 3)
     assert len(losses_after(resumed, 3)) == 3
     for (name, param), (_, expected_param) in zip(
-        resumed.model.named_parameters(), uninterrupted.model.named_parameters()
+        resumed.model.named_parameters(), uninterrupted.model.named_parameters(), strict=True
     ):
         assert torch.equal(param, expected_param), name

@@ -18,6 +18,7 @@ from trl_sstoken import SSTokenTrainer
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.tiny import build_tiny_model
 
+
 pytest.importorskip("bitsandbytes")
 
 QUANTIZATIONS = {
@@ -57,8 +58,15 @@ def make(tmp_path, tokenizer, dataset, model_dir, kind, out, **settings):
         model_dir, quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[kind]), device_map="cpu"
     )
     args = config(
-        tmp_path, output_dir=str(tmp_path / out), max_steps=5, save_strategy="steps", save_steps=3,
-        attention_warmup_ratio=0.0, gradient_accumulation_steps=2, per_device_train_batch_size=2, **settings,
+        tmp_path,
+        output_dir=str(tmp_path / out),
+        max_steps=5,
+        save_strategy="steps",
+        save_steps=3,
+        attention_warmup_ratio=0.0,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        **settings,
     )
     trainer = SSTokenTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config()
@@ -70,7 +78,9 @@ def make(tmp_path, tokenizer, dataset, model_dir, kind, out, **settings):
 
 def logged_after(trainer, step):
     keys = ("loss", "sstoken/rel_mean", "sstoken/rel_std", "grad_norm")
-    return [tuple(e.get(k) for k in ("step", *keys)) for e in trainer.state.log_history if "loss" in e and e["step"] > step]
+    return [
+        tuple(e.get(k) for k in ("step", *keys)) for e in trainer.state.log_history if "loss" in e and e["step"] > step
+    ]
 
 
 @pytest.mark.parametrize("history", list(HISTORIES))
@@ -91,7 +101,7 @@ def test_qlora_resume_equals_uninterrupted(tmp_path, tokenizer, dataset, model_d
     assert len(logged_after(resumed, 3)) == 2
     expected_after = [(step, keep) for step, keep in expected if step >= 3]
     assert [step for step, _ in got] == [step for step, _ in expected_after] == [3, 3, 4, 4]
-    for (_, keep), (_, expected_keep) in zip(got, expected_after):
+    for (_, keep), (_, expected_keep) in zip(got, expected_after, strict=True):
         assert torch.equal(keep, expected_keep)
     for step in (4, 5):
         for name, value in expected_adapters.steps[step].items():

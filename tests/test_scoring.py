@@ -24,7 +24,10 @@ def reference_select(current, history, attention, mask, ratio, gamma):
         rel = [float(current[b, j] - history[b, j]) for j in positions]
         lo, hi = min(rel), max(rel)
         g = float(gamma[b]) if torch.is_tensor(gamma) else gamma
-        scores = [g * (r - lo) / (hi - lo + 1e-8) + (1 - g) * float(attention[b, j]) for r, j in zip(rel, positions)]
+        scores = [
+            g * (r - lo) / (hi - lo + 1e-8) + (1 - g) * float(attention[b, j])
+            for r, j in zip(rel, positions, strict=True)
+        ]
         k = math.ceil(round(ratio * len(positions), 6))
         order = sorted(range(len(positions)), key=lambda i: (-scores[i], positions[i]))
         for i in order[:k]:
@@ -150,7 +153,7 @@ def test_combined_score_formula():
     attention = torch.tensor([[0.5, 0.25, 0.0]])
     mask = torch.ones(1, 3, dtype=torch.bool)
     score = combine_scores(rel, attention, mask, 0.25)
-    expected = [0.25 * r + 0.75 * a for r, a in zip([0.0, 0.5, 1.0], [0.5, 0.25, 0.0])]
+    expected = [0.25 * r + 0.75 * a for r, a in zip([0.0, 0.5, 1.0], [0.5, 0.25, 0.0], strict=True)]
     torch.testing.assert_close(score, torch.tensor([expected]))
 
 

@@ -38,6 +38,7 @@ from trl_sstoken.scoring import (
     top_k_per_row,
 )
 
+
 SETTINGS = settings(max_examples=200, deadline=None)
 F32 = np.finfo(np.float32)
 NEAR_TIE = 1e-3
@@ -121,7 +122,7 @@ def assert_same_selection_up_to_near_ties(keep, other, scores, mask, rows=None):
 
 def rel_spread(current, history, mask):
     """(B,) max - min of REL over each row's mask (0 for rows with fewer than two response tokens)."""
-    rel = (current.double() - history.double())
+    rel = current.double() - history.double()
     high = rel.masked_fill(~mask, -math.inf).amax(-1)
     low = rel.masked_fill(~mask, math.inf).amin(-1)
     return torch.where(mask.sum(-1) > 1, high - low, 0.0)
@@ -176,7 +177,7 @@ def test_keeps_exactly_ceil_ratio_times_n_for_every_two_decimal_ratio():
 def test_keeps_within_rounding_of_ratio_times_n_for_any_ratio(counts, ratio):
     """For any float ratio: 1 <= k <= n, and k is ceil(ratio * n) up to the 6-decimal rounding."""
     k = num_to_keep(mask_with_counts(counts), ratio).tolist()
-    for n, kept in zip(counts, k):
+    for n, kept in zip(counts, k, strict=True):
         exact = Fraction(ratio) * n  # the float ratio's exact value, times n
         if n == 0:
             assert kept == 0
@@ -304,7 +305,9 @@ def test_adding_a_constant_to_rel_changes_nothing_float_arithmetic(data, shift, 
     keep = select_tokens(current, history, attention, mask, ratio, gamma)
     shifted = select_tokens(current + shift, history, attention, mask, ratio, gamma)
     rows = rows_where_rel_is_informative(current, history, mask, gamma)
-    assert_same_selection_up_to_near_ties(keep, shifted, scores_of(current, history, attention, mask, gamma), mask, rows)
+    assert_same_selection_up_to_near_ties(
+        keep, shifted, scores_of(current, history, attention, mask, gamma), mask, rows
+    )
 
 
 @SETTINGS
@@ -320,7 +323,9 @@ def test_scaling_rel_by_a_positive_factor_changes_nothing(data, scale, ratio, ga
     keep = select_tokens(current, history, attention, mask, ratio, gamma)
     scaled = select_tokens(current * scale, history * scale, attention, mask, ratio, gamma)
     rows = rows_where_rel_is_informative(current, history, mask, gamma)
-    assert_same_selection_up_to_near_ties(keep, scaled, scores_of(current, history, attention, mask, gamma), mask, rows)
+    assert_same_selection_up_to_near_ties(
+        keep, scaled, scores_of(current, history, attention, mask, gamma), mask, rows
+    )
     # min-max itself, on the values directly, where the epsilon is negligible against the row's spread
     rel = retrospective_excess_loss(current, history)
     normalised, normalised_scaled = minmax_per_row(rel, mask), minmax_per_row(rel * scale, mask)
@@ -340,7 +345,9 @@ def test_permuting_positions_permutes_the_selection(data, ratio, gamma, rnd):
     perm = torch.tensor(perm)
     scores = scores_of(current, history, attention, mask, gamma)
     # scores are computed elementwise from per-row min and max: a permutation carries them over bit for bit
-    assert torch.equal(scores_of(current[:, perm], history[:, perm], attention[:, perm], mask[:, perm], gamma), scores[:, perm])
+    assert torch.equal(
+        scores_of(current[:, perm], history[:, perm], attention[:, perm], mask[:, perm], gamma), scores[:, perm]
+    )
     keep = select_tokens(current, history, attention, mask, ratio, gamma)
     keep_permuted = select_tokens(current[:, perm], history[:, perm], attention[:, perm], mask[:, perm], ratio, gamma)
     for b in range(mask.size(0)):

@@ -11,6 +11,7 @@ from trl import SFTTrainer
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.scoring import num_to_keep
 
+
 DETERMINISTIC_LORA = dict(lora=lora_config(lora_dropout=0.0))
 
 
@@ -75,7 +76,7 @@ def test_selected_fraction_is_ceil_ratio_n_over_n(make_trainer):
     trainer = make_trainer(selection_ratio=0.6, max_steps=1)
     trainer.model.train()
     batch = first_batch(trainer)
-    response = (batch["labels"][:, 1:] != -100)
+    response = batch["labels"][:, 1:] != -100
     expected = num_to_keep(response, 0.6).sum().item() / response.sum().item()
     trainer.compute_loss(trainer.model, batch)
     assert trainer._metrics["train"]["sstoken/selected_fraction"][-1] == pytest.approx(expected)
@@ -129,7 +130,9 @@ def test_full_selection_trains_like_plain_sft(make_trainer):
     ours.train()
     plain.train()
     assert logged(ours, "loss") == pytest.approx(logged(plain, "loss"), rel=1e-6)
-    for (name, param), (_, expected) in zip(ours.model.named_parameters(), plain.model.named_parameters()):
+    for (name, param), (_, expected) in zip(
+        ours.model.named_parameters(), plain.model.named_parameters(), strict=True
+    ):
         torch.testing.assert_close(param, expected, msg=name)
 
 
@@ -177,7 +180,9 @@ def logp_of_each_token(logits, input_ids):
 
 def test_alignment_rel_selects_the_token_it_scores(make_trainer):
     """k = 1: the loss is the NLL of the one kept token, so it tells which token was selected."""
-    trainer = make_trainer(selection_method="rel", selection_ratio=0.01, attention_warmup_ratio=0.0, **DETERMINISTIC_LORA)
+    trainer = make_trainer(
+        selection_method="rel", selection_ratio=0.01, attention_warmup_ratio=0.0, **DETERMINISTIC_LORA
+    )
     model = trainer.model
     randomize_adapter(model, scale=1.0)
     batch = first_batch(trainer, size=1)
@@ -262,8 +267,13 @@ def test_attention_selection_with_full_fine_tuning_needs_no_history(make_trainer
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_gradient_checkpointing_and_accumulation_end_to_end(make_trainer, architecture):
     trainer = make_trainer(
-        architecture=architecture, gradient_checkpointing=True, gradient_accumulation_steps=2,
-        per_device_train_batch_size=2, max_steps=3, history="lagged", history_update_steps=1,
+        architecture=architecture,
+        gradient_checkpointing=True,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=2,
+        max_steps=3,
+        history="lagged",
+        history_update_steps=1,
         attention_warmup_ratio=0.0,
     )
     trainer.train()

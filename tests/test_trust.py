@@ -32,6 +32,7 @@ from trl_sstoken.checkpoints import CHECKPOINT_MARKER, CheckpointError, mark_che
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.tiny import build_tiny_model
 
+
 PACKAGE_DIR = Path(trl_sstoken.__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
 
@@ -69,7 +70,9 @@ def audit_source(source: str, filename: str = "<source>") -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                aliases[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else alias.name.split(".")[0]
+                aliases[alias.asname or alias.name.split(".")[0]] = (
+                    alias.name if alias.asname else alias.name.split(".")[0]
+                )
         elif isinstance(node, ast.ImportFrom) and node.module:
             for alias in node.names:
                 aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
@@ -107,7 +110,9 @@ def audit_source(source: str, filename: str = "<source>") -> list[str]:
                 flag(node, f"calls {name}() without weights_only=True (unpickles arbitrary objects)")
             elif name in UNSAFE_CALLS:
                 flag(node, f"calls {name}(): {UNSAFE_CALLS[name]}")
-            elif name in ("yaml.load", "yaml.load_all") and not dotted(keywords.get("Loader", ast.Constant(None))).endswith("SafeLoader"):
+            elif name in ("yaml.load", "yaml.load_all") and not dotted(
+                keywords.get("Loader", ast.Constant(None))
+            ).endswith("SafeLoader"):
                 flag(node, f"calls {name}() without a SafeLoader")
             if "allow_pickle" in keywords and not (
                 isinstance(keywords["allow_pickle"], ast.Constant) and keywords["allow_pickle"].value is False
@@ -118,16 +123,19 @@ def audit_source(source: str, filename: str = "<source>") -> list[str]:
             if _is_true(keywords.get("shell")):
                 flag(node, "runs a command with shell=True")
         elif isinstance(node, ast.Dict):
-            for key, value in zip(node.keys, node.values):
+            for key, value in zip(node.keys, node.values, strict=True):
                 if isinstance(key, ast.Constant) and key.value == "trust_remote_code" and _is_true(value):
                     flag(node, "hard-codes trust_remote_code=True in a dict")
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
                 target_name = (
-                    target.id if isinstance(target, ast.Name)
-                    else target.attr if isinstance(target, ast.Attribute)
-                    else target.slice.value if isinstance(target, ast.Subscript) and isinstance(target.slice, ast.Constant)
+                    target.id
+                    if isinstance(target, ast.Name)
+                    else target.attr
+                    if isinstance(target, ast.Attribute)
+                    else target.slice.value
+                    if isinstance(target, ast.Subscript) and isinstance(target.slice, ast.Constant)
                     else None
                 )
                 if target_name == "trust_remote_code" and node.value is not None and _contains_true(node.value):
@@ -269,7 +277,9 @@ def checkpoint(tmp_path_factory, tokenizer):
     tmp_path = tmp_path_factory.mktemp("trust-checkpoint")
     trainer = SSTokenTrainer(
         model=build_tiny_model(tokenizer),
-        args=config(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, history="lagged", history_update_steps=1),
+        args=config(
+            tmp_path, max_steps=2, save_strategy="steps", save_steps=2, history="lagged", history_update_steps=1
+        ),
         train_dataset=Dataset.from_list(QUICKSTART_ROWS),
         processing_class=tokenizer,
         peft_config=lora_config(),
@@ -420,7 +430,11 @@ def test_a_training_run_writes_only_into_its_output_dir(tmp_path):
         "LANG": os.environ.get("LANG", "C.UTF-8"),
     }
     result = subprocess.run(
-        [sys.executable, "-c", TRAINING_RUN, str(output_dir)], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", TRAINING_RUN, str(output_dir)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -438,7 +452,11 @@ def test_a_training_run_writes_only_into_its_output_dir(tmp_path):
 
     # and the run did write where it should
     written = {str(p.relative_to(output_dir)) for p in output_dir.rglob("*") if p.is_file()}
-    for expected in ("adapter_model.safetensors", "checkpoint-2/optimizer.pt", "checkpoint-4/history/adapter_model.safetensors",
-                     "checkpoint-6/trainer_state.json"):
+    for expected in (
+        "adapter_model.safetensors",
+        "checkpoint-2/optimizer.pt",
+        "checkpoint-4/history/adapter_model.safetensors",
+        "checkpoint-6/trainer_state.json",
+    ):
         assert expected in written, sorted(written)
     assert not any(name.startswith(f"{HISTORY_ADAPTER}/") for name in written)  # the final model has no history

@@ -101,7 +101,9 @@ def test_shape_and_consistency_errors():
 def test_summary_counts_by_position_type_and_token():
     texts, valid, response, keep, *_ = hand_batch()
     texts = [["p0", "p1", "p2", "sure", "!", "42"], ["q0", "q1", "sure", "<|im_end|>", "<pad>", "<pad>"]]
-    summary = summarize(examples_from_selection(texts, valid, response, keep), special_tokens=frozenset({"<|im_end|>"}))
+    summary = summarize(
+        examples_from_selection(texts, valid, response, keep), special_tokens=frozenset({"<|im_end|>"})
+    )
     assert (summary.examples, summary.response_tokens, summary.kept_tokens) == (2, 5, 3)
     assert summary.kept_fraction == pytest.approx(0.6)
     # row 0: 3 response tokens at centres 1/6, 3/6, 5/6 -> bins 1, 5, 8; row 1: 2 tokens at 1/4, 3/4 -> bins 2, 7
@@ -147,7 +149,11 @@ def test_tokens_are_escaped_and_marks_match():
     spans = parse_spans(page)
     response_spans = [s for s in spans if "data-kept" in s]
     assert [(s["example"], int(s["data-pos"]), s["data-kept"]) for s in response_spans] == [
-        (0, 3, "1"), (0, 4, "0"), (0, 5, "1"), (1, 2, "0"), (1, 3, "1"),
+        (0, 3, "1"),
+        (0, 4, "0"),
+        (0, 5, "1"),
+        (1, 2, "0"),
+        (1, 3, "1"),
     ]
     assert response_spans[0]["text"] == '<script>alert("x")</script>'  # the browser shows the original text
     assert response_spans[1]["text"] == "a&b'"
@@ -184,7 +190,9 @@ def test_a_real_browser_renders_the_page(tmp_path):
     dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert [s["data-kept"] for s in parse_spans(dom) if "data-kept" in s] == ["1", "0", "1", "0", "1"]
     shot = tmp_path / "shot.png"
-    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=900,700", page.as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        flags + [f"--screenshot={shot}", "--window-size=900,700", page.as_uri()], capture_output=True, timeout=120
+    )
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")

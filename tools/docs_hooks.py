@@ -1,7 +1,8 @@
 """MkDocs hooks: pages that are generated from the code, so that nothing is written twice.
 
 - `<!-- sstoken:config-reference -->` becomes the reference of every ssToken field of `SSTokenConfig` (name, type,
-  default, allowed values, and the `help` text of the field's metadata), grouped as in the class docstring.
+  default, allowed values, and the `help` text of the field's metadata), grouped as `config.FIELD_GROUPS` (and the
+  class docstring) order them.
 - `<!-- sstoken:cli-options COMMAND -->` becomes the table of the options a `trl-sstoken` command adds to TRL's.
 - `<!-- sstoken:demo-defaults -->` becomes the table of the settings `trl-sstoken demo` changes.
 """
@@ -10,6 +11,7 @@ import dataclasses
 import os
 import re
 import sys
+
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,11 +38,13 @@ def _replacement(match) -> str:
     if kind == "config-reference":
         return config_reference_markdown()
     if kind == "cli-options":
-        return _options_table(*{
-            "train": (cli.LoadingArguments,),
-            "inspect": (cli.LoadingArguments, cli.InspectArguments),
-            "demo": (cli.DemoArguments,),
-        }[argument])
+        return _options_table(
+            *{
+                "train": (cli.LoadingArguments,),
+                "inspect": (cli.LoadingArguments, cli.InspectArguments),
+                "demo": (cli.DemoArguments,),
+            }[argument]
+        )
     if kind == "demo-defaults":
         rows = ["| Setting | `demo` default |", "|---|---|"]
         rows += [f"| `{name}` | `{value!r}` |" for name, value in cli.DEMO_DEFAULTS.items()]

@@ -11,10 +11,12 @@ import shutil
 import sys
 import tempfile
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trl_sstoken import cli  # noqa: E402
+
 
 TARGET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "assets", "selection.svg")
 

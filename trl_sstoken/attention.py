@@ -17,12 +17,22 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+
 CAPTURE_ATTRIBUTE = "_sstoken_attention_capture"
-PACKING_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+PACKING_IMPLEMENTATIONS = (
+    "sdpa",
+    "eager",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "flex_attention",
+)
 
 
 class AttentionUnavailableError(ValueError):
     """The model's attention cannot be captured (unknown architecture or attention implementation)."""
+
+
 IMPLEMENTATION_PREFIX = "sstoken_"
 
 

@@ -30,6 +30,7 @@ import uuid
 import warnings
 from contextlib import contextmanager
 
+
 CHECKPOINT_MARKER = "sstoken_checkpoint_complete.json"
 WRITING_SENTINEL = "sstoken_checkpoint_writing"
 MARKER_FORMAT = "trl_sstoken.checkpoint/2"
@@ -384,13 +385,23 @@ def _read_marker(path: str) -> tuple[dict | None, str | None]:
             "and settings, so it cannot be verified. Resume it with that version, or start a new run."
         )
     if marker["format"] != MARKER_FORMAT:
-        return None, f"its {CHECKPOINT_MARKER} has format {marker['format']!r}; this trl_sstoken reads {MARKER_FORMAT!r}."
+        return (
+            None,
+            f"its {CHECKPOINT_MARKER} has format {marker['format']!r}; this trl_sstoken reads {MARKER_FORMAT!r}.",
+        )
     files, settings = marker.get("files"), marker.get("settings")
-    if not isinstance(files, dict) or not isinstance(settings, dict) or not all(
-        isinstance(entry, dict) and not os.path.isabs(name) and ".." not in name.split(os.sep)
-        for name, entry in files.items()
+    if (
+        not isinstance(files, dict)
+        or not isinstance(settings, dict)
+        or not all(
+            isinstance(entry, dict) and not os.path.isabs(name) and ".." not in name.split(os.sep)
+            for name, entry in files.items()
+        )
     ):
-        return None, f"its {CHECKPOINT_MARKER} is damaged (no record of files or settings). Resume from another checkpoint."
+        return (
+            None,
+            f"its {CHECKPOINT_MARKER} is damaged (no record of files or settings). Resume from another checkpoint.",
+        )
     return marker, None
 
 

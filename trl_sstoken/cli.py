@@ -18,13 +18,13 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 
+
 PROG = "trl-sstoken"
 COMMANDS = {
     "train": "Fine-tune a model with ssToken token selection (every `trl sft` flag, plus the ssToken fields).",
     "demo": "Offline demo: fine-tune a tiny local model on the bundled dataset and write a selection report.",
     "inspect": "Score and select the tokens of a dataset with a model/adapter, without training; write an HTML page.",
 }
-REL_METHODS = ("sstoken", "rel")
 BUNDLED_DATASET = "data/quickstart.jsonl"
 
 
@@ -97,7 +97,9 @@ def make_parser(command: str):
 
     prog = f"{PROG} {command}"
     if command == "train":
-        return TrlParser((ScriptArguments, SSTokenConfig, ModelConfig, DatasetMixtureConfig, LoadingArguments), prog=prog)
+        return TrlParser(
+            (ScriptArguments, SSTokenConfig, ModelConfig, DatasetMixtureConfig, LoadingArguments), prog=prog
+        )
     if command == "inspect":
         parser = TrlParser(
             (ScriptArguments, SSTokenConfig, ModelConfig, DatasetMixtureConfig, LoadingArguments, InspectArguments),
@@ -165,7 +167,10 @@ def run_train(script_args, training_args, model_args, dataset_args, loading_args
     resume = resolve_resume(
         training_args.resume_from_checkpoint, training_args.output_dir, checkpoint_settings(training_args)
     )
-    training_args.model_init_kwargs = {**_model_init_kwargs(model_args, training_args), **(training_args.model_init_kwargs or {})}
+    training_args.model_init_kwargs = {
+        **_model_init_kwargs(model_args, training_args),
+        **(training_args.model_init_kwargs or {}),
+    }
     datasets = load_sft_datasets(
         script_args.dataset_name,
         script_args.dataset_config,
@@ -194,8 +199,12 @@ def run_train(script_args, training_args, model_args, dataset_args, loading_args
     trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.print("Training completed.")
     trainer.save_model(training_args.output_dir)
-    dataset_name = script_args.dataset_name if script_args.dataset_name and not os.path.exists(script_args.dataset_name) else None
-    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(training_args.output_dir)), dataset_name=dataset_name)
+    dataset_name = (
+        script_args.dataset_name if script_args.dataset_name and not os.path.exists(script_args.dataset_name) else None
+    )
+    trainer.create_model_card(
+        model_name=os.path.basename(os.path.normpath(training_args.output_dir)), dataset_name=dataset_name
+    )
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
@@ -276,6 +285,7 @@ def run_inspect(script_args, sstoken_args, model_args, dataset_args, loading_arg
 def _history_weights(sstoken_args, adapter_path):
     """The saved history adapter a lagged/ema inspection needs: `<adapter_path>/history/` of a checkpoint."""
     from .history import HISTORY_ADAPTER
+    from .methods import REL_METHODS
 
     if sstoken_args.selection_method not in REL_METHODS or sstoken_args.history == "base":
         return None
@@ -352,11 +362,21 @@ def run_demo(demo_args, sstoken_args):
 
     examples = collect_examples(trainer, demo_args.num_report_examples, sstoken_args.per_device_train_batch_size)
     report_path = os.path.join(output_dir, "selection_report.html")
-    settings = report_settings(trainer, model="tiny model built by `trl-sstoken demo`", dataset=f"trl_sstoken/{BUNDLED_DATASET}")
-    summary = write_report(report_path, examples, settings, special_tokens_of(tokenizer), title="ssToken demo: selection report")
-    write_figure(os.path.join(output_dir, "selection.svg"), examples[:3], title="What ssToken keeps (trl-sstoken demo)")
+    settings = report_settings(
+        trainer, model="tiny model built by `trl-sstoken demo`", dataset=f"trl_sstoken/{BUNDLED_DATASET}"
+    )
+    summary = write_report(
+        report_path, examples, settings, special_tokens_of(tokenizer), title="ssToken demo: selection report"
+    )
+    write_figure(
+        os.path.join(output_dir, "selection.svg"), examples[:3], title="What ssToken keeps (trl-sstoken demo)"
+    )
 
-    fractions = [entry["sstoken/selected_fraction"] for entry in trainer.state.log_history if "sstoken/selected_fraction" in entry]
+    fractions = [
+        entry["sstoken/selected_fraction"]
+        for entry in trainer.state.log_history
+        if "sstoken/selected_fraction" in entry
+    ]
     print(f"\nPlain NLL over every response token: {before:.3f} before training, {after:.3f} after.")
     if fractions:
         print(f"Fraction of response tokens trained on: {sum(fractions) / len(fractions):.3f}")
@@ -428,7 +448,9 @@ def _read_yaml_config(path: str) -> dict:
     with open(path) as file:
         config = yaml.safe_load(file)
     if not isinstance(config, dict):
-        raise ValueError(f"--config {path!r} must hold a YAML mapping of flag names to values, got {type(config).__name__}.")
+        raise ValueError(
+            f"--config {path!r} must hold a YAML mapping of flag names to values, got {type(config).__name__}."
+        )
     return config
 
 
@@ -444,7 +466,9 @@ def _model_init_kwargs(model_args, training_args) -> dict:
 def _require_model(model_args):
     path = model_args.model_name_or_path
     if not path:
-        raise ValueError("--model_name_or_path is required: a hub id (e.g. Qwen/Qwen2.5-0.5B) or a local model folder.")
+        raise ValueError(
+            "--model_name_or_path is required: a hub id (e.g. Qwen/Qwen2.5-0.5B) or a local model folder."
+        )
     from .loading import looks_like_a_path
 
     if not os.path.exists(path) and looks_like_a_path(path):
@@ -452,7 +476,9 @@ def _require_model(model_args):
             f"--model_name_or_path {path!r} looks like a local path, but no such folder exists. Pass a folder written "
             "by save_pretrained, or a hub id such as Qwen/Qwen2.5-0.5B."
         )
-    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
+        os.path.join(path, "config.json")
+    ):
         raise ValueError(
             f"--model_name_or_path {path!r} holds a PEFT adapter, not a model. Pass the base model as "
             "--model_name_or_path and the adapter folder as --adapter_path (inspect)."
@@ -461,6 +487,8 @@ def _require_model(model_args):
 
 def _check_rel_has_adapter(method: str, has_adapter: bool, flag: str):
     """`inspect` of REL without an adapter would compare the model with itself: every REL would be 0."""
+    from .methods import REL_METHODS
+
     if method in REL_METHODS and not has_adapter:
         raise ValueError(
             f"--selection_method {method} needs a LoRA adapter, because REL compares the model with an earlier state "

@@ -9,16 +9,18 @@ them, lets that collator build the batch, and adds:
 - `sstoken_token_example` (B, T): for each position, which of the batch's E examples it belongs to, -1 on padding.
 The wrapped collator can be TRL's `DataCollatorForLanguageModeling` or any collator that turns a list of example
 dicts with `input_ids` into either one padded row per example or one concatenated row (padding-free); it never sees
-the extra field. The trainer takes both keys out of the batch before the model's forward (`pop_selection_fields`).
+the extra field. Together they are the batch's *example index*; the trainer takes both keys out of the batch before
+the model's forward (`pop_example_index`) and hands them to the history, which a cached history reads.
 """
 
 import torch
 
 from .regions import TOKEN_EXAMPLE_KEY
 
+
 EXAMPLE_ID_COLUMN = "sstoken_example_id"
 EXAMPLE_IDS_KEY = "sstoken_example_ids"
-SELECTION_FIELDS = (EXAMPLE_IDS_KEY, TOKEN_EXAMPLE_KEY)
+EXAMPLE_INDEX_KEYS = (EXAMPLE_IDS_KEY, TOKEN_EXAMPLE_KEY)
 
 
 class SelectionCollator:
@@ -69,9 +71,10 @@ def token_example_map(batch: dict, lengths: list[int]) -> torch.Tensor:
     return owner.to(input_ids.device)
 
 
-def pop_selection_fields(inputs: dict) -> dict:
-    """Takes the selection fields out of a batch (the model must not see them) and returns them."""
-    return {key: inputs.pop(key) for key in SELECTION_FIELDS if key in inputs}
+def pop_example_index(inputs: dict) -> dict:
+    """Takes the example index (`sstoken_example_ids`, `sstoken_token_example`) out of a batch, which the model must
+    not see, and returns it."""
+    return {key: inputs.pop(key) for key in EXAMPLE_INDEX_KEYS if key in inputs}
 
 
 def add_example_ids(dataset):

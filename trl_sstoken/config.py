@@ -3,9 +3,12 @@
 import os
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
 from trl import SFTConfig
 
-SELECTION_METHODS = ("sstoken", "rel", "attention", "random", "full", "rho1", "profit", "dft")
+from .methods import METHODS, SELECTION_METHODS, selection_method_help
+
+
 HISTORY_MODES = ("base", "lagged", "ema")
 LOSS_NORMALIZATIONS = ("selected", "sequence", "all")
 
@@ -15,70 +18,74 @@ class SSTokenConfig(SFTConfig):
     r"""
     Configuration class for [`SSTokenTrainer`]: everything [`~trl.SFTConfig`] takes, plus the fields below.
 
-    > Parameters that control which tokens are trained on
+    Parameters:
+        > Parameters that control which tokens are trained on
 
-    selection_method (`str`, *optional*, defaults to `"sstoken"`):
-        How response tokens are scored. `"sstoken"`: `gamma * minmax(REL) + (1 - gamma) * attention`; `"rel"`: REL
-        only (gamma = 1); `"attention"`: attention only (gamma = 0, no history forward); `"random"`: a uniform random
-        subset of the same size; `"full"`: every response token (plain SFT on the same code path). Baselines:
-        `"rho1"`: Rho-1's excess loss `L_cur - L_ref` against `reference_model` or `reference_adapter`, top
-        `selection_ratio` of the micro-batch's response tokens; `"profit"`: tokens whose current probability is at
-        least `profit_threshold`; `"dft"`: every token, its NLL weighted by its detached probability.
-    selection_ratio (`float`, *optional*, defaults to `0.6`):
-        Fraction of each sequence's response tokens that is trained on: `ceil(selection_ratio * n)` per sequence.
-    selection_gamma (`float`, *optional*, defaults to `0.5`):
-        Weight of the min-max normalised REL in the `"sstoken"` score; the attention score gets `1 - gamma`.
-    attention_layer (`int`, *optional*, defaults to `-1`):
-        Decoder layer whose attention to the context is measured. Negative values count from the end.
-    attention_warmup_ratio (`float`, *optional*, defaults to `0.2`):
-        Fraction of the training steps at the start during which REL-based methods select by attention only.
-    allow_rel_fallback (`bool`, *optional*, defaults to `False`):
-        If the model's attention cannot be captured (an architecture without `*.self_attn` modules or an unknown
-        attention implementation), select by REL alone (warm-up included) instead of raising.
-    attention_chunk_size (`int`, *optional*, defaults to `256`):
-        Number of query rows whose attention is materialised at a time when computing the attention score.
-    selection_loss_normalization (`str`, *optional*, defaults to `"selected"`):
-        Denominator of the loss. `"selected"`: the number of kept tokens in the whole gradient-accumulation window
-        (and across processes); `"sequence"`: mean over the kept tokens of each sequence, then over sequences;
-        `"all"`: TRL's denominator, every response token.
+        selection_method (`str`, *optional*, defaults to `"sstoken"`):
+            How response tokens are chosen. `"sstoken"`: `gamma * minmax(REL) + (1 - gamma) * attention`; `"rel"`:
+            REL only (gamma = 1); `"attention"`: attention only (gamma = 0, no history forward); `"random"`: a uniform
+            random subset of the same size; `"full"`: every response token (plain SFT on the same code path).
+            Baselines: `"rho1"`: Rho-1's excess loss `L_cur - L_ref` against `reference_model` or `reference_adapter`,
+            top `selection_ratio` of the micro-batch's response tokens; `"profit"`: tokens whose current probability is
+            at least `profit_threshold`; `"dft"`: every token, its NLL weighted by its detached probability. One class
+            each in `trl_sstoken.methods`.
+        selection_ratio (`float`, *optional*, defaults to `0.6`):
+            Fraction of each sequence's response tokens that is trained on: `ceil(selection_ratio * n)` per sequence.
+        selection_gamma (`float`, *optional*, defaults to `0.5`):
+            Weight of the min-max normalised REL in the `"sstoken"` score; the attention score gets `1 - gamma`.
+        attention_layer (`int`, *optional*, defaults to `-1`):
+            Attention layer whose attention to the context is measured, counting only the layers that have
+            attention (hybrid models interleave them with Mamba layers). Negative values count from the end: -1 is
+            the last.
+        attention_warmup_ratio (`float`, *optional*, defaults to `0.2`):
+            Fraction of the training steps at the start during which REL-based methods select by attention only.
+        allow_rel_fallback (`bool`, *optional*, defaults to `False`):
+            If the model's attention cannot be captured (an architecture whose attention does not run through
+            transformers' `AttentionInterface`, such as Bloom's ALiBi or Falcon, or an unknown attention
+            implementation), select by REL alone (warm-up included) instead of raising.
+        attention_chunk_size (`int`, *optional*, defaults to `256`):
+            Number of query rows whose attention is materialised at a time when computing the attention score.
+        selection_loss_normalization (`str`, *optional*, defaults to `"selected"`):
+            Denominator of the loss. `"selected"`: the number of kept tokens in the whole gradient-accumulation window
+            (and across processes); `"sequence"`: mean over the kept tokens of each sequence, then over sequences;
+            `"all"`: TRL's denominator, every response token.
 
-    > Parameters that control the history model
+        > Parameters that control the history model
 
-    history (`str`, *optional*, defaults to `"base"`):
-        The earlier state of the model REL compares against. `"base"`: the model with its LoRA adapter disabled;
-        `"lagged"`: a frozen copy of the adapter, refreshed every `history_update_steps` optimizer steps; `"ema"`:
-        an exponential moving average of the adapter, updated every `history_update_steps` optimizer steps.
-    history_update_steps (`int`, *optional*, defaults to `50`):
-        Optimizer steps between two updates of a `"lagged"` or `"ema"` history.
-    history_ema_alpha (`float`, *optional*, defaults to `0.5`):
-        Weight of the old history in an `"ema"` update: `history <- alpha * history + (1 - alpha) * adapter`.
-    profit_threshold (`float`, *optional*, defaults to `0.1`):
-        `"profit"` keeps the response tokens whose current probability is at least this.
-    reference_model (`str` or `None`, *optional*, defaults to `None`):
-        `"rho1"`: hub id or local path of the reference model, loaded frozen next to the trained one.
-    reference_adapter (`str` or `None`, *optional*, defaults to `None`):
-        `"rho1"`: local path of a LoRA adapter loaded as a frozen extra adapter on the trained model's base.
-    history_cache_dir (`str` or `None`, *optional*, defaults to `None`):
-        With `history="base"`: compute the base model's log-probs once, in a no-grad pass over the training set
-        before training, store them in this directory and reuse them in later runs; training then runs no history
-        forward at all.
-    history_cache_batch_size (`int` or `None`, *optional*, defaults to `None`):
-        Batch size of the caching pass. `None` uses twice `per_device_train_batch_size`.
-    history_device (`str` or `None`, *optional*, defaults to `None`):
-        Full fine-tuning only: device of the history model copy (e.g. `"cpu"` or `"cuda:1"`). `None` keeps it on the
-        model's device.
-    history_copy_max_gb (`float` or `None`, *optional*, defaults to `None`):
-        Full fine-tuning only: refuse to build a history model copy larger than this many GiB of parameters.
+        history (`str`, *optional*, defaults to `"base"`):
+            The earlier state of the model REL compares against. `"base"`: the model with its LoRA adapter disabled;
+            `"lagged"`: a frozen copy of the adapter, refreshed every `history_update_steps` optimizer steps; `"ema"`:
+            an exponential moving average of the adapter, updated every `history_update_steps` optimizer steps.
+        history_update_steps (`int`, *optional*, defaults to `50`):
+            Optimizer steps between two updates of a `"lagged"` or `"ema"` history.
+        history_ema_alpha (`float`, *optional*, defaults to `0.5`):
+            Weight of the old history in an `"ema"` update: `history <- alpha * history + (1 - alpha) * adapter`.
+        history_cache_dir (`str` or `None`, *optional*, defaults to `None`):
+            With `history="base"`: compute the base model's log-probs once, in a no-grad pass over the training set
+            before training, store them in this directory and reuse them in later runs; training then runs no history
+            forward at all.
+        history_cache_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Batch size of the caching pass. `None` uses twice `per_device_train_batch_size`.
+        history_device (`str` or `None`, *optional*, defaults to `None`):
+            Full fine-tuning only: device of the history model copy (e.g. `"cpu"` or `"cuda:1"`). `None` keeps it on
+            the model's device.
+        history_copy_max_gb (`float` or `None`, *optional*, defaults to `None`):
+            Full fine-tuning only: refuse to build a history model copy larger than this many GiB of parameters.
+
+        > Parameters that control the baselines
+
+        profit_threshold (`float`, *optional*, defaults to `0.1`):
+            `"profit"` keeps the response tokens whose current probability is at least this.
+        reference_model (`str` or `None`, *optional*, defaults to `None`):
+            `"rho1"`: hub id or local path of the reference model, loaded frozen next to the trained one.
+        reference_adapter (`str` or `None`, *optional*, defaults to `None`):
+            `"rho1"`: local path of a LoRA adapter loaded as a frozen extra adapter on the trained model's base.
     """
 
+    # Parameters that control which tokens are trained on
     selection_method: str = field(
         default="sstoken",
-        metadata={
-            "help": "How response tokens are scored: 'sstoken' (gamma * minmax(REL) + (1 - gamma) * attention), "
-            "'rel' (REL only), 'attention' (attention to the context only), 'random' (uniform random subset of the "
-            "same size) or 'full' (every response token, plain SFT).",
-            "choices": list(SELECTION_METHODS),
-        },
+        metadata={"help": selection_method_help(), "choices": list(SELECTION_METHODS)},
     )
     selection_ratio: float = field(
         default=0.6,
@@ -96,8 +103,9 @@ class SSTokenConfig(SFTConfig):
     attention_layer: int = field(
         default=-1,
         metadata={
-            "help": "Decoder layer whose attention to the context is measured; negative values count from the end "
-            "(-1 = last layer)."
+            "help": "Attention layer whose attention to the context is measured, counting only layers that have "
+            "attention (hybrids interleave them with Mamba layers); negative values count from the end (-1 = the "
+            "last attention layer)."
         },
     )
     attention_warmup_ratio: float = field(
@@ -129,6 +137,7 @@ class SSTokenConfig(SFTConfig):
             "choices": list(LOSS_NORMALIZATIONS),
         },
     )
+    # Parameters that control the history model
     history: str = field(
         default="base",
         metadata={
@@ -149,18 +158,6 @@ class SSTokenConfig(SFTConfig):
         },
     )
 
-    profit_threshold: float = field(
-        default=0.1,
-        metadata={"help": "'profit' keeps the response tokens whose current probability is at least this. In (0, 1)."},
-    )
-    reference_model: str | None = field(
-        default=None,
-        metadata={"help": "'rho1': hub id or local path of the reference model (same tokenizer), loaded frozen."},
-    )
-    reference_adapter: str | None = field(
-        default=None,
-        metadata={"help": "'rho1': local path of a LoRA adapter loaded as a frozen extra adapter on the trained base."},
-    )
     history_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -187,6 +184,22 @@ class SSTokenConfig(SFTConfig):
         },
     )
 
+    # Parameters that control the baselines
+    profit_threshold: float = field(
+        default=0.1,
+        metadata={"help": "'profit' keeps the response tokens whose current probability is at least this. In (0, 1)."},
+    )
+    reference_model: str | None = field(
+        default=None,
+        metadata={"help": "'rho1': hub id or local path of the reference model (same tokenizer), loaded frozen."},
+    )
+    reference_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "'rho1': local path of a LoRA adapter loaded as a frozen extra adapter on the trained base."
+        },
+    )
+
     def __post_init__(self):
         self._validate_selection_fields()
         super().__post_init__()
@@ -208,17 +221,18 @@ class SSTokenConfig(SFTConfig):
         _check_integer("attention_chunk_size", self.attention_chunk_size, minimum=1)
         _check_integer("attention_layer", self.attention_layer, minimum=None)
         _check_number("profit_threshold", self.profit_threshold, "in (0, 1)", lambda v: 0 < v < 1)
-        if self.selection_method == "rho1" and (self.reference_model is None) == (self.reference_adapter is None):
+        method = METHODS[self.selection_method]
+        if method.needs_reference and (self.reference_model is None) == (self.reference_adapter is None):
             raise ValueError(
-                "selection_method='rho1' needs exactly one reference: set reference_model (a model path or hub id) or "
-                f"reference_adapter (a LoRA adapter path); got reference_model={self.reference_model!r}, "
-                f"reference_adapter={self.reference_adapter!r}."
+                f"selection_method={self.selection_method!r} needs exactly one reference: set reference_model (a "
+                "model path or hub id) or reference_adapter (a LoRA adapter path); got "
+                f"reference_model={self.reference_model!r}, reference_adapter={self.reference_adapter!r}."
             )
-        if self.selection_method == "profit" and self.selection_loss_normalization == "selected":
+        if not method.kept_count_known and self.selection_loss_normalization == "selected":
             raise ValueError(
-                "selection_method='profit' keeps a number of tokens that is only known after the forward pass, so "
-                "selection_loss_normalization='selected' cannot be normalised over the accumulation window. Use "
-                "selection_loss_normalization='all' (ProFit's own normalisation) or 'sequence'."
+                f"selection_method={self.selection_method!r} keeps a number of tokens that is only known after the "
+                "forward pass, so selection_loss_normalization='selected' cannot be normalised over the accumulation "
+                "window. Use selection_loss_normalization='all' (ProFit's own normalisation) or 'sequence'."
             )
         if self.history_cache_batch_size is not None:
             _check_integer("history_cache_batch_size", self.history_cache_batch_size, minimum=1)
@@ -246,7 +260,49 @@ class SSTokenConfig(SFTConfig):
     @property
     def effective_gamma(self) -> float:
         """The REL weight the selection method implies, outside the warm-up."""
-        return {"rel": 1.0, "attention": 0.0}.get(self.selection_method, self.selection_gamma)
+        gamma = METHODS[self.selection_method].gamma
+        return self.selection_gamma if gamma is None else gamma
+
+
+# The groups of the configuration reference and of the docstring above, in order; a field in none of them still
+# reaches the reference (config_reference.OTHER_GROUP)
+FIELD_GROUPS = {
+    "Parameters that control which tokens are trained on": (
+        "selection_method",
+        "selection_ratio",
+        "selection_gamma",
+        "attention_layer",
+        "attention_warmup_ratio",
+        "allow_rel_fallback",
+        "attention_chunk_size",
+        "selection_loss_normalization",
+    ),
+    "Parameters that control the history model": (
+        "history",
+        "history_update_steps",
+        "history_ema_alpha",
+        "history_cache_dir",
+        "history_cache_batch_size",
+        "history_device",
+        "history_copy_max_gb",
+    ),
+    "Parameters that control the baselines": ("profit_threshold", "reference_model", "reference_adapter"),
+}
+
+
+def as_sstoken_config(model, args) -> SSTokenConfig:
+    """Like SFTTrainer with SFTConfig: None gets defaults, other training arguments are converted."""
+    if args is None:
+        model_name = model if isinstance(model, str) else model.config._name_or_path
+        return SSTokenConfig(f"{str(model_name).split('/')[-1]}-SSToken")
+    if isinstance(args, SSTokenConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        dict_args = args.to_dict()
+        # to_dict masks every `*_token` field (hub_token, but also SFTConfig's eos_token and pad_token)
+        dict_args.update({name: getattr(args, name) for name in dict_args if name.endswith("_token")})
+        return SSTokenConfig(**dict_args)
+    raise TypeError(f"args must be an SSTokenConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")
 
 
 def _check_choice(name, value, allowed):

@@ -1,8 +1,8 @@
 """The ssToken fields of `SSTokenConfig`, read off the dataclass itself.
 
 The configuration reference in the docs and the settings section of a model card are generated from here, from
-each field's default, type and `help` metadata and from the groups of the class docstring, so nothing about a
-field is written twice.
+each field's default, type and `help` metadata and from `config.FIELD_GROUPS` (the groups the class docstring and
+the field declarations follow), so nothing about a field is written twice.
 """
 
 import dataclasses
@@ -11,11 +11,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from trl import SFTConfig
 
+from . import config
 from .config import SSTokenConfig
 
+
 OTHER_GROUP = "Other ssToken parameters"
-_GROUP_LINE = re.compile(r"^\s*>\s*(.+?)\s*$")
-_FIELD_LINE = re.compile(r"^    (\w+) \(")
 
 
 def sstoken_fields() -> list[dataclasses.Field]:
@@ -25,22 +25,15 @@ def sstoken_fields() -> list[dataclasses.Field]:
 
 
 def field_groups() -> dict[str, list[dataclasses.Field]]:
-    """The ssToken fields under the group headings of the `SSTokenConfig` docstring ("> Parameters that ...").
+    """The ssToken fields under the group headings of `config.FIELD_GROUPS` ("Parameters that ..."), in order.
 
-    A field the docstring does not list lands in OTHER_GROUP, so a new field is never left out of the reference.
+    A field no group lists lands in OTHER_GROUP, so a new field is never left out of the reference.
     """
     by_name = {field.name: field for field in sstoken_fields()}
-    groups: dict[str, list[dataclasses.Field]] = {}
-    current = None
-    for line in (SSTokenConfig.__doc__ or "").splitlines():
-        heading = _GROUP_LINE.match(line)
-        if heading:
-            current = heading.group(1)
-            groups.setdefault(current, [])
-            continue
-        entry = _FIELD_LINE.match(line)
-        if entry and current is not None and entry.group(1) in by_name:
-            groups[current].append(by_name.pop(entry.group(1)))
+    groups = {
+        heading: [by_name.pop(name) for name in names if name in by_name]
+        for heading, names in config.FIELD_GROUPS.items()
+    }
     if by_name:
         groups.setdefault(OTHER_GROUP, []).extend(by_name.values())
     return {name: fields for name, fields in groups.items() if fields}
@@ -71,9 +64,7 @@ def config_reference_markdown() -> str:
             choices = field.metadata.get("choices")
             if choices:
                 help_text += " Allowed: " + ", ".join(f"`{choice}`" for choice in choices) + "."
-            parts.append(
-                f"| `{field.name}` | `{type_name(field)}` | `{default_value(field)!r}` | {help_text} |"
-            )
+            parts.append(f"| `{field.name}` | `{type_name(field)}` | `{default_value(field)!r}` | {help_text} |")
         parts.append("")
     return "\n".join(parts)
 

@@ -19,6 +19,7 @@ import torch
 
 from .collator import EXAMPLE_ID_COLUMN
 
+
 TEXT_COLUMNS = ("prompt", "completion", "text", "messages")
 
 
@@ -31,7 +32,7 @@ def check_trainer_inputs(args, model, train_dataset, eval_dataset=None) -> None:
         check_dataset(train_dataset, "train_dataset")
         check_reserved_column(train_dataset)
     if eval_dataset is not None:
-        for name, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]):
+        for name, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
             check_dataset(dataset, f"eval_dataset[{name!r}]" if name else "eval_dataset")
     if isinstance(model, torch.nn.Module):
         check_finite_weights(model)

@@ -10,6 +10,7 @@ import os
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+
 LOCAL_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # Tokenizers saved from a bare `tokenizers.Tokenizer` record one of these generic classes
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
@@ -90,9 +91,7 @@ def load_sft_datasets(
                 f"--dataset_name {dataset_name!r} is a file of an unsupported type {extension or '(none)'!r}; allowed "
                 f"file types: {', '.join(LOCAL_DATA_FORMATS)}."
             )
-        return load_dataset(
-            LOCAL_DATA_FORMATS[extension], data_files={train_split: dataset_name}, streaming=streaming
-        )
+        return load_dataset(LOCAL_DATA_FORMATS[extension], data_files={train_split: dataset_name}, streaming=streaming)
     if os.path.isdir(dataset_name):
         if any(os.path.exists(os.path.join(dataset_name, name)) for name in ("dataset_dict.json", "state.json")):
             loaded = load_from_disk(dataset_name)

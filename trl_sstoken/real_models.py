@@ -30,6 +30,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+
 CACHE_ENV = "TRL_SSTOKEN_MODEL_CACHE"
 SKIP_ENV = "TRL_SSTOKEN_SKIP_REAL_MODELS"
 COMPLETE_MARKER = ".complete"

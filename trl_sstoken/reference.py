@@ -6,7 +6,7 @@ model trained on clean, high-quality data. Its reference is either
   which costs one more model of memory; it must share the trained model's vocabulary; or
 - a LoRA adapter (`reference_adapter`: a local path), loaded as an extra frozen adapter named `reference` on the
   trained model's own base layers, which costs one adapter; the trained model must then be a PEFT model.
-Both offer the history interface (`log_probs(model, inputs, fields)`), so the trainer treats them alike.
+Both are `History` objects (`history/base.py`): the trainer asks them for log-probs as it asks a history.
 """
 
 import os
@@ -15,12 +15,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
-from .history.adapter import adapter_activated, history_forward_log_probs
+from .history.base import History, adapter_activated, fused_log_probs, parameter_bytes
+
 
 REFERENCE_ADAPTER = "reference"
 
 
-class ReferenceModel:
+class ReferenceModel(History):
     """A separate frozen model."""
 
     def __init__(self, path: str, model, tokenizer=None, trust_remote_code: bool = False):
@@ -41,14 +42,13 @@ class ReferenceModel:
                 )
         self.model.to(next(model.parameters()).device).eval().requires_grad_(False)
         add_fused_lm_head(self.model)
-        self.parameter_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.parameter_bytes = parameter_bytes(self.model.parameters())
 
-    @torch.no_grad()
-    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
-        return self.model(**inputs, fused_lm_head=True).log_probs
+    def log_probs(self, model, inputs, example_index=None) -> torch.Tensor:
+        return fused_log_probs(self.model, inputs)
 
 
-class ReferenceAdapter:
+class ReferenceAdapter(History):
     """A frozen LoRA adapter loaded next to the trained one."""
 
     def __init__(self, path: str, peft_model):
@@ -65,22 +65,21 @@ class ReferenceAdapter:
         flags = [p.requires_grad for p in self.trained_params]
         peft_model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         # Loading an adapter can flip the trained adapter's flags (peft#3580): put them back, freeze the reference
-        for param, flag in zip(self.trained_params, flags):
+        for param, flag in zip(self.trained_params, flags, strict=True):
             param.requires_grad_(flag)
         reference = [p for n, p in peft_model.named_parameters() if f".{REFERENCE_ADAPTER}." in n]
         self.reference_params = reference
         for param in reference:
             param.requires_grad_(False)
         peft_model.set_adapter(self.trained_adapter)
-        for param, flag in zip(self.trained_params, flags):
+        for param, flag in zip(self.trained_params, flags, strict=True):
             param.requires_grad_(flag)
-        self.parameter_bytes = sum(p.numel() * p.element_size() for p in reference)
+        self.parameter_bytes = parameter_bytes(reference)
 
-    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
-        with adapter_activated(
+    def active(self):
+        return adapter_activated(
             self.peft_model, REFERENCE_ADAPTER, self.trained_adapter, self.trained_params, self.reference_params
-        ):
-            return history_forward_log_probs(model, inputs)
+        )
 
 
 def _has_tokenizer_files(path: str) -> bool:

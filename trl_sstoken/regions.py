@@ -6,14 +6,18 @@ aligned with TRL's shifted log-probs (column j scores token j + 1).
 A batch row is not always one sequence: padding-free batches (`padding_free=True`, or packing with the "bfd"
 strategies) concatenate every sequence of the batch into one row and mark where each starts by resetting
 `position_ids` to 0. Selection is defined per original sequence (its top-k, its min-max, its context), so
-`SequenceLayout` maps a batch to one row per sequence, (S, L), and back. Sequence rows are token-indexed: column o is
-the token at offset o of the sequence, and a prediction-space value is placed at the token it predicts, so column 0
+`SequenceLayout` maps a batch to one row per sequence, (S, L), and back; `Regions` offers that mapping for
+prediction-space values (`to_sequences`, `to_predictions`) and caches what is derived from the labels. Sequence rows
+are token-indexed: column o is the token at offset o of the sequence, and a prediction-space value is placed at the
+token it predicts, so column 0
 of a sequence row never holds a prediction (the token before it belongs to another sequence, or to nothing).
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+
 
 IGNORE_INDEX = -100
 TOKEN_EXAMPLE_KEY = "sstoken_token_example"  # (B, T): index of each token's example in the batch, -1 on padding
@@ -74,22 +78,24 @@ class Regions:
     sequence_ids: torch.Tensor
     layout: SequenceLayout
 
-    @property
+    # Derived fields, computed once per batch (a frozen dataclass still caches: cached_property writes __dict__)
+
+    @cached_property
     def response_tokens(self) -> torch.Tensor:
         """(B, T) bool, the response tokens in token space (the queries whose attention score is needed)."""
         return torch.cat([torch.zeros_like(self.response[:, :1]), self.response], dim=1)
 
-    @property
+    @cached_property
     def sequence_response(self) -> torch.Tensor:
         """(S, L) bool, response tokens per sequence row."""
-        return self.layout.predictions_to_sequences(self.response, False)
+        return self.to_sequences(self.response, False)
 
-    @property
+    @cached_property
     def num_response(self) -> torch.Tensor:
         """(S,) number of response tokens per sequence."""
         return self.sequence_response.sum(dim=-1)
 
-    @property
+    @cached_property
     def has_context(self) -> torch.Tensor:
         """(S,) whether each sequence has a context position before its first response token.
 
@@ -101,6 +107,16 @@ class Regions:
         positions = torch.arange(response.size(-1), device=response.device)
         first_response = torch.where(response.any(dim=-1), response.int().argmax(dim=-1), response.size(-1))
         return (context & (positions < first_response.unsqueeze(-1))).any(dim=-1)
+
+    # The mapping between prediction space (B, T-1) and one row per sequence (S, L)
+
+    def to_sequences(self, values: torch.Tensor, fill) -> torch.Tensor:
+        """(B, T-1) prediction-space values -> (S, L), each at the token it predicts, `fill` elsewhere."""
+        return self.layout.predictions_to_sequences(values, fill)
+
+    def to_predictions(self, values: torch.Tensor, fill) -> torch.Tensor:
+        """(S, L) -> (B, T-1), the inverse of `to_sequences` (`fill` elsewhere)."""
+        return self.layout.sequences_to_predictions(values, fill)
 
 
 def regions_from_batch(batch: dict) -> Regions:

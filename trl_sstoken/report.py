@@ -11,16 +11,18 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from .scoring import combine_scores
-from .trainer import Selection, SSTokenTrainer
+from .methods import REL_METHODS, Selection
+from .trainer import SSTokenTrainer
 from .visualize import ExampleView, examples_from_selection, render_html, render_svg, summarize
 
 
 def selection_scores(selection: Selection) -> torch.Tensor | None:
-    """The combined score the selection ranked by, (B, T-1); None for methods without a score (random, full)."""
-    if selection.rel is None and selection.attention is None:
-        return None
-    return combine_scores(selection.rel, selection.attention, selection.regions.response, selection.plan.gamma)
+    """The combined score the selection ranked by, (B, T-1); None for methods without one (random, full, baselines).
+
+    It is the score the step itself computed, per original sequence (with each sequence's REL weight) and mapped back
+    to the batch's rows, so packed and padding-free rows show what was ranked.
+    """
+    return selection.score
 
 
 def token_texts(tokenizer, input_ids: torch.Tensor) -> list[list[str]]:
@@ -84,7 +86,7 @@ def report_settings(trainer: SSTokenTrainer, **extra) -> dict[str, object]:
         selection_ratio=args.selection_ratio,
         selection_gamma=args.effective_gamma,
         attention_layer=args.attention_layer,
-        history=args.history if args.selection_method in ("sstoken", "rel") else "(not used)",
+        history=args.history if args.selection_method in REL_METHODS else "(not used)",
         max_length=args.max_length,
         optimizer_step=trainer.state.global_step,
     )

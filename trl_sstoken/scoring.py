@@ -9,6 +9,7 @@ import math
 
 import torch
 
+
 MINMAX_EPS = 1e-8
 
 
@@ -36,17 +37,13 @@ def minmax_per_row(values: torch.Tensor, mask: torch.Tensor, eps: float = MINMAX
 
 
 def num_to_keep(response_mask: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Per-row count of tokens to keep, ceil(ratio * n), (B,) long.
+    """Per-row count of tokens to keep, ceil(ratio * n) for the n masked positions of each row, (B,) long.
 
     The product is rounded to 6 decimals before the ceiling so that float error never adds a token (0.6 * 5 is
-    3.0000000000000004 in floating point; this keeps 3). Any row with a response keeps at least one token.
+    3.0000000000000004 in floating point; this keeps 3). Any row with a response keeps at least one token. It
+    depends on the labels alone, so the kept count of a whole accumulation window is known before any forward.
     """
-    return keep_counts(response_mask.sum(dim=-1), ratio)
-
-
-def keep_counts(num_response: torch.Tensor, ratio: float) -> torch.Tensor:
-    """ceil(ratio * n) for counts n, with `num_to_keep`'s rounding."""
-    n = num_response.long()
+    n = response_mask.sum(dim=-1).long()
     k = torch.ceil(torch.round(n.double() * ratio, decimals=6)).long()
     return torch.where(n > 0, k.clamp(min=1), 0).minimum(n)
 
@@ -131,7 +128,7 @@ def excess_loss(current_logps: torch.Tensor, reference_logps: torch.Tensor) -> t
 
 def top_k_per_batch(scores: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.BoolTensor:
     """Rho-1's selection: the top ceil(ratio * n) masked positions of the whole batch, not of each row."""
-    keep = top_k_per_row(scores.reshape(1, -1), mask.reshape(1, -1), keep_counts(mask.sum().reshape(1), ratio))
+    keep = top_k_per_row(scores.reshape(1, -1), mask.reshape(1, -1), num_to_keep(mask.reshape(1, -1), ratio))
     return keep.reshape(mask.shape)
 
 
@@ -143,11 +140,3 @@ def select_by_probability(current_logps: torch.Tensor, mask: torch.Tensor, thres
 def probability_weights(current_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """DFT's per-token weight: the detached probability of the token (Wu et al., 2025), 0 off the mask."""
     return current_logps.detach().float().exp() * mask
-
-
-def masked_mean_std(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, int]:
-    """Mean, population standard deviation and count of `values` over `mask`, for logging."""
-    selected = values[mask].double()
-    if selected.numel() == 0:
-        return 0.0, 0.0, 0
-    return selected.mean().item(), selected.std(unbiased=False).item(), selected.numel()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 CONTEXT, KEPT, DROPPED = "context", "kept", "dropped"
 TOKEN_TYPES = ("word", "number", "punctuation", "whitespace", "special", "other")
 POSITION_BINS = 10
@@ -93,7 +94,13 @@ def examples_from_selection(
     batch, length = valid.shape
     if len(token_texts) != batch or any(len(texts) != length for texts in token_texts):
         raise ValueError(f"token_texts must be {batch} lists of {length} strings, one per position of `valid`.")
-    for name, values in (("response", response), ("keep", keep), ("score", score), ("rel", rel), ("attention", attention)):
+    for name, values in (
+        ("response", response),
+        ("keep", keep),
+        ("score", score),
+        ("rel", rel),
+        ("attention", attention),
+    ):
         if values is not None and tuple(values.shape) != (batch, length - 1):
             raise ValueError(
                 f"{name} must have shape (B, T-1) = ({batch}, {length - 1}) in prediction space, got {tuple(values.shape)}."
@@ -160,7 +167,11 @@ def summarize(
         for rank, token in enumerate(response):
             is_kept = int(token.role == KEPT)
             bin_index = min(int((rank + 0.5) * POSITION_BINS / len(response)), POSITION_BINS - 1)  # by token centre
-            for counts in (by_position[bin_index], by_type[token_type(token.text, special_tokens)], by_text[token.text]):
+            for counts in (
+                by_position[bin_index],
+                by_type[token_type(token.text, special_tokens)],
+                by_text[token.text],
+            ):
                 counts[0] += is_kept
                 counts[1] += 1
             total += 1
@@ -184,7 +195,7 @@ def score_color(score: float | None) -> str:
     position = min(max(score, 0.0), 1.0) * (len(_SCALE) - 1)
     low = min(int(position), len(_SCALE) - 2)
     weight = position - low
-    rgb = [round(a + (b - a) * weight) for a, b in zip(_SCALE[low], _SCALE[low + 1])]
+    rgb = [round(a + (b - a) * weight) for a, b in zip(_SCALE[low], _SCALE[low + 1], strict=True)]
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
@@ -243,7 +254,9 @@ def render_svg(examples: list[ExampleView], width: int = 760, font_size: int = 1
     elements, y = [], margin
     if title:
         y += font_size + 4
-        elements.append(f'<text x="{margin}" y="{y:.1f}" font-size="{font_size + 2}" font-weight="bold">{_escape(title)}</text>')
+        elements.append(
+            f'<text x="{margin}" y="{y:.1f}" font-size="{font_size + 2}" font-weight="bold">{_escape(title)}</text>'
+        )
     for example in examples:
         y += line_height
         elements.append(
@@ -277,7 +290,9 @@ def render_svg(examples: list[ExampleView], width: int = 760, font_size: int = 1
     y += line_height * 0.5
     for line in legend:
         y += font_size + 4
-        elements.append(f'<text x="{margin}" y="{y:.1f}" font-size="{font_size - 2}" fill="#333333">{_escape(line)}</text>')
+        elements.append(
+            f'<text x="{margin}" y="{y:.1f}" font-size="{font_size - 2}" fill="#333333">{_escape(line)}</text>'
+        )
     height = y + margin + 4
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" '
@@ -356,18 +371,17 @@ def _summary_html(summary: Summary) -> str:
         head
         + '<div class="tables">'
         + f'<table class="summary" id="by-position"><caption>Kept fraction by position in the response</caption>'
-        f'{header.format("position")}{position_rows}</table>'
+        f"{header.format('position')}{position_rows}</table>"
         + f'<table class="summary" id="by-type"><caption>Kept fraction by token type</caption>'
-        f'{header.format("type")}{type_rows}</table>'
+        f"{header.format('type')}{type_rows}</table>"
         + f'<table class="summary" id="by-token"><caption>Most frequent response tokens</caption>'
-        f'{header.format("token")}{token_rows}</table>'
-        + "</div>"
+        f"{header.format('token')}{token_rows}</table>" + "</div>"
     )
 
 
 def _example_html(example: ExampleView) -> str:
     spans = []
-    for token, position in zip(example.tokens, example.positions):
+    for token, position in zip(example.tokens, example.positions, strict=True):
         text = _escape(_display_text(token.text))
         tooltip = _escape(token_tooltip(token))
         if token.is_response:

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
@@ -25,8 +26,9 @@ from trl_sstoken.attention import context_attention_mass as after  # noqa: E402
 
 
 def load_revision(revision):
-    source = subprocess.run(["git", "show", f"{revision}:trl_sstoken/attention.py"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{revision}:trl_sstoken/attention.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     path = os.path.join(tempfile.mkdtemp(), "attention_before.py")
     with open(path, "w") as handle:
         handle.write(source)
@@ -69,10 +71,12 @@ def main():
     first, second = runs["before"](), runs["after"]()
     agree = torch.allclose(first[needed], second[needed], atol=1e-6)
     medians = {name: statistics.median(values[1:]) for name, values in times.items()}
-    print(f"seq_len={T} threads={args.threads} (median of {args.repeats}): before {medians['before']:.3f} s, "
-          f"after with every row {medians['after, every row']:.3f} s "
-          f"({medians['after, every row'] / medians['before']:.3f}x), after with response rows only "
-          f"{medians['after']:.3f} s ({medians['after'] / medians['before']:.3f}x); response-row values agree: {agree}")
+    print(
+        f"seq_len={T} threads={args.threads} (median of {args.repeats}): before {medians['before']:.3f} s, "
+        f"after with every row {medians['after, every row']:.3f} s "
+        f"({medians['after, every row'] / medians['before']:.3f}x), after with response rows only "
+        f"{medians['after']:.3f} s ({medians['after'] / medians['before']:.3f}x); response-row values agree: {agree}"
+    )
 
 
 if __name__ == "__main__":

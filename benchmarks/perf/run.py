@@ -35,6 +35,7 @@ import time
 
 import torch
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,17 +48,42 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
 from trl_sstoken.tiny import build_tiny_tokenizer  # noqa: E402
 
+
 VARIANTS = ("sft", "floor", "attention", "base", "base-cached", "lagged", "ema")
 SCALES = {
-    "toy": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2, vocab=200),  # for the smoke test only
+    "toy": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab=200,
+    ),  # for the smoke test only
     # big enough on 2 CPU cores that the matrix products dominate, small enough for a few minutes
-    "cpu": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
-                num_key_value_heads=2, vocab=4000),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab=128256),
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab=128256),
+    "cpu": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab=4000,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab=128256,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab=128256,
+    ),
 }
 
 
@@ -79,7 +105,10 @@ def synthetic_data(vocab_words: int, seq_len: int, examples: int, seed: int = 0)
     words = [f"w{i}" for i in range(vocab_words)]
     prompt_len, completion_len = (seq_len * 3) // 4, seq_len - (seq_len * 3) // 4 - 1  # -1: TRL appends EOS
     rows = [
-        {"prompt": " ".join(rng.choices(words, k=prompt_len)), "completion": " " + " ".join(rng.choices(words, k=completion_len))}
+        {
+            "prompt": " ".join(rng.choices(words, k=prompt_len)),
+            "completion": " " + " ".join(rng.choices(words, k=completion_len)),
+        }
         for _ in range(examples)
     ]
     return rows, words
@@ -89,36 +118,58 @@ def build(variant, args, tokenizer, rows, cache_dir, output_dir):
     shape = SCALES[args.scale]
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=max(4096, args.seq_len),
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"],
+        max_position_embeddings=max(4096, args.seq_len),
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     config._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = LlamaForCausalLM(config).to(dtype=dtype, device=args.device)
     common = dict(
-        output_dir=output_dir, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
-        gradient_checkpointing=True, learning_rate=1e-4, report_to="none", save_strategy="no", logging_steps=10**6,
-        max_length=args.seq_len, bf16=args.device == "cuda", use_cpu=args.device == "cpu", seed=0,
+        output_dir=output_dir,
+        max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=args.batch,
+        gradient_checkpointing=True,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        max_length=args.seq_len,
+        bf16=args.device == "cuda",
+        use_cpu=args.device == "cpu",
+        seed=0,
         dataloader_num_workers=0,
     )
     peft = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     dataset = Dataset.from_list(rows)
     if variant in ("sft", "floor"):
         trainer_class = SFTTrainer if variant == "sft" else FloorTrainer
-        return trainer_class(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=peft)
+        return trainer_class(
+            model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer, peft_config=peft
+        )
     selection = dict(attention_warmup_ratio=0.0)
-    selection.update({
-        "attention": dict(selection_method="attention"),
-        "base": dict(history="base"),
-        "base-cached": dict(history="base", history_cache_dir=cache_dir, history_cache_batch_size=2 * args.batch),
-        "lagged": dict(history="lagged", history_update_steps=50),
-        "ema": dict(history="ema", history_update_steps=1, history_ema_alpha=0.98),
-    }[variant])
-    return SSTokenTrainer(model=model, args=SSTokenConfig(**common, **selection), train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=peft)
+    selection.update(
+        {
+            "attention": dict(selection_method="attention"),
+            "base": dict(history="base"),
+            "base-cached": dict(history="base", history_cache_dir=cache_dir, history_cache_batch_size=2 * args.batch),
+            "lagged": dict(history="lagged", history_update_steps=50),
+            "ema": dict(history="ema", history_update_steps=1, history_ema_alpha=0.98),
+        }[variant]
+    )
+    return SSTokenTrainer(
+        model=model,
+        args=SSTokenConfig(**common, **selection),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft,
+    )
 
 
 class Runner:
@@ -214,8 +265,24 @@ def peak_memory_bytes(device):
 
 def measure_memory(variant, args):
     """Peak memory of a variant, alone in a fresh process (warm-up + 3 steps)."""
-    command = [sys.executable, __file__, "--memory-of", variant, "--scale", args.scale, "--device", args.device,
-               "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--warmup", "1", "--steps", "3"]
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-of",
+        variant,
+        "--scale",
+        args.scale,
+        "--device",
+        args.device,
+        "--seq-len",
+        str(args.seq_len),
+        "--batch",
+        str(args.batch),
+        "--warmup",
+        "1",
+        "--steps",
+        "3",
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if completed.returncode != 0:
         raise RuntimeError(completed.stderr[-3000:])
@@ -232,8 +299,9 @@ def setup(args):
 def memory_only(args):
     rows, tokenizer = setup(args)
     with tempfile.TemporaryDirectory() as tmp:
-        runner = Runner(args.memory_of, build(args.memory_of, args, tokenizer, rows, os.path.join(tmp, "cache"), tmp),
-                        args.device)
+        runner = Runner(
+            args.memory_of, build(args.memory_of, args, tokenizer, rows, os.path.join(tmp, "cache"), tmp), args.device
+        )
         if args.memory_of == "base-cached":
             runner.trainer._prepare_history_cache()
         runner.step()  # the first step allocates the optimizer state: count it in the baseline of every variant
@@ -288,8 +356,11 @@ def main():
                 trainer._prepare_history_cache()
                 sync(args.device)
                 seconds = time.perf_counter() - start
-                caching = {"seconds": seconds, "tokens": len(rows) * args.seq_len,
-                           "tokens_per_second": len(rows) * args.seq_len / seconds}
+                caching = {
+                    "seconds": seconds,
+                    "tokens": len(rows) * args.seq_len,
+                    "tokens_per_second": len(rows) * args.seq_len / seconds,
+                }
             runners.append(runner)
         tokens_per_step = None
         for round_index in range(args.warmup + args.steps):
@@ -297,20 +368,34 @@ def main():
                 tokens_per_step = runner.step()
             print(f"round {round_index + 1}/{args.warmup + args.steps} done", file=sys.stderr)
 
-    results = {"command": "python " + " ".join(sys.argv), "scale": args.scale, "shape": SCALES[args.scale],
-               "device": args.device, "seq_len": args.seq_len, "batch": args.batch, "threads": args.threads,
-               "warmup_steps": args.warmup, "timed_steps": args.steps,
-               "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                            "machine": platform.machine(), "cpus": os.cpu_count()},
-               "variants": {}}
-    medians = {r.name: statistics.median(r.times[args.warmup:]) for r in runners}
+    results = {
+        "command": "python " + " ".join(sys.argv),
+        "scale": args.scale,
+        "shape": SCALES[args.scale],
+        "device": args.device,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "threads": args.threads,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+        "variants": {},
+    }
+    medians = {r.name: statistics.median(r.times[args.warmup :]) for r in runners}
     for runner in runners:
-        timed = runner.times[args.warmup:]
+        timed = runner.times[args.warmup :]
         median = medians[runner.name]
         entry = {
-            "step_seconds_median": median, "step_seconds_min": min(timed), "step_seconds_max": max(timed),
+            "step_seconds_median": median,
+            "step_seconds_min": min(timed),
+            "step_seconds_max": max(timed),
             "tokens_per_second": tokens_per_step / median,
-            "attention_seconds_median": statistics.median(runner.attention_times[args.warmup:]),
+            "attention_seconds_median": statistics.median(runner.attention_times[args.warmup :]),
         }
         entry["attention_share_of_step"] = entry["attention_seconds_median"] / median
         if "sft" in medians:
@@ -365,8 +450,11 @@ def markdown(results):
         )
     if "caching_pass" in results:
         c = results["caching_pass"]
-        lines += ["", f"Caching pass: {c['tokens']} tokens in {c['seconds']:.1f} s = {c['tokens_per_second']:.0f} tokens/s, "
-                  f"{c['vs_training_throughput']:.2f}x the plain SFT training throughput."]
+        lines += [
+            "",
+            f"Caching pass: {c['tokens']} tokens in {c['seconds']:.1f} s = {c['tokens_per_second']:.0f} tokens/s, "
+            f"{c['vs_training_throughput']:.2f}x the plain SFT training throughput.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -29,10 +30,28 @@ def main():
     points = {}
     for seq_len in args.seq_lens:
         out = f"{args.out}-{seq_len}"
-        command = [sys.executable, os.path.join(HERE, "run.py"), "--scale", args.scale, "--device", args.device,
-                   "--seq-len", str(seq_len), "--batch", str(args.batch), "--warmup", str(args.warmup),
-                   "--steps", str(args.steps), "--examples", str(8 * args.batch), "--out", out,
-                   "--variants", *args.variants]
+        command = [
+            sys.executable,
+            os.path.join(HERE, "run.py"),
+            "--scale",
+            args.scale,
+            "--device",
+            args.device,
+            "--seq-len",
+            str(seq_len),
+            "--batch",
+            str(args.batch),
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+            "--examples",
+            str(8 * args.batch),
+            "--out",
+            out,
+            "--variants",
+            *args.variants,
+        ]
         print(" ".join(command), file=sys.stderr)
         subprocess.run(command, check=True)
         with open(out + ".json") as handle:
@@ -41,9 +60,12 @@ def main():
         "command": "python " + " ".join(sys.argv),
         "seq_lens": args.seq_lens,
         "time_vs_sft": {v: [points[n]["variants"][v]["time_vs_sft"] for n in args.seq_lens] for v in args.variants},
-        "memory_vs_sft": {v: [points[n]["variants"][v]["memory_vs_sft"] for n in args.seq_lens] for v in args.variants},
-        "attention_share": {v: [points[n]["variants"][v]["attention_share_of_step"] for n in args.seq_lens]
-                            for v in args.variants},
+        "memory_vs_sft": {
+            v: [points[n]["variants"][v]["memory_vs_sft"] for n in args.seq_lens] for v in args.variants
+        },
+        "attention_share": {
+            v: [points[n]["variants"][v]["attention_share_of_step"] for n in args.seq_lens] for v in args.variants
+        },
     }
     with open(args.out + ".json", "w") as handle:
         json.dump(summary, handle, indent=2)

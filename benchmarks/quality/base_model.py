@@ -21,6 +21,7 @@ from trl_sstoken.tiny import build_tiny_model
 
 from .data import build_tokenizer, pretraining_sentence, vocabulary_text
 
+
 # Bump when the pretraining code changes in a way the recipe numbers do not capture.
 RECIPE_VERSION = 1
 
@@ -87,7 +88,9 @@ def pretrain(scale: dict, device: str = "cpu", log=print) -> tuple[LlamaForCausa
         losses.append(loss.item())
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             recent = losses[-max(1, steps // 10) :]
-            log(f"  pretrain step {step + 1}/{steps}: loss {sum(recent) / len(recent):.3f} ({time.time() - start:.0f}s)")
+            log(
+                f"  pretrain step {step + 1}/{steps}: loss {sum(recent) / len(recent):.3f} ({time.time() - start:.0f}s)"
+            )
     model.eval()
     stats = {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": time.time() - start, "steps": steps}
     return model, stats

@@ -14,6 +14,7 @@ from trl_sstoken.tiny import build_tiny_tokenizer
 from .noise import BOILERPLATE, CODES, KINDS, RANDOM_MARKER, Response, clean_response, noisy_response
 from .tasks import FAMILIES, GENERATORS, ITEMS, KEYS, NUMBERS, Instance, generate
 
+
 # ----- filler text for pretraining: plain sentences, the boilerplate sentence, and sentences with codes -----
 ADJECTIVES = ("old", "small", "tall", "quiet", "happy", "busy")
 NOUNS = ("man", "girl", "farmer", "friend", "teacher", "boy")
@@ -45,9 +46,7 @@ def filler_sentence(rng: random.Random) -> str:
     if draw < FILLER_BOILERPLATE_RATE + FILLER_CODES_RATE:
         codes = " ".join(rng.choice(CODES) for _ in range(rng.randint(3, 6)))
         return f"order number {codes} was sent ."
-    return (
-        f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(VERBS)} to the {rng.choice(PLACES)} ."
-    )
+    return f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(VERBS)} to the {rng.choice(PLACES)} ."
 
 
 def pretraining_sentence(rng: random.Random) -> str:
@@ -121,14 +120,14 @@ def tokenize_example(tokenizer, prompt: str, response: Response) -> dict:
 def sft_dataset(tokenizer, instances: list[Instance], responses: list[Response]) -> Dataset:
     """A pre-tokenized dataset (TRL skips its own tokenization when `input_ids` is present)."""
     rows = [tokenize_example(tokenizer, i.prompt, r) for i, r in zip(instances, responses, strict=True)]
-    for row, instance in zip(rows, instances):
+    for row, instance in zip(rows, instances, strict=True):
         row["family"] = instance.family
     return Dataset.from_list(rows)
 
 
 def kind_counts(responses: list[Response]) -> dict:
     """Realised noise: counts of response words by kind, and the fraction of responses carrying each noise kind."""
-    counts = {kind: 0 for kind in KINDS}
+    counts = dict.fromkeys(KINDS, 0)
     for response in responses:
         for kind in response.kinds:
             counts[kind] += 1

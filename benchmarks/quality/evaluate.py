@@ -72,7 +72,9 @@ def summarize(per_example: list[dict], instances: list[Instance], key: str) -> d
     """{"overall": mean, "<family>": mean, ...} of one boolean score."""
     result = {"overall": sum(score[key] for score in per_example) / len(per_example)}
     for family in FAMILIES:
-        scores = [score[key] for score, instance in zip(per_example, instances) if instance.family == family]
+        scores = [
+            score[key] for score, instance in zip(per_example, instances, strict=True) if instance.family == family
+        ]
         if scores:
             result[family] = sum(scores) / len(scores)
     return result
@@ -80,14 +82,16 @@ def summarize(per_example: list[dict], instances: list[Instance], key: str) -> d
 
 def evaluate_chat(model, tokenizer, instances: list[Instance], max_new_tokens: int = 32, samples: int = 0) -> dict:
     """Exact match (headline) and strict match, per family and overall, on the chat prompts of `instances`."""
-    generations = greedy_generate(model, tokenizer, [chat_prompt_ids(tokenizer, i.prompt) for i in instances], max_new_tokens)
-    per_example = [score_generation(words, instance) for words, instance in zip(generations, instances)]
+    generations = greedy_generate(
+        model, tokenizer, [chat_prompt_ids(tokenizer, i.prompt) for i in instances], max_new_tokens
+    )
+    per_example = [score_generation(words, instance) for words, instance in zip(generations, instances, strict=True)]
     return {
         "exact_match": summarize(per_example, instances, "exact_match"),
         "strict_match": summarize(per_example, instances, "strict_match"),
         "samples": [
             {"prompt": i.prompt, "generation": " ".join(words), "answer": " ".join(i.answer)}
-            for i, words in list(zip(instances, generations))[:samples]
+            for i, words in list(zip(instances, generations, strict=True))[:samples]
         ],
     }
 
@@ -97,5 +101,5 @@ def evaluate_raw(model, tokenizer, instances: list[Instance], max_new_tokens: in
     vocab = tokenizer.get_vocab()
     prompts = [[vocab[word] for word in instance.raw_prefix.split()] for instance in instances]
     generations = greedy_generate(model, tokenizer, prompts, max_new_tokens)
-    per_example = [{"exact_match": score_raw_generation(w, i)} for w, i in zip(generations, instances)]
+    per_example = [{"exact_match": score_raw_generation(w, i)} for w, i in zip(generations, instances, strict=True)]
     return summarize(per_example, instances, "exact_match")

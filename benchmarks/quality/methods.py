@@ -10,6 +10,7 @@ import tempfile
 
 from trl_sstoken import SSTokenConfig
 
+
 # The selection settings every selecting method shares unless a method or an ablation changes them. Written out here
 # (not taken from the package defaults) so that a change of defaults cannot silently change the benchmark.
 SHARED = {

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .tasks import ANSWER_CLOSE, ANSWER_OPEN, ITEMS, KEYS, NUMBERS, Instance
 
+
 CORRUPT_RATE = 0.2
 BOILERPLATE_RATE = 0.5
 RANDOM_RATE = 0.3

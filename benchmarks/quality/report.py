@@ -11,8 +11,8 @@ import re
 import shutil
 from pathlib import Path
 
-from .noise import KINDS
 from .tasks import FAMILIES
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS = REPO_ROOT / "docs" / "benchmarks.md"
@@ -98,16 +98,22 @@ def markdown(results: dict) -> str:
         lines.append("|---|---|---|---|")
         if reference:
             kept = reference["kept_fraction_by_kind"]
-            lines.append(f"| main sstoken | {_pm_seeds(reference['exact_match'])} | 0 | "
-                         + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random")) + " |")
+            lines.append(
+                f"| main sstoken | {_pm_seeds(reference['exact_match'])} | 0 | "
+                + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random"))
+                + " |"
+            )
         for name, cell in summary["ablations"].items():
             noisy = cell["noisy"]
             diff = (
                 f"{100 * (noisy['exact_match']['mean'] - reference['exact_match']['mean']):+.1f}" if reference else "-"
             )
             kept = noisy["kept_fraction_by_kind"]
-            lines.append(f"| {name} | {_pm_seeds(noisy['exact_match'])} | {diff} | "
-                         + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random")) + " |")
+            lines.append(
+                f"| {name} | {_pm_seeds(noisy['exact_match'])} | {diff} | "
+                + " / ".join(_pct(kept.get(k)) for k in ("answer", "corrupt", "boilerplate", "random"))
+                + " |"
+            )
 
     failed = [r for r in results.get("runs", []) if r["status"] != "ok"]
     if failed:
@@ -149,10 +155,12 @@ def plot(results: dict, path: Path):
     ax.legend()
 
     ax = axes[1]
-    kinds = [k for k in ("answer", "corrupt", "format", "boilerplate", "random")]
+    kinds = ["answer", "corrupt", "format", "boilerplate", "random"]
     width = 0.8 / len(kinds)
     for j, kind in enumerate(kinds):
-        values = [100 * summary["main"][n].get("noisy", {}).get("kept_fraction_by_kind", {}).get(kind, 0) for n in names]
+        values = [
+            100 * summary["main"][n].get("noisy", {}).get("kept_fraction_by_kind", {}).get(kind, 0) for n in names
+        ]
         ax.bar([i - 0.4 + (j + 0.5) * width for i in range(len(names))], values, width, label=kind)
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_ylabel("response tokens of the kind trained on (%)")

@@ -25,6 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 
 from . import base_model, data, evaluate, methods, noise, tasks  # noqa: E402
 from .scales import SCALES  # noqa: E402
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATASETS = ("noisy", "clean")
@@ -48,7 +50,11 @@ def parse_args(argv=None):
         "--ablations", nargs="*", default=None, help="ablation names to run (default: all; pass none for none)"
     )
     parser.add_argument(
-        "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a number of the scale, e.g. --set sft_steps=300 sft_lr=1e-3 (recorded in the JSON)",
     )
     parser.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="parallel runs")
@@ -358,7 +364,7 @@ def main(argv=None):
     # rho1 references first: the rho1 runs need their adapters
     reference_path = {}
     if "rho1" in runnable:
-        ref_jobs = [j for j in reference_jobs(scale, seeds, info["recipe_hash"], cache_dir)]
+        ref_jobs = list(reference_jobs(scale, seeds, info["recipe_hash"], cache_dir))
         todo = [j for j in ref_jobs if not (Path(j["path"]) / "adapter_config.json").exists()]
         for index, job in enumerate(todo):
             job["index"] = index

@@ -18,9 +18,27 @@ Families (the chat prompt -> the clean response; the raw pretraining form of the
 import random
 from dataclasses import dataclass
 
+
 FAMILIES = ("reverse", "add", "lookup", "replace")
 
-ITEMS = ("ant", "bee", "cat", "dog", "elk", "fox", "gnu", "hen", "jay", "koi", "owl", "pig", "rat", "yak", "emu", "cod")
+ITEMS = (
+    "ant",
+    "bee",
+    "cat",
+    "dog",
+    "elk",
+    "fox",
+    "gnu",
+    "hen",
+    "jay",
+    "koi",
+    "owl",
+    "pig",
+    "rat",
+    "yak",
+    "emu",
+    "cod",
+)
 KEYS = ("red", "blue", "green", "gold", "pink", "gray", "teal", "navy")
 MAX_NUMBER = 60
 NUMBERS = tuple(str(n) for n in range(MAX_NUMBER + 1))
@@ -73,7 +91,7 @@ def _lookup(rng: random.Random) -> Instance:
     keys = rng.sample(KEYS, rng.randint(3, 5))
     values = [str(rng.randint(0, MAX_NUMBER)) for _ in keys]
     query = rng.randrange(len(keys))
-    table = " , ".join(f"{key} {value}" for key, value in zip(keys, values))
+    table = " , ".join(f"{key} {value}" for key, value in zip(keys, values, strict=True))
     return Instance(
         "lookup",
         f"table : {table} . what is {keys[query]} ?",
@@ -111,7 +129,7 @@ def ground_truth(family: str, prompt: str) -> tuple[str, ...]:
         return (str(int(words[1]) + int(words[3])),)
     if family == "lookup":
         table = words[2 : words.index(".")]
-        pairs = dict(zip(table[0::3], table[1::3]))
+        pairs = dict(zip(table[0::3], table[1::3], strict=False))
         return (words[-2], pairs[words[-2]])
     if family == "replace":
         source, target = words[3], words[5]
@@ -123,7 +141,7 @@ def ground_truth(family: str, prompt: str) -> tuple[str, ...]:
 def generate(rng: random.Random, count_per_family: int, exclude_prompts: set[str] = frozenset()) -> list[Instance]:
     """`count_per_family` distinct instances of each family (round-robin order), none of whose prompts is excluded."""
     instances, seen = [], set(exclude_prompts)
-    per_family = {family: 0 for family in FAMILIES}
+    per_family = dict.fromkeys(FAMILIES, 0)
     attempts = 0
     while min(per_family.values()) < count_per_family:
         for family in FAMILIES:

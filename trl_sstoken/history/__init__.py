@@ -1,19 +1,23 @@
 """History models: the earlier state of the model that REL compares the current model against.
 
-Every history offers the same small interface, so the trainer never needs to know which one it holds:
-- `log_probs(model, inputs) -> (B, T-1)`: the history's log-probability of each label, without gradient;
-- `on_optimizer_step(global_step)`: move forward on its schedule (a no-op for fixed histories);
-- `save_checkpoint(directory)` / `load_checkpoint(directory)`: state that PEFT's own checkpointing does not cover;
-- `parameter_bytes`: the memory it adds.
+Every history is a `History` (`base.py`), so the trainer never needs to know which one it holds. Which one is built
+depends on `history` and on how the model is held:
 
-Which one is built depends on how the model is held: with a PEFT adapter the history never copies the base model
-(`adapter.py`); with full fine-tuning it is a copy of the whole model (`model_copy.py`); a fixed `base` history can
-instead be precomputed once and read from disk (`cache.py`).
+| `history` | PEFT adapter (LoRA, QLoRA)            | full fine-tuning                        |
+|-----------|---------------------------------------|-----------------------------------------|
+| `base`    | `AdapterDisabledHistory` (no weights) | `ModelCopyHistory(mode="base")` (a copy) |
+| `lagged`  | `AdapterHistory(mode="lagged")`       | `ModelCopyHistory(mode="lagged")`        |
+| `ema`     | `AdapterHistory(mode="ema")`          | `ModelCopyHistory(mode="ema")`           |
+
+A fixed `base` history can instead be precomputed once and read from disk (`CachedHistory`, `cache.py`): its
+building pass runs `AdapterDisabledHistory`, or with full fine-tuning `UntrainedModelHistory` (the model itself,
+before training, so no copy). `fingerprints.py` identifies what a cache was computed from.
 """
 
 from transformers import TrainerCallback
 
-from .adapter import HISTORY_ADAPTER, AdapterHistory, FrozenBaseHistory
+from .adapter import HISTORY_ADAPTER, AdapterDisabledHistory, AdapterHistory
+from .base import History
 from .model_copy import ModelCopyHistory
 
 
@@ -21,21 +25,21 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
-def build_history(model, mode: str, update_steps: int, ema_alpha: float, device=None, max_copy_gb=None):
+def build_history(model, mode: str, update_steps: int, ema_alpha: float, device=None, max_copy_gb=None) -> History:
     """The history object for `mode` and the way `model` is held (PEFT adapter or full weights)."""
     if not is_peft_model(model):
         return ModelCopyHistory(model, mode, update_steps, ema_alpha, device=device, max_copy_gb=max_copy_gb)
     if model.peft_config[model.active_adapter].is_prompt_learning:
         raise ValueError("ssToken's history needs an adapter on the model's layers (e.g. LoRA), not prompt learning.")
     if mode == "base":
-        return FrozenBaseHistory(model)
+        return AdapterDisabledHistory(model)
     return AdapterHistory(model, mode, update_steps, ema_alpha)
 
 
 class HistoryUpdateCallback(TrainerCallback):
     """Moves the history forward after each optimizer step, on the schedule the history defines."""
 
-    def __init__(self, history):
+    def __init__(self, history: History):
         self.history = history
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -44,8 +48,9 @@ class HistoryUpdateCallback(TrainerCallback):
 
 __all__ = [
     "HISTORY_ADAPTER",
+    "AdapterDisabledHistory",
     "AdapterHistory",
-    "FrozenBaseHistory",
+    "History",
     "HistoryUpdateCallback",
     "ModelCopyHistory",
     "build_history",

@@ -15,43 +15,24 @@ from contextlib import contextmanager
 
 import torch
 
+from .base import History, adapter_activated, all_finite, parameter_bytes, skip_refresh_warning
+
+
 HISTORY_ADAPTER = "history"
 
 
-@torch.no_grad()
-def history_forward_log_probs(model, inputs) -> torch.Tensor:
-    """Label log-probs of a no-grad forward through TRL's fused LM head, (B, T-1)."""
-    return model(**inputs, fused_lm_head=True).log_probs
-
-
-class FrozenBaseHistory:
-    """`base`: the pre-SFT model, obtained by disabling the adapter for the history forward."""
-
-    parameter_bytes = 0
+class AdapterDisabledHistory(History):
+    """`base` with a PEFT adapter: the pre-SFT model, obtained by disabling the adapter for the history forward. No
+    extra weights."""
 
     def __init__(self, peft_model):
         self.peft_model = peft_model
 
-    @contextmanager
     def active(self):
-        with self.peft_model.disable_adapter():
-            yield
-
-    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
-        with self.active():
-            return history_forward_log_probs(model, inputs)
-
-    def on_optimizer_step(self, global_step: int) -> None:
-        """The base weights never change."""
-
-    def save_checkpoint(self, directory: str) -> None:
-        """Nothing to save: the base weights are the model's own."""
-
-    def load_checkpoint(self, directory: str) -> None:
-        """Nothing to load."""
+        return self.peft_model.disable_adapter()
 
 
-class AdapterHistory:
+class AdapterHistory(History):
     """`lagged` or `ema`: a frozen second adapter that follows the trained one every `update_steps` steps."""
 
     def __init__(self, peft_model, mode: str, update_steps: int, ema_alpha: float):
@@ -76,7 +57,7 @@ class AdapterHistory:
             peft_model, HISTORY_ADAPTER, self.trained_adapter
         )
         with torch.no_grad():
-            for history, trained in zip(self.history_params, self.trained_params):
+            for history, trained in zip(self.history_params, self.trained_params, strict=True):
                 history.data = history.data.to(device=trained.device, dtype=trained.dtype)
                 history.requires_grad_(False)
         self.refresh()
@@ -90,7 +71,7 @@ class AdapterHistory:
 
     @property
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.history_params)
+        return parameter_bytes(self.history_params)
 
     @contextmanager
     def active(self):
@@ -99,10 +80,6 @@ class AdapterHistory:
             self.peft_model, HISTORY_ADAPTER, self.trained_adapter, self.trained_params, self.history_params
         ):
             yield
-
-    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
-        with self.active():
-            return history_forward_log_probs(model, inputs)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -121,40 +98,8 @@ class AdapterHistory:
         if global_step % self.update_steps == 0:
             self.refresh()
 
-    def save_checkpoint(self, directory: str) -> None:
-        """PEFT saves every adapter in a checkpoint, the history one under `history/`."""
-
-    def load_checkpoint(self, directory: str) -> None:
-        """`Trainer._load_from_checkpoint` restores every adapter saved in the checkpoint, the history one too."""
-
-
-def all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def skip_refresh_warning(mode: str) -> None:
-    warnings.warn(
-        f"The trained weights hold NaN or inf: the {mode} history is not updated from them and keeps its last "
-        "finite state.",
-        stacklevel=3,
-    )
-
-
-@contextmanager
-def adapter_activated(peft_model, name: str, trained_adapter: str, trained_params: list, frozen_params: list):
-    """Makes `name` the active adapter for the block, then restores `trained_adapter` with its exact
-    `requires_grad` flags (PEFT's `set_adapter` would mark every trained parameter trainable) and keeps `name`'s
-    parameters (`frozen_params`) frozen."""
-    previous_flags = [p.requires_grad for p in trained_params]
-    peft_model.set_adapter(name, inference_mode=True)
-    try:
-        yield
-    finally:
-        peft_model.set_adapter(trained_adapter)
-        for param, flag in zip(trained_params, previous_flags):
-            param.requires_grad_(flag)
-        for param in frozen_params:
-            param.requires_grad_(False)
+    # save_checkpoint / load_checkpoint: nothing to do. PEFT saves every adapter in a checkpoint, the history one
+    # under `history/`, and `Trainer._load_from_checkpoint` restores them all
 
 
 def _pair_adapter_parameters(peft_model, history_name: str, trained_name: str):

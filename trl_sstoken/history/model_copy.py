@@ -15,12 +15,15 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapter import all_finite, skip_refresh_warning
+from .base import History, all_finite, fused_log_probs, parameter_bytes, skip_refresh_warning
+
 
 CHECKPOINT_FILE = "sstoken_history_model.safetensors"
 
 
-class ModelCopyHistory:
+class ModelCopyHistory(History):
+    """A copy of the whole model: frozen (`base`), refreshed (`lagged`) or averaged (`ema`), on `device`."""
+
     def __init__(self, model, mode: str, update_steps: int, ema_alpha: float, device=None, max_copy_gb=None):
         if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
             raise ValueError(
@@ -31,7 +34,7 @@ class ModelCopyHistory:
         self.mode = mode
         self.update_steps = update_steps
         self.ema_alpha = ema_alpha
-        self.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.parameter_bytes = parameter_bytes(model.parameters())
         if max_copy_gb is not None and self.parameter_bytes > max_copy_gb * 2**30:
             raise ValueError(
                 f"history={mode!r} without a PEFT adapter copies the whole model ({self.parameter_bytes / 2**30:.2f} "
@@ -45,11 +48,11 @@ class ModelCopyHistory:
         self.trained_params = [p for _, p in model.named_parameters()]
         self.copy_params = [copies[name] for name, _ in model.named_parameters()]
 
-    @torch.no_grad()
-    def log_probs(self, model, inputs, fields=None) -> torch.Tensor:
+    def log_probs(self, model, inputs, example_index=None) -> torch.Tensor:
+        """The copy's log-probs, computed on its own device and returned on the batch's."""
         device = next(iter(v for v in inputs.values() if torch.is_tensor(v))).device
         moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        return self.model(**moved, fused_lm_head=True).log_probs.to(device)
+        return fused_log_probs(self.model, moved).to(device)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -58,7 +61,7 @@ class ModelCopyHistory:
         if not all_finite(p.detach() for p in self.trained_params):
             skip_refresh_warning(self.mode)
             return
-        for copy_param, param in zip(self.copy_params, self.trained_params):
+        for copy_param, param in zip(self.copy_params, self.trained_params, strict=True):
             source = param.detach().to(device=copy_param.device, dtype=copy_param.dtype)
             if self.mode == "lagged":
                 copy_param.copy_(source)

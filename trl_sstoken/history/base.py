@@ -1,0 +1,84 @@
+"""The interface every history (and every Rho-1 reference) offers, and the helpers they share.
+
+A history is the earlier state of the model that REL compares the current model against. The trainer holds one
+`History` and never needs to know which: it asks for log-probs once per micro-batch, tells it about every optimizer
+step, and lets it add to and read from checkpoints.
+"""
+
+import warnings
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+
+@torch.no_grad()
+def fused_log_probs(model, inputs: dict) -> torch.Tensor:
+    """Label log-probs of a no-grad forward through TRL's fused LM head, (B, T-1)."""
+    return model(**inputs, fused_lm_head=True).log_probs
+
+
+class History:
+    """An earlier state of the trained model.
+
+    - `log_probs(model, inputs, example_index)`: its log-probability of each label, (B, T-1), without gradient.
+      `example_index` (the collator's `sstoken_example_ids` and `sstoken_token_example`) says which examples of the
+      training set the batch holds and where; only a cached history reads it.
+    - `on_optimizer_step(global_step)`: move forward on its schedule (fixed histories do nothing);
+    - `save_checkpoint(directory)` / `load_checkpoint(directory)`: state that PEFT's own checkpointing does not cover;
+    - `parameter_bytes`: the memory it adds.
+
+    The default `log_probs` runs the trained model itself under `active()`, the context in which the model computes
+    the history's predictions (an adapter disabled or swapped); subclasses that hold their own weights override it.
+    """
+
+    parameter_bytes: int = 0
+
+    def active(self):
+        """The block in which `model` predicts as this history (default: as it is)."""
+        return nullcontext()
+
+    def log_probs(self, model, inputs: dict, example_index: dict | None = None) -> torch.Tensor:
+        with self.active():
+            return fused_log_probs(model, inputs)
+
+    def on_optimizer_step(self, global_step: int) -> None:
+        """A fixed history never changes."""
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Nothing to save beyond what `Trainer` and PEFT save."""
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Nothing to load beyond what `Trainer` and PEFT restore."""
+
+
+def parameter_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def skip_refresh_warning(mode: str) -> None:
+    warnings.warn(
+        f"The trained weights hold NaN or inf: the {mode} history is not updated from them and keeps its last "
+        "finite state.",
+        stacklevel=3,
+    )
+
+
+@contextmanager
+def adapter_activated(peft_model, name: str, trained_adapter: str, trained_params: list, frozen_params: list):
+    """Makes `name` the active adapter for the block, then restores `trained_adapter` with its exact
+    `requires_grad` flags (PEFT's `set_adapter` would mark every trained parameter trainable) and keeps `name`'s
+    parameters (`frozen_params`) frozen."""
+    previous_flags = [p.requires_grad for p in trained_params]
+    peft_model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(trained_adapter)
+        for param, flag in zip(trained_params, previous_flags, strict=True):
+            param.requires_grad_(flag)
+        for param in frozen_params:
+            param.requires_grad_(False)

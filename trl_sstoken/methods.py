@@ -1,0 +1,262 @@
+"""The selection methods: one class each, and the registry that config, trainer, report and CLI read.
+
+A method declares what its step needs (a history forward for REL, the attention capture, a reference model), how
+many tokens it keeps per gradient-accumulation window (known from the labels alone, before any forward, for every
+method but `profit`), which tokens it keeps, and the weight of each kept token's NLL. The math is in `scoring.py`;
+a method only says which of it applies. Per-sequence methods work on one row per original sequence
+(`Regions.to_sequences`), so padded, padding-free and packed batches are selected alike, and map the result back.
+
+Adding a method: one subclass of `SelectionMethod` under `@register`, and its tests.
+"""
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .regions import Regions
+from .scoring import (
+    combine_scores,
+    num_to_keep,
+    probability_weights,
+    select_by_probability,
+    select_random,
+    top_k_per_batch,
+    top_k_per_row,
+)
+
+
+@dataclass
+class StepPlan:
+    """What one micro-batch needs, decided from its labels before any forward pass."""
+
+    gamma: torch.Tensor | None  # (S,) REL weight per sequence (Regions.layout); None for methods without a score
+    needs_history: bool
+    needs_attention: bool
+    in_warmup: bool = False
+    needs_reference: bool = False
+    rel_only_sequences: int = 0  # sequences with a response but no context, selected by REL alone
+
+
+@dataclass
+class Signals:
+    """What the forward passes of one micro-batch produced, in prediction space (B, T-1); None where not computed."""
+
+    current_logps: torch.Tensor  # detached
+    rel: torch.Tensor | None = None  # log p_cur - log p_hist
+    attention: torch.Tensor | None = None  # attention mass on the context, in [0, 1]
+    excess_loss: torch.Tensor | None = None  # Rho-1: L_cur - L_ref
+    generator: torch.Generator | None = None  # for methods that draw at random
+
+
+@dataclass
+class Selection:
+    """The outcome of scoring one micro-batch. Token tensors are (B, T-1), in prediction space."""
+
+    keep: torch.Tensor  # bool, the tokens trained on
+    regions: Regions
+    plan: StepPlan
+    score: torch.Tensor | None = None  # the combined ssToken score the step ranked by; None for other methods
+    rel: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    excess_loss: torch.Tensor | None = None
+
+
+class SelectionMethod:
+    """One way of choosing the response tokens to train on. Subclasses set the class attributes and `select`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]  # one line for the `selection_method` help
+    needs_history: ClassVar[bool] = False  # REL: a history forward (sstoken, rel)
+    needs_attention: ClassVar[bool] = False  # the attention capture on one layer
+    needs_reference: ClassVar[bool] = False  # a reference model or adapter (rho1)
+    draws_at_random: ClassVar[bool] = False
+    kept_count_known: ClassVar[bool] = True  # kept count follows from labels: `selected` normalisation works
+    gamma: ClassVar[float | None] = None  # fixed REL weight of a scored method; None: `selection_gamma`
+
+    def __init__(self, args):
+        self.args = args
+        self.ratio = args.selection_ratio
+
+    def plan(self, regions: Regions, in_warmup: bool, attention_available: bool) -> StepPlan:
+        return StepPlan(None, needs_history=False, needs_attention=False, needs_reference=self.needs_reference)
+
+    def kept_count(self, regions: Regions) -> torch.Tensor:
+        """Tokens this method keeps from the micro-batch, () long, from its labels alone."""
+        return regions.num_response.sum()
+
+    def select(self, signals: Signals, regions: Regions, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(keep (B, T-1) bool, score (B, T-1) or None)."""
+        raise NotImplementedError
+
+    def token_weights(self, log_probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The weight of each token's NLL in the loss, (B, T-1) in `log_probs`' dtype: 1 on kept tokens, else 0."""
+        return keep.to(log_probs.dtype)
+
+
+METHODS: dict[str, type[SelectionMethod]] = {}
+
+
+def register(method: type[SelectionMethod]) -> type[SelectionMethod]:
+    METHODS[method.name] = method
+    return method
+
+
+class PerSequenceTopK(SelectionMethod):
+    """Keeps ceil(ratio * n) of each sequence's n response tokens."""
+
+    def kept_count(self, regions: Regions) -> torch.Tensor:
+        return num_to_keep(regions.sequence_response, self.ratio).sum()
+
+
+class ScoredMethod(PerSequenceTopK):
+    """ssToken's family: the top tokens of each sequence by `gamma * minmax(REL) + (1 - gamma) * attention`."""
+
+    needs_attention = True
+
+    def plan(self, regions: Regions, in_warmup: bool, attention_available: bool) -> StepPlan:
+        in_warmup = in_warmup and self.needs_history  # the warm-up selects by attention while history == current
+        gamma = self.args.selection_gamma if self.gamma is None else self.gamma
+        gamma = torch.full(regions.num_response.shape, 0.0 if in_warmup else gamma)
+        if not attention_available:  # allow_rel_fallback: the attention cannot be captured
+            return StepPlan(torch.ones_like(gamma), needs_history=True, needs_attention=False)
+        has_response = (regions.num_response > 0).cpu()
+        no_context = has_response & ~regions.has_context.cpu()
+        if bool(no_context.any()):
+            self.check_context(int(no_context.sum()))
+            gamma = torch.where(no_context, 1.0, gamma)
+        active = gamma[has_response]
+        return StepPlan(
+            gamma,
+            needs_history=bool((active > 0).any()),
+            needs_attention=bool((active < 1).any()),
+            in_warmup=in_warmup,
+            rel_only_sequences=int(no_context.sum()),
+        )
+
+    def check_context(self, num_without_context: int) -> None:
+        """Sequences without any context have no attention score: by default they are selected by REL alone."""
+
+    def select(self, signals: Signals, regions: Regions, plan: StepPlan):
+        response = regions.sequence_response  # (S, L)
+        rel, attention = (
+            None if values is None else regions.to_sequences(values.float(), 0.0)
+            for values in (signals.rel, signals.attention)
+        )
+        score = combine_scores(rel, attention, response, plan.gamma)  # (S, L)
+        keep = top_k_per_row(score, response, num_to_keep(response, self.ratio))
+        return regions.to_predictions(keep, False), regions.to_predictions(score, 0.0)
+
+
+@register
+class SSToken(ScoredMethod):
+    name = "sstoken"
+    description = "gamma * minmax(REL) + (1 - gamma) * attention to the context"
+    needs_history = True
+
+
+@register
+class RELOnly(ScoredMethod):
+    name = "rel"
+    description = "REL only, gamma = 1 (attention only during the warm-up)"
+    needs_history = True
+    gamma = 1.0
+
+
+@register
+class AttentionOnly(ScoredMethod):
+    name = "attention"
+    description = "attention to the context only, gamma = 0 (no history forward)"
+    gamma = 0.0
+
+    def check_context(self, num_without_context: int) -> None:
+        raise ValueError(
+            f"selection_method='attention' needs a context (prompt) before each response, but "
+            f"{num_without_context} sequence(s) in this batch have none (no label -100 position before their "
+            "first response token), e.g. plain language-modeling text. Use selection_method='sstoken', which "
+            "falls back to REL for such sequences, or a prompt-completion / conversational dataset."
+        )
+
+
+@register
+class RandomSubset(PerSequenceTopK):
+    name = "random"
+    description = "a uniform random subset of the same size"
+    draws_at_random = True
+
+    def select(self, signals: Signals, regions: Regions, plan: StepPlan):
+        keep = select_random(regions.sequence_response, self.ratio, signals.generator)
+        return regions.to_predictions(keep, False), None
+
+
+@register
+class Full(SelectionMethod):
+    name = "full"
+    description = "every response token (plain SFT on the same code path)"
+
+    def select(self, signals: Signals, regions: Regions, plan: StepPlan):
+        return regions.response, None
+
+
+@register
+class Rho1(SelectionMethod):
+    name = "rho1"
+    description = (
+        "baseline: Rho-1's excess loss L_cur - L_ref against reference_model or reference_adapter, top "
+        "selection_ratio of the micro-batch's response tokens"
+    )
+    needs_reference = True
+
+    def kept_count(self, regions: Regions) -> torch.Tensor:  # top-k over the whole micro-batch
+        return num_to_keep(regions.sequence_response.reshape(1, -1), self.ratio).sum()
+
+    def select(self, signals: Signals, regions: Regions, plan: StepPlan):
+        return top_k_per_batch(signals.excess_loss, regions.response, self.ratio), None
+
+
+@register
+class ProFit(SelectionMethod):
+    name = "profit"
+    description = "baseline: tokens whose current probability is at least profit_threshold"
+    kept_count_known = False  # known only after the forward; never used as a denominator
+
+    def select(self, signals: Signals, regions: Regions, plan: StepPlan):
+        return select_by_probability(signals.current_logps, regions.response, self.args.profit_threshold), None
+
+
+@register
+class DFT(Full):
+    name = "dft"
+    description = "baseline: every response token, its NLL weighted by its detached probability"
+
+    def token_weights(self, log_probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return probability_weights(log_probs, keep).to(log_probs.dtype)
+
+
+SELECTION_METHODS = tuple(METHODS)
+REL_METHODS = tuple(name for name, method in METHODS.items() if method.needs_history)
+ATTENTION_METHODS = tuple(name for name, method in METHODS.items() if method.needs_attention)
+REFERENCE_METHODS = tuple(name for name, method in METHODS.items() if method.needs_reference)
+
+
+def warmup_steps(ratio: float, max_steps: int) -> int:
+    """Optimizer steps at the start that select by attention only (REL methods): ceil(ratio * max_steps)."""
+    return math.ceil(round(ratio * max_steps, 6))
+
+
+def step_generator(seed: int, global_step: int, micro_step: int, process_index: int) -> torch.Generator:
+    """The generator of a method that draws at random, seeded by (seed, step, micro-step, process): reproducible and
+    independent of the history."""
+    key = f"{seed}:{global_step}:{micro_step}:{process_index}"
+    return torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:15], 16))
+
+
+def selection_method_help() -> str:
+    """The `selection_method` help: every registered method with its one-line description."""
+    return (
+        "How response tokens are chosen. "
+        + "; ".join(f"'{name}': {method.description}" for name, method in METHODS.items())
+        + "."
+    )

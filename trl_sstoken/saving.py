@@ -1,0 +1,91 @@
+"""Saving and resuming an `SSTokenTrainer` run: the bodies of its `Trainer` overrides.
+
+- checkpoints are written by the crash-safe protocol of `checkpoints.py` (a marker recording every file and the
+  ssToken settings, written before any older checkpoint is deleted) and keep the history's own state, so a resumed
+  run selects exactly as an uninterrupted one; resuming verifies the checkpoint first, and
+  `resume_from_checkpoint=True` takes the last one that verifies;
+- the final artefact holds only what a user ships: the trained adapter (or model), the tokenizer, and a model card
+  with an ssToken section that records the method and its settings (`config_reference.py`).
+"""
+
+import os
+import shutil
+
+from .checkpoints import adapters_loaded_in_place, checkpoint_settings, resolve_resume
+from .checkpoints import save_checkpoint as _save_checkpoint_safely
+from .config_reference import add_to_model_card
+from .history import is_peft_model
+
+
+def save_checkpoint(trainer, write, trial) -> None:
+    """`SSTokenTrainer._save_checkpoint`; `write` is `Trainer._save_checkpoint` bound to the trainer and its arguments."""
+    _save_checkpoint_safely(trainer, write, trial)
+
+
+def resolve_resume_checkpoint(trainer, resume_from_checkpoint):
+    """The verified checkpoint to resume from, or None: `True` (or "true") -> the last checkpoint of `output_dir`
+    that verifies; a path must verify; the ssToken settings must be the checkpoint's (`checkpoints.resolve_resume`)."""
+    return resolve_resume(resume_from_checkpoint, trainer.args.output_dir, checkpoint_settings(trainer.args))
+
+
+def load_checkpoint(trainer, load, resume_from_checkpoint: str, model=None) -> None:
+    """`SSTokenTrainer._load_from_checkpoint`; `load` is `Trainer._load_from_checkpoint` bound to the trainer. The
+    adapters are loaded into their existing parameters in their own dtype (`checkpoints.adapters_loaded_in_place`),
+    then the history's own state."""
+    with adapters_loaded_in_place(trainer.accelerator.unwrap_model(model if model is not None else trainer.model)):
+        load(resume_from_checkpoint, model)
+    if trainer._history is not None:
+        trainer._history.load_checkpoint(resume_from_checkpoint)
+
+
+def add_sstoken_section_to_card(trainer) -> None:
+    """After TRL's `create_model_card`: add the ssToken section to the card it wrote into `args.output_dir`."""
+    path = os.path.join(trainer.args.output_dir, "README.md")
+    if trainer.is_world_process_zero() and os.path.isfile(path):
+        with open(path, encoding="utf-8") as file:
+            card = file.read()
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(add_to_model_card(card, trainer.args))
+
+
+def save_model(trainer, save, output_dir: str | None, _internal_call: bool) -> None:
+    """`SSTokenTrainer.save_model`; `save` is `Trainer.save_model` bound to the trainer.
+
+    Checkpoints (`_internal_call`) keep the history (exact resume). The final artefact holds only the trained adapter
+    (not the history adapter, not a Rho-1 reference adapter) or model, the tokenizer and the model card.
+    """
+    if _internal_call:
+        save(output_dir, _internal_call)
+        if trainer._history is not None and trainer.args.should_save:
+            trainer._history.save_checkpoint(output_dir or trainer.args.output_dir)
+        return
+    output_dir = output_dir or trainer.args.output_dir
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    if is_peft_model(peft_model) and len(peft_model.peft_config) > 1:
+        peft_model.save_pretrained = _with_selected_adapters(peft_model.save_pretrained, [peft_model.active_adapter])
+        try:
+            save(output_dir, _internal_call)
+        finally:
+            del peft_model.save_pretrained
+    else:
+        save(output_dir, _internal_call)
+    _write_model_card(trainer, output_dir)
+
+
+def _write_model_card(trainer, output_dir: str) -> None:
+    """TRL writes its card into `args.output_dir`; the saved artefact gets that card, with the ssToken section."""
+    if not trainer.is_world_process_zero():
+        return
+    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
+    card = os.path.join(trainer.args.output_dir, "README.md")
+    target = os.path.join(output_dir, "README.md")
+    if os.path.isfile(card) and os.path.abspath(card) != os.path.abspath(target):
+        shutil.copyfile(card, target)
+
+
+def _with_selected_adapters(save_pretrained, adapters):
+    def save_only(*args, **kwargs):
+        kwargs.setdefault("selected_adapters", adapters)
+        return save_pretrained(*args, **kwargs)
+
+    return save_only
