@@ -59,9 +59,9 @@ def model_dir(request):
     return request.getfixturevalue(f"{request.param}_dir")
 
 
-def load(model_dir, quantization=None):
+def load(model_dir, quantization=None, dtype=torch.bfloat16):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    kwargs = dict(dtype=torch.bfloat16)
+    kwargs = dict(dtype=dtype)
     if quantization is not None:
         kwargs = dict(quantization_config=quantization, device_map="cpu", dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs), tokenizer
@@ -72,9 +72,13 @@ def prompt_completion(rows=QUICKSTART_ROWS, count=16):
 
 
 def conversational(count=16):
+    """TRL's conversational prompt-completion format: the completion alone is trained on (completion_only_loss)."""
     return Dataset.from_list(
         [
-            {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
             for r in QUICKSTART_ROWS[:count]
         ]
     )
@@ -85,8 +89,17 @@ def with_template(tokenizer, name):
     return tokenizer
 
 
-def real_trainer(tmp_path, model_dir, dataset=None, quantization=None, tokenizer_setup=None, lora=None, **overrides):
-    model, tokenizer = load(model_dir, quantization)
+def real_trainer(
+    tmp_path,
+    model_dir,
+    dataset=None,
+    quantization=None,
+    tokenizer_setup=None,
+    lora=None,
+    dtype=torch.bfloat16,
+    **overrides,
+):
+    model, tokenizer = load(model_dir, quantization, dtype)
     if tokenizer_setup is not None:
         tokenizer = tokenizer_setup(tokenizer)
     settings = dict(
@@ -148,21 +161,15 @@ def test_lora_training_with_every_history_mode(tmp_path, model_dir, history):
 
 @pytest.mark.parametrize("model_dir", MODELS, indirect=True)
 def test_cached_history_matches_the_on_the_fly_history(tmp_path, model_dir):
-    """The cache comes from other batch shapes (its own batch size, no grad, eval mode), so bf16 log-probs may differ
-    in their last bits: equal within 0.05 nats, and the same tokens selected except where two scores are that close."""
-    tolerance = 0.05
+    """The cache comes from other batch shapes (its own batch size and padding, no grad, eval mode), so its
+    log-probs are not bit-equal to the on-the-fly ones. In float32 they agree within 2e-3 nats, and the same tokens
+    are selected except where two REL values of a sequence are that close. (In bf16 the same comparison measured up
+    to 0.08 nats on SmolLM2 and 0.29 on gemma: docs/real-models.md.)"""
+    tolerance = 2e-3
     dataset = prompt_completion(count=12)
-    on_the_fly = real_trainer(
-        tmp_path / "a", model_dir, dataset, selection_method="rel", per_device_train_batch_size=6
-    )
-    cached = real_trainer(
-        tmp_path / "b",
-        model_dir,
-        dataset,
-        selection_method="rel",
-        per_device_train_batch_size=6,
-        history_cache_dir=str(tmp_path / "cache"),
-    )
+    settings = dict(selection_method="rel", per_device_train_batch_size=6, dtype=torch.float32)
+    on_the_fly = real_trainer(tmp_path / "a", model_dir, dataset, **settings)
+    cached = real_trainer(tmp_path / "b", model_dir, dataset, history_cache_dir=str(tmp_path / "cache"), **settings)
     for trainer in (on_the_fly, cached):  # the adapter moves the current model away from the base
         with torch.no_grad():
             for name, param in trainer.model.named_parameters():
@@ -310,6 +317,7 @@ def test_multi_turn_context_attention_in_a_training_batch(tmp_path, request, nam
         max_length=128,
         selection_method="attention",
         per_device_train_batch_size=2,
+        dtype=torch.float32,
     )
     batch = next(iter(trainer.get_train_dataloader()))
     selection = trainer.preview_selection(batch)
@@ -324,9 +332,7 @@ def test_multi_turn_context_attention_in_a_training_batch(tmp_path, request, nam
     with trainer.model.disable_adapter():  # the adapter starts at zero: the reference model is the base
         expected = float64_reference(base.float(), -1, batch["input_ids"], attention_mask, context)
     response = selection.regions.response
-    torch.testing.assert_close(
-        selection.attention[response].double(), expected[:, 1:][response], atol=5e-3, rtol=0
-    )  # the trainer's forward runs in bf16 here, the reference in float64
+    torch.testing.assert_close(selection.attention[response].double(), expected[:, 1:][response], atol=2e-4, rtol=0)
 
 
 # ----- data shapes through real chat templates -----
@@ -512,3 +518,14 @@ def test_cli_train_on_a_real_model_folder(tmp_path, smollm2_dir):
     assert (out / "adapter_model.safetensors").is_file()
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert set(adapter_config["target_modules"]) == {"q_proj", "v_proj"}
+
+
+def test_messages_without_assistant_only_loss_have_no_context_and_say_so(tmp_path, smollm2_dir):
+    """TRL trains a `messages` dataset on every token unless assistant_only_loss=True: no token is context, so the
+    attention score is undefined and ssToken selects by REL, saying so once and counting it."""
+    dataset = Dataset.from_list([{"messages": chat[:2]} for chat in CHATS[:4]])
+    trainer = real_trainer(tmp_path, smollm2_dir, dataset, max_steps=1, max_length=64)
+    with pytest.warns(UserWarning, match="no context"):
+        trainer.train()
+    (entry,) = selection_logs(trainer)
+    assert entry["sstoken/no_context_sequences"] == 4 and "sstoken/rel_mean" in entry

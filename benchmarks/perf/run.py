@@ -22,7 +22,6 @@ Variants:
 """
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -40,189 +39,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from datasets import Dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
-from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
+from benchmarks.perf.harness import (  # noqa: E402
+    SCALES,
+    VARIANTS,
+    AttentionTimer,
+    Runner,
+    build_trainer,
+    llama_config,
+    prepare_history_cache,
+    sync,
+    synthetic_data,
+)
 from trl_sstoken.tiny import build_tiny_tokenizer  # noqa: E402
 
 
-VARIANTS = ("sft", "floor", "attention", "base", "base-cached", "lagged", "ema")
-SCALES = {
-    "toy": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab=200,
-    ),  # for the smoke test only
-    # big enough on 2 CPU cores that the matrix products dominate, small enough for a few minutes
-    "cpu": dict(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab=4000,
-    ),
-    "llama-3.2-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab=128256,
-    ),
-    "llama-3.1-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab=128256,
-    ),
-}
-
-
-class FloorTrainer(SFTTrainer):
-    """Plain SFT plus one no-grad forward of the base model per micro-batch: an on-the-fly history's floor."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.model.training:
-            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                model(**{**inputs, "use_cache": False}, fused_lm_head=True)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-
-def synthetic_data(vocab_words: int, seq_len: int, examples: int, seed: int = 0):
-    """Fixed-length prompt-completion pairs of random words: 3/4 prompt, 1/4 completion, no padding noise."""
-    import random
-
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(vocab_words)]
-    prompt_len, completion_len = (seq_len * 3) // 4, seq_len - (seq_len * 3) // 4 - 1  # -1: TRL appends EOS
-    rows = [
-        {
-            "prompt": " ".join(rng.choices(words, k=prompt_len)),
-            "completion": " " + " ".join(rng.choices(words, k=completion_len)),
-        }
-        for _ in range(examples)
-    ]
-    return rows, words
-
-
 def build(variant, args, tokenizer, rows, cache_dir, output_dir):
-    shape = SCALES[args.scale]
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=shape["num_hidden_layers"],
-        num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_key_value_heads"],
-        max_position_embeddings=max(4096, args.seq_len),
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
+    config = llama_config(SCALES[args.scale], tokenizer, max_positions=max(4096, args.seq_len))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = LlamaForCausalLM(config).to(dtype=dtype, device=args.device)
-    common = dict(
+    return build_trainer(
+        variant,
+        model,
+        tokenizer,
+        rows,
         output_dir=output_dir,
-        max_steps=args.warmup + args.steps,
-        per_device_train_batch_size=args.batch,
-        gradient_checkpointing=True,
-        learning_rate=1e-4,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
-        max_length=args.seq_len,
-        bf16=args.device == "cuda",
-        use_cpu=args.device == "cpu",
-        seed=0,
-        dataloader_num_workers=0,
+        cache_dir=cache_dir,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        steps=args.warmup + args.steps,
+        device=args.device,
     )
-    peft = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-    dataset = Dataset.from_list(rows)
-    if variant in ("sft", "floor"):
-        trainer_class = SFTTrainer if variant == "sft" else FloorTrainer
-        return trainer_class(
-            model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer, peft_config=peft
-        )
-    selection = dict(attention_warmup_ratio=0.0)
-    selection.update(
-        {
-            "attention": dict(selection_method="attention"),
-            "base": dict(history="base"),
-            "base-cached": dict(history="base", history_cache_dir=cache_dir, history_cache_batch_size=2 * args.batch),
-            "lagged": dict(history="lagged", history_update_steps=50),
-            "ema": dict(history="ema", history_update_steps=1, history_ema_alpha=0.98),
-        }[variant]
-    )
-    return SSTokenTrainer(
-        model=model,
-        args=SSTokenConfig(**common, **selection),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft,
-    )
-
-
-class Runner:
-    """Runs one optimizer step at a time of a trainer, as its training loop would (GA = 1)."""
-
-    def __init__(self, name, trainer, device):
-        self.name, self.trainer, self.device = name, trainer, device
-        total = trainer.args.max_steps
-        trainer.create_optimizer_and_scheduler(num_training_steps=total)
-        trainer.state.max_steps = total
-        trainer.model.train()
-        self.batches = itertools.cycle(trainer.get_train_dataloader())
-        self.times, self.attention_times = [], []
-        self._attention_seconds = 0.0
-        attention = getattr(trainer, "_attention", None)
-        if attention is not None:  # time the statistic inside the forward
-            record = attention.record
-
-            def timed_record(*args):
-                if attention._armed is None:  # not the armed forward: nothing is computed
-                    return record(*args)
-                sync(device)
-                start = time.perf_counter()
-                record(*args)
-                sync(device)
-                self._attention_seconds += time.perf_counter() - start
-
-            attention.record = timed_record
-
-    def step(self):
-        trainer = self.trainer
-        self._attention_seconds = 0.0
-        samples, num_items = trainer.get_batch_samples(iter([next(self.batches)]), 1, trainer.args.device)
-        inputs = samples[0]
-        sync(self.device)
-        start = time.perf_counter()
-        trainer.training_step(trainer.model, inputs, num_items)
-        trainer.optimizer.step()
-        trainer.lr_scheduler.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.state.global_step += 1
-        history = getattr(trainer, "_history", None)
-        if history is not None:
-            history.on_optimizer_step(trainer.state.global_step)
-        sync(self.device)
-        self.times.append(time.perf_counter() - start)
-        self.attention_times.append(self._attention_seconds)
-        return int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def current_rss_bytes():
@@ -302,8 +151,7 @@ def memory_only(args):
         runner = Runner(
             args.memory_of, build(args.memory_of, args, tokenizer, rows, os.path.join(tmp, "cache"), tmp), args.device
         )
-        if args.memory_of == "base-cached":
-            runner.trainer._prepare_history_cache()
+        prepare_history_cache(runner.trainer)
         runner.step()  # the first step allocates the optimizer state: count it in the baseline of every variant
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -344,18 +192,20 @@ def main():
         return finish(results, args, args.memory_into[: -len(".json")])
 
     rows, tokenizer = setup(args)
+    timer = AttentionTimer(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         runners = []
         caching = None
         for variant in args.variants:
             trainer = build(variant, args, tokenizer, rows, os.path.join(tmp, "cache"), os.path.join(tmp, variant))
-            runner = Runner(variant, trainer, args.device)
+            runner = Runner(variant, trainer, args.device, attention_timer=timer)
             if variant == "base-cached":
                 sync(args.device)
                 start = time.perf_counter()
-                trainer._prepare_history_cache()
+                prepared = prepare_history_cache(trainer)
                 sync(args.device)
                 seconds = time.perf_counter() - start
+            if variant == "base-cached" and prepared:
                 caching = {
                     "seconds": seconds,
                     "tokens": len(rows) * args.seq_len,
