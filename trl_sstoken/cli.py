@@ -201,10 +201,15 @@ def run_train(script_args, training_args, model_args, dataset_args, loading_args
     """`trl sft` with `SSTokenTrainer`: load, train, save the adapter (or model) and a model card."""
     from trl import get_quantization_config
 
+    from .checkpoints import checkpoint_settings, resolve_resume
     from .loading import load_sft_datasets, load_tokenizer, pick_split
     from .trainer import SSTokenTrainer
 
     _require_model(model_args)
+    # --resume_from_checkpoint arrives as a string: "true"/"false" or a path, checked before anything is loaded
+    resume = resolve_resume(
+        training_args.resume_from_checkpoint, training_args.output_dir, checkpoint_settings(training_args)
+    )
     training_args.model_init_kwargs = {
         **_model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),
@@ -235,7 +240,7 @@ def run_train(script_args, training_args, model_args, dataset_args, loading_args
         peft_config=peft_config_from(model_args),
     )
     print(f"{PROG} train: {describe_history(trainer)}")
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.print("Training completed.")
     trainer.save_model(training_args.output_dir)
     dataset_name = (
