@@ -156,6 +156,20 @@ def jsonl_file(tmp_path_factory):
     return path
 
 
+def chromium_or_skip():
+    """Chromium's path. Without one the test is skipped, except with CI=true (set by .ci/run), where it fails: CI
+    installs Chromium, so a missing browser there is a broken setup, not a reason to test less."""
+    from tools.report_screenshot import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        message = "no Chromium on this machine (apt-get install chromium); see docs/selection-report.md"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{message}; CI=true, so the browser tests must run")
+        pytest.skip(message)
+    return path
+
+
 def _real_model_dir(name):
     """A real pretrained model folder (trl_sstoken.real_models). Missing is a failure unless skipped on purpose."""
     from trl_sstoken.real_models import SKIP_ENV, real_model_path

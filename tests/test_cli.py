@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -401,7 +403,6 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
             "2",
             "--history_update_steps",
             "2",
-            "--use_cpu",
         ]
     )
     assert status == 0
@@ -419,7 +420,6 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     arguments = command.split("trl-sstoken ", 1)[1].split() + [
         "--num_examples",
         "2",
-        "--use_cpu",
         "--report_path",
         str(tmp_path / "again.html"),
     ]
@@ -461,3 +461,124 @@ def test_shipped_configs_parse(config):
     assert model_args.model_name_or_path and script_args.dataset_name
     assert training_args.selection_method in ("sstoken", "full") and model_args.use_peft
     assert training_args.assistant_only_loss  # the shipped configs use conversational data
+
+
+# ----- a machine without a GPU, noise, YAML errors, docs commands -----
+
+
+def docs_commands(path, program="trl-sstoken inspect", substitute=None):
+    """The shell commands of a docs page's bash blocks that start with `program` (continuation lines joined), with the
+    `substitute` replacements made."""
+    text = (REPO / path).read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = command.split("  #", 1)[0].strip()
+            for placeholder, value in (substitute or {}).items():
+                command = command.replace(placeholder, value)
+            if command.startswith(program):
+                commands.append(shlex.split(command)[1:])
+    return commands
+
+
+@pytest.mark.parametrize("bf16_cpu", [False, True])
+def test_without_a_gpu_the_cli_chooses_cpu_and_precision_unless_set(monkeypatch, tmp_path, bf16_cpu):
+    monkeypatch.setattr(cli, "has_accelerator", lambda: False)
+    monkeypatch.setattr(cli, "cpu_supports_bf16", lambda: bf16_cpu)
+
+    def parse(command, args):
+        parser = cli.make_parser(command)
+        chosen = cli.choose_device_defaults(parser, command, cli.explicit_settings(args))
+        return chosen, cli.parse_command_args(parser, args)[1]
+
+    chosen, args = parse("inspect", ["--model_name_or_path", "m", "--dataset_name", "d"])
+    assert chosen == {"use_cpu": True, "bf16": bf16_cpu, "dataloader_pin_memory": False}
+    assert args.use_cpu and args.bf16 == bf16_cpu and not args.dataloader_pin_memory
+    note = cli._device_note("inspect", args, chosen)
+    assert note.startswith("trl-sstoken inspect: no GPU found: running on the CPU in ")
+    assert (
+        "bf16 mixed precision (this CPU has native bf16)" if bf16_cpu else "float32 (this CPU has no native bf16)"
+    ) in note
+    # what the user set, on the command line (any spelling) or in the YAML, stands
+    chosen, args = parse("train", ["--model_name_or_path", "m", "--bf16=false", "--dataloader-pin-memory", "true"])
+    assert chosen == {"use_cpu": True} and not args.bf16
+    config = write_yaml(tmp_path / "run.yaml", {"model_name_or_path": "m", "use_cpu": False, "bf16": False})
+    chosen, args = parse("train", ["--config", str(config)])
+    assert "use_cpu" not in chosen and "bf16" not in chosen and not args.use_cpu
+    # the tiny demo keeps float32; a real model gets the CPU's precision
+    assert "bf16" not in parse("demo", [])[0] and not parse("demo", [])[1].bf16
+    assert parse("demo", ["--model_name_or_path", "m"])[1].bf16 == bf16_cpu
+    # with a GPU, TRL's defaults stand
+    monkeypatch.setattr(cli, "has_accelerator", lambda: True)
+    assert cli.choose_device_defaults(cli.make_parser("train"), "train", set()) == {}
+
+
+def test_the_docs_inspect_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """docs/quickstart.md's inspect of the demo, as written after the demo (no --use_cpu: the CLI chooses); its
+    inspect of a hub model and docs/cli.md's parse (they need the hub)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--max_steps", "2", "--num_report_examples", "2"]) == 0
+    printed = capsys.readouterr().out
+    data = next(line for line in printed.splitlines() if line.startswith("Inspect it again:")).rsplit(" ", 1)[1]
+    local, hub = docs_commands("docs/quickstart.md", substitute={"<path printed by the demo>/quickstart.jsonl": data})
+    assert data in local
+    assert cli.main(local) == 0
+    assert (tmp_path / "sstoken_report.html").exists()
+    for arguments in (hub, *docs_commands("docs/cli.md")):
+        if "MODEL" in arguments:  # the synopsis
+            continue
+        parser = cli.make_parser("inspect")
+        cli.choose_device_defaults(parser, "inspect", cli.explicit_settings(arguments[1:]))
+        cli.parse_command_args(parser, arguments[1:])
+
+
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: m\nselection_ratio: [0.5\nhistory: base\n")
+    assert cli.main(["train", "--config", str(config)]) == 2
+    error = capsys.readouterr().err.splitlines()[0]
+    assert error.startswith(f"trl-sstoken train: error: --config {config}:3:8: not valid YAML: ")
+    assert "Traceback" not in error
+
+
+def test_train_without_peft_says_it_copies_the_model(tmp_path, tiny_model_dir, jsonl_file, capsys):
+    settings = train_settings(tiny_model_dir, jsonl_file, tmp_path / "out", max_steps=1, save_strategy="no")
+    del settings["use_peft"]
+    assert cli.main(["train", "--config", str(write_yaml(tmp_path / "full.yaml", settings))]) == 0
+    printed = capsys.readouterr().out
+    assert "trl-sstoken train: history: a lagged copy of the whole model (" in printed
+    assert "full fine-tuning, because --use_peft is not set" in printed
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"on the local dataset `{jsonl_file}`" in card and "None" not in card
+
+
+def test_the_console_script_filters_other_libraries_noise_only(tmp_path):
+    """`trl-sstoken` (entry_point) drops bitsandbytes' kernels notice and transformers' gradient_checkpointing
+    deprecations; importing the library does not (filters are the CLI's, not global)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    script = "import sys; from trl_sstoken.cli import entry_point; sys.argv[0] = 'trl-sstoken'; entry_point()"
+    arguments = ["demo", "--output_dir", str(tmp_path / "demo"), "--max_steps", "1", "--num_report_examples", "1"]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *arguments], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gemm_4bit_forward" not in result.stderr and "gradient_checkpointing` is deprecated" not in result.stderr
+    assert "Selection report:" in result.stdout
+    if not cli.has_accelerator():
+        assert "no GPU found: running on the CPU in float32" in result.stdout
+    library = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "default",
+            "-c",
+            "import trl_sstoken; from trl import SFTConfig; SFTConfig('o', use_cpu=True)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert "gradient_checkpointing` is deprecated" in library.stderr
+    if cli.cpu_supports_bf16():  # bitsandbytes tries the optional kernels only on such CPUs
+        assert "gemm_4bit_forward" in library.stderr

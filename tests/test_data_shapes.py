@@ -209,18 +209,84 @@ def test_trl_packing_trains_with_per_sequence_selection(make_trainer, strategy):
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history if "loss" in e)
 
 
+# Cached and on-the-fly history log-probs are the same numbers computed in differently shaped batches: the cache pass
+# packs 2 x per_device_train_batch_size examples into one padding-free row, a training step packs
+# per_device_train_batch_size. Measured on this project's machines (Intel, AVX-512 + AMX, torch 2.13 CPU build): they
+# differ by up to 4.8e-7 (a float32 ulp or two at these magnitudes). The cause is CPU sdpa: the same sequences packed
+# 1 vs 16 to a row give different log-probs with sdpa and bit-equal ones with eager attention, and the thread count
+# (1 or 2), disabling mkldnn and ONEDNN_MAX_CPU_ISA=AVX2 change nothing; ATEN_CPU_CAPABILITY=avx2 (other vectorised
+# kernels) only moves the differences to other tokens. Top-k may then keep either of two tokens whose REL lie closer
+# than that, so bit-equal selections depend on the CPU; a training run that flips one token then diverges.
+CACHE_TOLERANCE = 1e-5
+
+
+def compare_cached_with_on_the_fly(trainer, batches=3):
+    """Checks, on padding-free training batches, that the cached history log-probs match a history forward on the
+    same batch within CACHE_TOLERANCE and that the two selections agree except on near-ties (tokens whose REL is
+    within 2 * CACHE_TOLERANCE of the keep boundary of their sequence). Returns (largest difference, ties flipped)."""
+    from itertools import islice
+
+    from trl_sstoken.collator import pop_example_index
+    from trl_sstoken.methods import Signals
+    from trl_sstoken.scoring import retrospective_excess_loss
+
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    worst, flipped = 0.0, 0
+    for batch in islice(iter(trainer.get_train_dataloader()), batches):
+        inputs = trainer._prepare_inputs(batch)
+        fields = pop_example_index(inputs)
+        regions = regions_from_batch({**inputs, **fields})
+        assert inputs["input_ids"].shape[0] == 1 and regions.layout is not None  # padding-free: one packed row
+        with torch.no_grad():
+            cached = trainer._history.log_probs(model, inputs, fields)
+            on_the_fly = trainer._history.source.log_probs(model, inputs)
+            current = model(**inputs, fused_lm_head=True).log_probs.float()
+        difference = (cached - on_the_fly)[regions.response].abs().max().item()
+        assert difference <= CACHE_TOLERANCE, f"cached history log-probs differ by {difference:.3g}"
+        worst = max(worst, difference)
+        plan = trainer._plan_step(regions)
+        layout = regions.layout
+        kept_cached, kept_on_the_fly, response = (
+            layout.predictions_to_sequences(mask, False)
+            for mask in (
+                trainer._select(Signals(current, rel=retrospective_excess_loss(current, cached)), regions, plan).keep,
+                trainer._select(
+                    Signals(current, rel=retrospective_excess_loss(current, on_the_fly)), regions, plan
+                ).keep,
+                regions.response,
+            )
+        )
+        rel = layout.predictions_to_sequences(current - on_the_fly, 0.0)
+        for row in range(rel.shape[0]):
+            differ = (kept_cached[row] != kept_on_the_fly[row]).nonzero().flatten().tolist()
+            if not differ:
+                continue
+            k = int(kept_on_the_fly[row].sum())
+            ranked = rel[row][response[row]].sort(descending=True).values
+            boundary = ranked[max(k - 1, 0) : k + 1]
+            for position in differ:
+                gap = (boundary - rel[row, position]).abs().min().item()
+                assert gap <= 2 * CACHE_TOLERANCE, (
+                    f"token {position} of sequence {row} flipped {gap:.3g} from the boundary"
+                )
+            flipped += len(differ)
+    return worst, flipped
+
+
 def test_cached_history_with_padding_free_batches(make_trainer, tmp_path):
     settings = dict(
         selection_method="rel", attention_warmup_ratio=0.0, padding_free=True, max_length=None, max_steps=3
     )
-    on_the_fly = make_trainer(**settings)
-    from conftest import record_selections
-
-    expected = record_selections(on_the_fly)
-    on_the_fly.train()
-    cached = make_trainer(history_cache_dir=str(tmp_path / "cache"), **settings)
-    got = record_selections(cached)
-    cached.train()
-    assert len(got) == len(expected) == 3
-    for (_, keep), (_, expected_keep) in zip(got, expected, strict=True):
-        assert torch.equal(keep, expected_keep)
+    trainer = make_trainer(history_cache_dir=str(tmp_path / "cache"), **settings)
+    randomize_adapter(trainer.model, scale=0.05)  # REL away from 0, as after some training
+    trainer._prepare_history_cache()
+    worst, flipped = compare_cached_with_on_the_fly(trainer)
+    assert worst <= CACHE_TOLERANCE and flipped <= 4
+    # the comparison can fail: a cache off by 1e-3 on some tokens is caught
+    trainer._history.values[::5] += 1e-3
+    with pytest.raises(AssertionError, match="cached history log-probs differ"):
+        compare_cached_with_on_the_fly(trainer)
+    # and the cached run trains
+    trainer._history.values[::5] -= 1e-3
+    trainer.train()
+    assert trainer.state.global_step == 3

@@ -74,7 +74,9 @@ def test_model_card_records_the_method_and_every_setting(make_trainer, tmp_path)
     assert "This model was trained with ssToken" in card and "2510.18250" in card  # TRL's part: the method
     section = card.split("## ssToken token selection", 1)[1].split("\n## ", 1)[0]
     for field in sstoken_fields():
-        assert f"| `{field.name}` | `{getattr(trainer.args, field.name)!r}` |" in section
+        value = getattr(trainer.args, field.name)
+        assert f"| `{field.name}` | {'not set' if value is None else f'`{value!r}`'} |" in section
+    assert "None" not in card
     assert "| `selection_ratio` | `0.7` |" in section and "| `history_ema_alpha` | `0.9` |" in section
     assert card.index("## ssToken token selection") < card.index("## Citations")
     # writing it again replaces the section instead of adding a second one

@@ -5,12 +5,15 @@ import torch
 from conftest import record_selections
 
 
-CASES = {
+CASES = {  # the checkpoint is at step 3: not a multiple of history_update_steps=2
+    "base": dict(history="base"),
     "lagged": dict(history="lagged", history_update_steps=2),
     "ema": dict(history="ema", history_update_steps=1, history_ema_alpha=0.7),
+    "ema-every-2": dict(history="ema", history_update_steps=2, history_ema_alpha=0.7),
     "random": dict(selection_method="random"),
     "cached-base": dict(history="base", history_cache_dir="CACHE"),
     "full-fine-tuning-ema": dict(history="ema", history_update_steps=1, peft=False, learning_rate=1e-3),
+    "full-fine-tuning-lagged": dict(history="lagged", history_update_steps=2, peft=False, learning_rate=1e-3),
 }
 
 

@@ -28,6 +28,7 @@ from datasets import Dataset
 
 import trl_sstoken
 from trl_sstoken import SSTokenTrainer
+from trl_sstoken.checkpoints import CHECKPOINT_MARKER, CheckpointError, mark_checkpoint_complete
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.tiny import build_tiny_model
 
@@ -323,9 +324,18 @@ def test_resuming_from_a_poisoned_checkpoint_fails_without_running_the_payload(
     if target.suffix == ".bin":
         (target.parent / "adapter_model.safetensors").unlink()
     write_payload(target, marker)
+    with pytest.raises(CheckpointError, match="Resume from another checkpoint"):  # the marker no longer matches
+        resume(tmp_path, tokenizer, copy)
+    remark(copy)  # a checkpoint handed over whole, its marker made to match: the loaders must still refuse
     with pytest.raises(pickle.UnpicklingError, match="(?i)weights.only"):
         resume(tmp_path, tokenizer, copy)
     assert not marker.exists()
+
+
+def remark(checkpoint_dir):
+    """Records the checkpoint's current files in its marker, as whoever prepared a poisoned checkpoint would."""
+    recorded = json.loads((checkpoint_dir / CHECKPOINT_MARKER).read_text())
+    mark_checkpoint_complete(str(checkpoint_dir), recorded["global_step"], recorded["settings"])
 
 
 def test_resuming_never_reads_the_pickled_training_args(tmp_path, tokenizer, checkpoint):
@@ -334,6 +344,7 @@ def test_resuming_never_reads_the_pickled_training_args(tmp_path, tokenizer, che
     shutil.copytree(checkpoint, copy)
     marker = tmp_path / "payload ran"
     write_payload(copy / "training_args.bin", marker)
+    remark(copy)
     trainer = resume(tmp_path, tokenizer, copy)
     assert trainer.state.global_step == 3
     assert not marker.exists()

@@ -1,6 +1,5 @@
 """visualize.py: lining prediction space up with tokens, summaries, escaping, and a page a browser renders."""
 
-import shutil
 import subprocess
 import xml.etree.ElementTree as ElementTree
 from html.parser import HTMLParser
@@ -176,17 +175,17 @@ def test_score_colour_darkens_with_score():
     assert score_color(-3.0) == score_color(0.0) and score_color(7.0) == score_color(1.0)
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium); see docs/cli.md")
 def test_a_real_browser_renders_the_page(tmp_path):
     """Headless Chromium parses the page into the same token spans and draws it (a non-blank screenshot)."""
+    from conftest import chromium_or_skip
+    from tools.report_screenshot import CHROMIUM_FLAGS
+
+    chromium = chromium_or_skip()
     texts, valid, response, keep, score, rel, attention = hand_batch()
     examples = examples_from_selection(texts, valid, response, keep, score, rel, attention)
     page = tmp_path / "report.html"
     page.write_text(render_html(examples, summarize(examples)), encoding="utf-8")
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    flags = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert [s["data-kept"] for s in parse_spans(dom) if "data-kept" in s] == ["1", "0", "1", "0", "1"]
     shot = tmp_path / "shot.png"

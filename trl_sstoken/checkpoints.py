@@ -1,37 +1,464 @@
-"""Checkpoints that a crash can interrupt: a completion marker, and resuming from the last complete checkpoint.
+"""Checkpoints that survive a crash at any point, and a resume that loads only what verifies.
 
-`Trainer` writes `checkpoint-N/` in place, file after file; a process killed in the middle leaves a folder that
-looks like a checkpoint but lacks its optimizer or trainer state. `SSTokenTrainer` writes a marker file after
-everything else, and only a checkpoint with the marker is ever resumed from.
+`Trainer` writes `checkpoint-N/` in place, file after file, and then deletes older checkpoints
+(`save_total_limit`). A process killed in the middle can leave a folder that looks like a checkpoint but lacks
+files, or, during the deletion, an older checkpoint with only some of its files. `SSTokenTrainer` saves by this
+protocol (`save_checkpoint`):
+
+1. a stale `checkpoint-N/` (left by an interrupted or abandoned run) is moved aside and deleted, then the folder is
+   created with a `sstoken_checkpoint_writing` sentinel: a folder with it and no marker was interrupted;
+2. `Trainer` writes everything, with its own rotation held back;
+3. every file is flushed to disk, and the marker `sstoken_checkpoint_complete.json` is written atomically (temporary
+   file, fsync, rename). It records each file's size (and SHA-256 for files up to `HASH_MAX_BYTES`) and the ssToken
+   settings the run was made with; then the sentinel is removed;
+4. only then are older checkpoints deleted: each is first renamed to a hidden `.sstoken-deleting-*` folder (one
+   atomic step), then removed. The checkpoint just marked and the best one are never deleted.
+
+Resuming (`resolve_resume`) verifies a checkpoint against its marker (every recorded file present with its size and
+hash) and the run's settings against the recorded ones, and refuses, naming the file or the setting and what to do,
+instead of loading something partial. `resume_from_checkpoint=True` (or the CLI's `"true"`) takes the newest
+checkpoint that verifies.
 """
 
+import functools
+import hashlib
+import json
 import os
 import re
+import shutil
+import uuid
 import warnings
+from contextlib import contextmanager
 
 
 CHECKPOINT_MARKER = "sstoken_checkpoint_complete.json"
+WRITING_SENTINEL = "sstoken_checkpoint_writing"
+MARKER_FORMAT = "trl_sstoken.checkpoint/2"
+HASH_MAX_BYTES = 256 * 2**20  # larger files (a full model, its optimizer state) are checked by size only
+TRASH_PREFIX = ".sstoken-deleting-"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0", "none", "")
+
+# The SSTokenConfig fields that decide what is selected and what state a checkpoint holds: a resume with any of them
+# changed would continue another experiment from this one's state
+SETTINGS = (
+    "selection_method",
+    "selection_ratio",
+    "selection_gamma",
+    "selection_loss_normalization",
+    "attention_layer",
+    "attention_warmup_ratio",
+    "allow_rel_fallback",
+    "history",
+    "history_update_steps",
+    "history_ema_alpha",
+    "profit_threshold",
+    "reference_model",
+    "reference_adapter",
+)
 
 
-def mark_checkpoint_complete(checkpoint: str, global_step: int) -> None:
-    with open(os.path.join(checkpoint, CHECKPOINT_MARKER), "w") as handle:
-        handle.write(f'{{"global_step": {global_step}}}\n')
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: missing, interrupted, damaged, or made with other settings."""
 
 
-def is_checkpoint_complete(checkpoint: str) -> bool:
+def checkpoint_settings(args) -> dict:
+    """The ssToken settings of a run, as recorded in (and compared with) a checkpoint's marker."""
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    settings["history_cached"] = getattr(args, "history_cache_dir", None) is not None
+    return settings
+
+
+# ----- writing -----
+
+
+def save_checkpoint(trainer, write, trial=None) -> str:
+    """Writes `checkpoint-{global_step}` of `trainer` by the protocol above; `write()` is `Trainer._save_checkpoint`."""
+    run_dir = trainer._get_output_dir(trial=trial)
+    checkpoint = os.path.join(run_dir, f"checkpoint-{trainer.state.global_step}")
+    if trainer.args.should_save:
+        begin_checkpoint(checkpoint)
+    trainer.accelerator.wait_for_everyone()  # no process writes into the folder before it is fresh
+    with rotation_deferred():
+        write()
+    trainer.accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
+    if trainer.args.should_save:
+        mark_checkpoint_complete(checkpoint, trainer.state.global_step, checkpoint_settings(trainer.args))
+        rotate_checkpoints(
+            run_dir, trainer.args.save_total_limit, newest=checkpoint, best=trainer.state.best_model_checkpoint
+        )
+    return checkpoint
+
+
+def begin_checkpoint(checkpoint: str) -> None:
+    """A fresh folder for a checkpoint, marked as being written."""
+    if os.path.lexists(checkpoint):
+        delete_checkpoint(checkpoint)
+    os.makedirs(checkpoint)
+    _write_atomically(os.path.join(checkpoint, WRITING_SENTINEL), b"")
+
+
+@contextmanager
+def rotation_deferred():
+    """Holds back the rotation `Trainer._save_checkpoint` runs at its end (`transformers.trainer.rotate_checkpoints`),
+    so that older checkpoints are deleted only after the new one is marked complete."""
+    import transformers.trainer as hf_trainer
+
+    if not hasattr(hf_trainer, "rotate_checkpoints"):
+        raise RuntimeError(
+            "transformers.trainer.rotate_checkpoints is gone (transformers changed how it deletes old checkpoints); "
+            "SSTokenTrainer cannot make its checkpoints crash-safe with this version. Pin transformers as in "
+            "pyproject.toml."
+        )
+    original = hf_trainer.rotate_checkpoints
+    hf_trainer.rotate_checkpoints = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        hf_trainer.rotate_checkpoints = original
+
+
+def mark_checkpoint_complete(checkpoint: str, global_step: int, settings: dict) -> None:
+    """Flushes every file of `checkpoint` to disk, then records them and `settings` in the marker (atomically)."""
+    files = {}
+    for relative in _checkpoint_files(checkpoint):
+        path = os.path.join(checkpoint, relative)
+        files[relative] = _describe(path, fsync=True)
+    for folder in {os.path.dirname(os.path.join(checkpoint, r)) for r in files} | {checkpoint}:
+        _fsync_directory(folder)
+    marker = {"format": MARKER_FORMAT, "global_step": global_step, "settings": settings, "files": files}
+    _write_atomically(os.path.join(checkpoint, CHECKPOINT_MARKER), json.dumps(marker, indent=1).encode())
+    sentinel = os.path.join(checkpoint, WRITING_SENTINEL)
+    if os.path.exists(sentinel):
+        os.remove(sentinel)
+        _fsync_directory(checkpoint)
+
+
+def rotate_checkpoints(run_dir: str, save_total_limit, newest: str, best: str | None = None) -> None:
+    """Deletes what `save_total_limit` no longer keeps, after `newest` was marked complete.
+
+    Counted are the complete checkpoints up to `newest`'s step; the oldest go first; `newest` and `best` are never
+    deleted. Incomplete checkpoint folders older than `newest` (interrupted saves, never resumable) are deleted too,
+    and so are leftovers of an interrupted deletion. Checkpoints of later steps (left by an abandoned run) are
+    not touched: they are replaced when this run reaches their step.
+    """
+    remove_deletion_leftovers(run_dir)
+    if save_total_limit is None or save_total_limit <= 0:
+        return
+    newest_step = checkpoint_step(newest)
+    protected = {os.path.abspath(newest)} | ({os.path.abspath(best)} if best else set())
+    complete, incomplete, kept = [], [], 0
+    for step, path in numbered_checkpoints(run_dir):
+        if step > newest_step:
+            continue
+        if os.path.abspath(path) in protected:
+            kept += 1
+        elif _has_marker(path):
+            complete.append(path)
+        else:
+            incomplete.append(path)
+    for path in incomplete:
+        delete_checkpoint(path)
+    excess = len(complete) + kept - max(save_total_limit, kept)
+    for path in complete[: max(excess, 0)]:  # oldest first
+        delete_checkpoint(path)
+
+
+def delete_checkpoint(checkpoint: str) -> None:
+    """Renames the folder out of the `checkpoint-N` namespace (atomic), then removes it: a crash in between leaves
+    a hidden leftover, never a half-deleted checkpoint."""
+    parent, name = os.path.split(os.path.abspath(checkpoint))
+    trash = os.path.join(parent, f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(checkpoint, trash)
+    except FileNotFoundError:  # another process deleted it first
+        return
+    _fsync_directory(parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_deletion_leftovers(run_dir: str) -> None:
+    if not os.path.isdir(run_dir):
+        return
+    for name in os.listdir(run_dir):
+        if name.startswith(TRASH_PREFIX):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+# ----- resuming -----
+
+
+def parse_resume_argument(value):
+    """`resume_from_checkpoint` as `train()` takes it: True, None (a fresh run) or a path. The strings "true" and
+    "false" (any case; also yes/no/1/0/none, and "" for none), as the command line passes them, are read as such."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return True
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise CheckpointError(
+            f"resume_from_checkpoint must be True, False, None or a checkpoint path; got {value!r} "
+            f"({type(value).__name__})."
+        )
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return None
+    return value
+
+
+def resolve_resume(value, output_dir: str, settings: dict):
+    """The verified checkpoint path to resume from, or None for a fresh run. Raises `CheckpointError` naming the
+    problem and the way forward."""
+    value = parse_resume_argument(value)
+    if value is None:
+        return None
+    if value is True:
+        return last_complete_checkpoint(output_dir, settings)
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise CheckpointError(f"Cannot resume from {value}: {problem}")
+    check_settings(value, settings)
+    return value
+
+
+def last_complete_checkpoint(output_dir: str, settings: dict | None = None) -> str:
+    """The highest-step `checkpoint-N` of `output_dir` that verifies against its marker; others are skipped with a
+    warning that says why. With `settings`, the chosen one must also have been made with them."""
+    if not os.path.isdir(output_dir):
+        raise CheckpointError(
+            f"resume_from_checkpoint=True, but the output directory {output_dir} does not exist, so there is no "
+            "checkpoint to resume from. Start without resume_from_checkpoint, or set output_dir to the run's folder."
+        )
+    skipped = []
+    for _, path in reversed(numbered_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if settings is not None:
+                check_settings(path, settings)
+            return path
+        skipped.append(f"{os.path.basename(path)}: {problem}")
+        warnings.warn(f"Skipping the checkpoint {path}: {problem}", stacklevel=3)
+    found = "; ".join(skipped) if skipped else "there is no checkpoint-N folder"
+    raise CheckpointError(
+        f"No complete checkpoint found in output directory ({output_dir}): {found}. Start without "
+        "resume_from_checkpoint (a fresh run), or pass the path of a checkpoint from elsewhere."
+    )
+
+
+def checkpoint_problem(checkpoint: str) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None if every file its marker records is there, unchanged."""
+    if not os.path.exists(checkpoint):
+        return "the path does not exist. Check for a typo, or pass resume_from_checkpoint=True to take the last complete checkpoint of output_dir."
+    if not os.path.isdir(checkpoint):
+        return "it is a file, not a checkpoint folder."
+    marker_path = os.path.join(checkpoint, CHECKPOINT_MARKER)
+    if not os.path.exists(marker_path):
+        if os.path.exists(os.path.join(checkpoint, WRITING_SENTINEL)):
+            return (
+                f"writing it was interrupted (it has {WRITING_SENTINEL} and no {CHECKPOINT_MARKER}). Resume from an "
+                "earlier checkpoint, or pass resume_from_checkpoint=True to take the last complete one."
+            )
+        if os.path.exists(os.path.join(checkpoint, "trainer_state.json")):
+            return (
+                f"it is not a checkpoint of SSTokenTrainer (it has no {CHECKPOINT_MARKER}): a plain Trainer or "
+                "SFTTrainer checkpoint holds neither the history state nor a record of its files, so it cannot be "
+                "resumed exactly. Start a new run; to start from its weights, load its adapter (or model) first."
+            )
+        return (
+            f"it is not a checkpoint (no {CHECKPOINT_MARKER}, no trainer_state.json); checkpoints are the "
+            "checkpoint-N folders inside output_dir."
+        )
+    marker, problem = _read_marker(marker_path)
+    if problem is not None:
+        return problem
+    files = marker["files"]
+    for relative, expected in sorted(files.items()):
+        path = os.path.join(checkpoint, relative)
+        if not os.path.isfile(path):
+            return (
+                f"the file {relative} is missing (the marker records it as part of the checkpoint; a crash while an "
+                "older checkpoint was being deleted, or a manual deletion). Resume from another checkpoint."
+            )
+        actual = _describe(path, hash_it="sha256" in expected)
+        if actual["size"] != expected.get("size"):
+            return (
+                f"the file {relative} has {actual['size']} bytes, the marker records {expected.get('size')} "
+                "(truncated or replaced). Resume from another checkpoint."
+            )
+        if "sha256" in expected and actual["sha256"] != expected["sha256"]:
+            return (
+                f"the file {relative} changed after the checkpoint was written (its SHA-256 differs from the "
+                "marker's). Resume from another checkpoint."
+            )
+    return None
+
+
+def check_settings(checkpoint: str, settings: dict) -> None:
+    """Refuses to resume `checkpoint` with ssToken settings other than those it was made with."""
+    marker, problem = _read_marker(os.path.join(checkpoint, CHECKPOINT_MARKER))
+    if problem is not None:
+        raise CheckpointError(f"Cannot resume from {checkpoint}: {problem}")
+    recorded = marker["settings"]
+    differing = [name for name in settings if name in recorded and recorded[name] != settings[name]]
+    differing += [name for name in recorded if name not in settings]
+    if differing:
+        details = ", ".join(f"{name}={recorded.get(name)!r} there, {settings.get(name)!r} now" for name in differing)
+        raise CheckpointError(
+            f"Cannot resume from {checkpoint}: it was made with other ssToken settings ({details}). Resuming would "
+            "continue another experiment from this one's state. Resume with the checkpoint's settings, or start a "
+            "new run in another output_dir (its adapter or model can be the starting point)."
+        )
+
+
+# ----- loading -----
+
+
+@contextmanager
+def adapters_loaded_in_place(model):
+    """Makes `Trainer._load_from_checkpoint` restore PEFT adapters into their existing parameters, in their dtype.
+
+    PEFT's `load_adapter` upcasts bf16/fp16 adapter weights to fp32 by *replacing* the parameters
+    (`cast_adapter_dtype`, `autocast_adapter_dtype=True`). Under QLoRA the adapters train in bf16, so a resumed run
+    went on in fp32 (other losses), and every reference held to the old parameters (the history's pairing of its
+    adapter with the trained one) updated orphaned tensors. Loading without the cast keeps both exact.
+    """
+    if not (hasattr(model, "load_adapter") and hasattr(model, "peft_config")):
+        yield
+        return
+    before = {name: (param, param.dtype, param.requires_grad) for name, param in model.named_parameters()}
+    model.load_adapter = functools.partial(type(model).load_adapter, model, autocast_adapter_dtype=False)
+    try:
+        yield
+    finally:
+        del model.load_adapter
+    after = dict(model.named_parameters())
+    replaced = [name for name, (param, _, _) in before.items() if after.get(name) is not param]
+    if replaced:
+        raise RuntimeError(
+            f"Loading the checkpoint replaced {len(replaced)} parameter(s) (e.g. {replaced[0]}) instead of loading "
+            "into them; the resumed run would not continue the checkpointed one exactly."
+        )
+    for name, (param, dtype, requires_grad) in before.items():
+        if param.dtype != dtype:
+            raise RuntimeError(f"Loading the checkpoint changed the dtype of {name} from {dtype} to {param.dtype}.")
+        param.requires_grad_(requires_grad)  # load_adapter(is_trainable=...) may flip flags (peft#3580)
+
+
+# ----- helpers -----
+
+
+def numbered_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every `checkpoint-N` folder of `run_dir`, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        match = _CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(run_dir, name)):
+            found.append((int(match.group(1)), os.path.join(run_dir, name)))
+    return sorted(found)
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    match = _CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(checkpoint)))
+    if match is None:
+        raise ValueError(f"{checkpoint} is not named checkpoint-N.")
+    return int(match.group(1))
+
+
+def _read_marker(path: str) -> tuple[dict | None, str | None]:
+    """(marker, None), or (None, why it cannot be used)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            marker = json.load(handle)
+    except (OSError, ValueError) as error:
+        return None, f"its {CHECKPOINT_MARKER} is damaged ({error}). Resume from another checkpoint."
+    if not isinstance(marker, dict):
+        return None, f"its {CHECKPOINT_MARKER} is damaged (not a JSON object). Resume from another checkpoint."
+    if "format" not in marker:
+        return None, (
+            f"its {CHECKPOINT_MARKER} was written by an older trl_sstoken that did not record the checkpoint's files "
+            "and settings, so it cannot be verified. Resume it with that version, or start a new run."
+        )
+    if marker["format"] != MARKER_FORMAT:
+        return (
+            None,
+            f"its {CHECKPOINT_MARKER} has format {marker['format']!r}; this trl_sstoken reads {MARKER_FORMAT!r}.",
+        )
+    files, settings = marker.get("files"), marker.get("settings")
+    if (
+        not isinstance(files, dict)
+        or not isinstance(settings, dict)
+        or not all(
+            isinstance(entry, dict) and not os.path.isabs(name) and ".." not in name.split(os.sep)
+            for name, entry in files.items()
+        )
+    ):
+        return (
+            None,
+            f"its {CHECKPOINT_MARKER} is damaged (no record of files or settings). Resume from another checkpoint.",
+        )
+    return marker, None
+
+
+def _has_marker(checkpoint: str) -> bool:
     return os.path.isfile(os.path.join(checkpoint, CHECKPOINT_MARKER))
 
 
-def last_complete_checkpoint(output_dir: str) -> str:
-    """The highest-step `checkpoint-N` of `output_dir` that was completely written."""
-    found = sorted(
-        ((int(match.group(1)), name) for name in os.listdir(output_dir) if (match := _CHECKPOINT_NAME.match(name))),
-        reverse=True,
-    )
-    for _, name in found:
-        path = os.path.join(output_dir, name)
-        if is_checkpoint_complete(path):
-            return path
-        warnings.warn(f"Skipping the incomplete checkpoint {path} (its writing was interrupted).", stacklevel=3)
-    raise ValueError(f"No complete checkpoint found in output directory ({output_dir}).")
+def _checkpoint_files(checkpoint: str) -> list[str]:
+    files = []
+    for folder, _, names in os.walk(checkpoint):
+        for name in names:
+            relative = os.path.relpath(os.path.join(folder, name), checkpoint)
+            if relative not in (CHECKPOINT_MARKER, WRITING_SENTINEL) and not name.startswith(".sstoken-tmp-"):
+                files.append(relative)
+    return sorted(files)
+
+
+def _describe(path: str, fsync: bool = False, hash_it: bool | None = None) -> dict:
+    size = os.path.getsize(path)
+    description = {"size": size}
+    if hash_it is None:
+        hash_it = size <= HASH_MAX_BYTES
+    if hash_it or fsync:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            if hash_it:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+                description["sha256"] = digest.hexdigest()
+            if fsync:
+                os.fsync(handle.fileno())
+    return description
+
+
+def _write_atomically(path: str, payload: bytes) -> None:
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".sstoken-tmp-{name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    _fsync_directory(folder)
+
+
+def _fsync_directory(folder: str) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+    finally:
+        os.close(descriptor)

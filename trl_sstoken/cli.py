@@ -17,6 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
+from types import SimpleNamespace
 
 
 PROG = "trl-sstoken"
@@ -68,6 +69,20 @@ class DemoArguments:
     )
     hidden_size: int = field(
         default=64, metadata={"help": "Hidden size of the tiny model the demo builds (2 layers, 4 heads). At least 8."}
+    )
+    num_eval_examples: int | None = field(
+        default=None,
+        metadata={
+            "help": "On how many bundled examples the plain NLL before and after training is measured (all "
+            "by default). At least 1."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fine-tune this causal LM (a hub id or a local folder) instead of the tiny model built on the "
+            "spot. The bundled data is rendered in its chat template (as prompt-completion text if it has none)."
+        },
     )
 
 
@@ -134,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = make_parser(command)
     try:
+        explicit = explicit_settings(rest)
+        chosen = choose_device_defaults(parser, command, explicit)
         parsed = parse_command_args(parser, rest)
+        if chosen:
+            print(_device_note(command, parsed[1], chosen))
         runner = {"train": run_train, "demo": run_demo, "inspect": run_inspect}[command]
         runner(*parsed)
     except ValueError as error:  # bad flag values: from our checks, the config dataclasses and the trainer's checks
@@ -147,8 +166,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point():
-    """The `trl-sstoken` console script."""
+    """The `trl-sstoken` console script. Only here, not for library users: silences the warnings that other libraries
+    print on every run and that are not about the user's run (see `quiet_third_party_warnings`)."""
+    quiet_third_party_warnings()
     sys.exit(main())
+
+
+def quiet_third_party_warnings():
+    """Filters, for this process, two kinds of noise that trl_sstoken does not cause and a user cannot act on:
+
+    - bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community ..." when it is imported on a
+      CPU with AVX512-BF16 and the optional `kernels` package is absent, 4-bit or not (a logging record of the
+      `bitsandbytes.backends.cpu.ops` logger, at import; filtered on that logger before anything imports it);
+    - transformers' FutureWarnings that `gradient_checkpointing` and `is_gradient_checkpointing` are deprecated
+      aliases, raised by TRL's SFTConfig default and by PEFT, whatever the user passes.
+    """
+    import logging
+    import warnings
+
+    class _DropKernelsNotice(logging.Filter):
+        def filter(self, record):
+            return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsNotice())
+    warnings.filterwarnings(
+        "ignore", message=r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning
+    )
 
 
 # ----- train -----
@@ -158,10 +201,15 @@ def run_train(script_args, training_args, model_args, dataset_args, loading_args
     """`trl sft` with `SSTokenTrainer`: load, train, save the adapter (or model) and a model card."""
     from trl import get_quantization_config
 
+    from .checkpoints import checkpoint_settings, resolve_resume
     from .loading import load_sft_datasets, load_tokenizer, pick_split
     from .trainer import SSTokenTrainer
 
     _require_model(model_args)
+    # --resume_from_checkpoint arrives as a string: "true"/"false" or a path, checked before anything is loaded
+    resume = resolve_resume(
+        training_args.resume_from_checkpoint, training_args.output_dir, checkpoint_settings(training_args)
+    )
     training_args.model_init_kwargs = {
         **_model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),
@@ -191,20 +239,51 @@ def run_train(script_args, training_args, model_args, dataset_args, loading_args
         quantization_config=get_quantization_config(model_args),
         peft_config=peft_config_from(model_args),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    print(f"{PROG} train: {describe_history(trainer)}")
+    trainer.train(resume_from_checkpoint=resume)
     trainer.accelerator.print("Training completed.")
     trainer.save_model(training_args.output_dir)
     dataset_name = (
         script_args.dataset_name if script_args.dataset_name and not os.path.exists(script_args.dataset_name) else None
     )
+    # the card names a local dataset too (without a hub link)
     trainer.create_model_card(
-        model_name=os.path.basename(os.path.normpath(training_args.output_dir)), dataset_name=dataset_name
+        model_name=os.path.basename(os.path.normpath(training_args.output_dir)), dataset_name=script_args.dataset_name
     )
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
     trainer.end()
     return trainer
+
+
+def describe_history(trainer) -> str:
+    """One line: which history model REL compares with, and what it costs (a model copy without --use_peft)."""
+    from .history.adapter import AdapterDisabledHistory, AdapterHistory
+    from .history.cache import CachedHistory
+    from .history.model_copy import ModelCopyHistory
+
+    args, history = trainer.args, trainer._history
+    if history is None:
+        return f"no history model (--selection_method {args.selection_method} does not use REL)."
+    if isinstance(history, CachedHistory):
+        return f"history: the base model's log-probs, cached in {args.history_cache_dir} (no history forward while training)."
+    if isinstance(history, AdapterDisabledHistory):
+        return "history: the base weights with the LoRA adapter disabled (no copy)."
+    schedule = {
+        "base": "frozen at the start",
+        "lagged": f"updated every {args.history_update_steps} optimizer steps",
+        "ema": f"an EMA with alpha {args.history_ema_alpha}",
+    }[args.history]
+    if isinstance(history, AdapterHistory):
+        return f"history: the base weights plus a {args.history} copy of the LoRA adapter, {schedule}."
+    if isinstance(history, ModelCopyHistory):
+        size = f"{history.parameter_bytes / 2**30:.2f} GiB"
+        return (
+            f"history: a {args.history} copy of the whole model ({size}), {schedule}: full fine-tuning, because "
+            "--use_peft is not set (with --use_peft the history costs no copy)."
+        )
+    return f"history: {type(history).__name__}."
 
 
 # ----- inspect -----
@@ -315,33 +394,40 @@ def _load_history_adapter(peft_model, weights_path):
 
 
 def run_demo(demo_args, sstoken_args):
-    """Builds a tiny model and tokenizer, fine-tunes with ssToken on the bundled data, writes a report and a figure."""
+    """Fine-tunes with ssToken on the bundled data, writes a report and a figure: a tiny model and tokenizer built on
+    the spot by default, or the causal LM of `--model_name_or_path` with the data in its chat template."""
     import json
 
     from datasets import Dataset
     from peft import LoraConfig
 
     from .report import collect_examples, report_settings, special_tokens_of, write_figure, write_report
-    from .tiny import build_tiny_model, build_tiny_tokenizer
     from .trainer import SSTokenTrainer
 
     _check_at_least("--num_report_examples", demo_args.num_report_examples, 1)
     _check_at_least("--hidden_size", demo_args.hidden_size, 8)
+    if demo_args.num_eval_examples is not None:
+        _check_at_least("--num_eval_examples", demo_args.num_eval_examples, 1)
     if demo_args.hidden_size % 8:
         raise ValueError(f"--hidden_size must be a multiple of 8 (4 heads of even size), got {demo_args.hidden_size}.")
     data_file = resources.files("trl_sstoken").joinpath(BUNDLED_DATASET)
     rows = [json.loads(line) for line in data_file.read_text().splitlines() if line.strip()]
-    tokenizer = build_tiny_tokenizer([row["prompt"] + row["completion"] for row in rows])
-    model = build_tiny_model(tokenizer, hidden_size=demo_args.hidden_size, seed=sstoken_args.seed)
     output_dir = sstoken_args.output_dir
-    base_dir = os.path.join(output_dir, "base_model")
-    model.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    print(
-        f"{PROG} demo: a tiny {model.config.model_type} model ({model.num_parameters():,} parameters, built locally) "
-        f"learns {len(rows)} bundled examples with ssToken ({sstoken_args.selection_method}, keeping "
-        f"{sstoken_args.selection_ratio:.0%} of each response, history={sstoken_args.history})."
+    method = (
+        f"with ssToken ({sstoken_args.selection_method}, keeping {sstoken_args.selection_ratio:.0%} of each response, "
+        f"history={sstoken_args.history})"
     )
+    if demo_args.model_name_or_path is None:
+        model, tokenizer, base_dir = _tiny_demo_model(rows, demo_args, sstoken_args, output_dir)
+        model_label = "tiny model built by `trl-sstoken demo`"
+        print(
+            f"{PROG} demo: a tiny {model.config.model_type} model ({model.num_parameters():,} parameters, built "
+            f"locally) learns {len(rows)} bundled examples {method}."
+        )
+    else:
+        model, tokenizer, rows, data_format = _real_demo_model(demo_args.model_name_or_path, rows, sstoken_args)
+        base_dir = model_label = demo_args.model_name_or_path
+        print(f"{PROG} demo: {model_label} learns {len(rows)} bundled examples ({data_format}) {method}.")
     trainer = SSTokenTrainer(
         model=model,
         args=sstoken_args,
@@ -349,17 +435,20 @@ def run_demo(demo_args, sstoken_args):
         processing_class=tokenizer,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
     )
-    before = trainer.evaluate(trainer.train_dataset)["eval_loss"]
+    eval_rows = trainer.train_dataset
+    if demo_args.num_eval_examples is not None:
+        eval_rows = eval_rows.select(range(min(demo_args.num_eval_examples, len(eval_rows))))
+    before = trainer.evaluate(eval_rows)["eval_loss"]
     trainer.train()
-    after = trainer.evaluate(trainer.train_dataset)["eval_loss"]
+    after = trainer.evaluate(eval_rows)["eval_loss"]
     trainer.save_model(output_dir)
-    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
+    trainer.create_model_card(
+        model_name=os.path.basename(os.path.normpath(output_dir)), dataset_name=f"trl_sstoken/{BUNDLED_DATASET}"
+    )
 
     examples = collect_examples(trainer, demo_args.num_report_examples, sstoken_args.per_device_train_batch_size)
     report_path = os.path.join(output_dir, "selection_report.html")
-    settings = report_settings(
-        trainer, model="tiny model built by `trl-sstoken demo`", dataset=f"trl_sstoken/{BUNDLED_DATASET}"
-    )
+    settings = report_settings(trainer, model=model_label, dataset=f"trl_sstoken/{BUNDLED_DATASET}")
     summary = write_report(
         report_path, examples, settings, special_tokens_of(tokenizer), title="ssToken demo: selection report"
     )
@@ -372,7 +461,8 @@ def run_demo(demo_args, sstoken_args):
         for entry in trainer.state.log_history
         if "sstoken/selected_fraction" in entry
     ]
-    print(f"\nPlain NLL over every response token: {before:.3f} before training, {after:.3f} after.")
+    over = "" if len(eval_rows) == len(rows) else f" of the first {len(eval_rows)} examples"
+    print(f"\nPlain NLL over every response token{over}: {before:.3f} before training, {after:.3f} after.")
     if fractions:
         print(f"Fraction of response tokens trained on: {sum(fractions) / len(fractions):.3f}")
     print(_summary_text(summary))
@@ -381,12 +471,115 @@ def run_demo(demo_args, sstoken_args):
         shown = [f"[{token.text}]" if token.role == "kept" else token.text for token in example.response]
         print("  " + " ".join(shown))
     print(f"\nSelection report: {report_path}")
-    print(f"Adapter, tokenizer and model card: {output_dir}/   base model: {base_dir}/")
-    print(
-        f"Inspect it again: {PROG} inspect --model_name_or_path {base_dir} --adapter_path {output_dir} "
-        f"--dataset_name {data_file}"
-    )
+    print(f"Adapter, tokenizer and model card: {output_dir}/   base model: {base_dir}")
+    if demo_args.model_name_or_path is None:
+        print(
+            f"Inspect it again: {PROG} inspect --model_name_or_path {base_dir} --adapter_path {output_dir} "
+            f"--dataset_name {data_file}"
+        )
     return trainer, summary
+
+
+def _tiny_demo_model(rows, demo_args, sstoken_args, output_dir):
+    """The demo's default: a tiny model and tokenizer built for the bundled data, saved so `inspect` can load them."""
+    from .tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer([row["prompt"] + row["completion"] for row in rows])
+    model = build_tiny_model(tokenizer, hidden_size=demo_args.hidden_size, seed=sstoken_args.seed)
+    base_dir = os.path.join(output_dir, "base_model")
+    model.config._name_or_path = base_dir  # what the model card names as the base model
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    return model, tokenizer, base_dir + "/"
+
+
+def _real_demo_model(name_or_path, rows, sstoken_args):
+    """A causal LM and its tokenizer, with the bundled rows as conversations when the tokenizer has a chat template
+    (TRL applies it, and trains on the assistant turn), as prompt-completion text when it has none."""
+    from .loading import load_tokenizer
+
+    _require_model(SimpleNamespace(model_name_or_path=name_or_path))
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=sstoken_args.trust_remote_code)
+    if getattr(tokenizer, "chat_template", None):
+        rows = [
+            {
+                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "completion": [{"role": "assistant", "content": row["completion"].strip()}],
+            }
+            for row in rows
+        ]
+        data_format = "as conversations in its chat template"
+    else:
+        data_format = "as prompt-completion text: its tokenizer has no chat template"
+    sstoken_args.model_init_kwargs = {"dtype": "float32", **(sstoken_args.model_init_kwargs or {})}
+    return name_or_path, tokenizer, rows, data_format
+
+
+# ----- device and precision on a machine without a GPU -----
+
+# What a CPU-only machine needs instead of TRL's defaults (bf16=True, which TrainingArguments refuses without a GPU
+# unless use_cpu is set; pinned memory, which only a GPU uses). Each is chosen only if the user set none of its flags.
+CPU_SETTINGS = {"use_cpu": ("use_cpu",), "bf16": ("bf16", "fp16"), "dataloader_pin_memory": ("dataloader_pin_memory",)}
+
+
+def has_accelerator() -> bool:
+    """A GPU (or another torch accelerator: XPU, MPS, ...) that Trainer would use."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 arithmetic on this CPU (AVX512-BF16 or AMX): bf16 autocast is then faster than float32, not an
+    emulation that is slower."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def explicit_settings(args: list[str]) -> set[str]:
+    """The names of the settings the user gave, in the --config YAML or as flags (`--use-cpu`, `--no_bf16` and
+    `--bf16=false` spellings included), so that only the others get a chosen default."""
+    names = set()
+    if "--config" in args:
+        index = args.index("--config")
+        if index + 1 < len(args):
+            names.update(_read_yaml_config(args[index + 1]))
+    for item in args:
+        if item.startswith("--") and item != "--config":
+            name = item[2:].split("=", 1)[0].replace("-", "_")
+            names.update({name, name[3:]} if name.startswith("no_") else {name})
+    return names
+
+
+def choose_device_defaults(parser, command: str, explicit: set[str]) -> dict:
+    """On a machine without a GPU: use_cpu=True, bf16 only where the CPU has native bf16 (float32 otherwise), no
+    pinned memory; each unless the user set it. Sets them as parser defaults (the YAML and the flags still override)
+    and returns what was chosen ({} on a GPU machine, where TRL's defaults stand). The demo's tiny model keeps
+    float32 (its own default) unless --model_name_or_path names a real model."""
+    if has_accelerator():
+        return {}
+    values = {"use_cpu": True, "bf16": cpu_supports_bf16(), "dataloader_pin_memory": False}
+    chosen = {name: values[name] for name, flags in CPU_SETTINGS.items() if not explicit.intersection(flags)}
+    if command == "demo" and "model_name_or_path" not in explicit:
+        chosen.pop("bf16", None)  # DEMO_DEFAULTS: the tiny model trains in float32 everywhere
+    parser.set_defaults(**chosen)
+    return chosen
+
+
+def _device_note(command: str, args, chosen: dict) -> str:
+    """The one line that says where and in which precision the command runs, when it chose either."""
+    if args.bf16:
+        precision = "bf16 mixed precision (this CPU has native bf16)" if "bf16" in chosen else "bf16 mixed precision"
+    else:
+        precision = "float32" + (" (this CPU has no native bf16)" if "bf16" in chosen else "")
+    where = "on the CPU" if args.use_cpu else "on the default device"
+    return f"{PROG} {command}: no GPU found: running {where} in {precision}; --use_cpu and --bf16 choose otherwise."
 
 
 # ----- shared helpers -----
@@ -441,7 +634,16 @@ def _read_yaml_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"--config {path!r}: no such file. Pass the path of a YAML file whose keys are flag names.")
     with open(path) as file:
-        config = yaml.safe_load(file)
+        try:
+            config = yaml.safe_load(file)
+        except yaml.YAMLError as error:  # one line with file, line and column, not a parser traceback
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            context = getattr(error, "context", None)
+            raise ValueError(
+                f"--config {where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+            ) from None
     if not isinstance(config, dict):
         raise ValueError(
             f"--config {path!r} must hold a YAML mapping of flag names to values, got {type(config).__name__}."

@@ -80,5 +80,8 @@ def pop_example_index(inputs: dict) -> dict:
 def add_example_ids(dataset):
     """The dataset with a column holding each row's index, the key of per-example state such as a history cache."""
     if EXAMPLE_ID_COLUMN in (dataset.column_names or []):
-        return dataset
+        raise ValueError(
+            f"The training set has a column named {EXAMPLE_ID_COLUMN!r}, a name SSTokenTrainer reserves for the index "
+            "it gives every example (a history cache is keyed by it). Rename or remove that column."
+        )
     return dataset.map(lambda _, index: {EXAMPLE_ID_COLUMN: index}, with_indices=True)

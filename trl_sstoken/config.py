@@ -1,5 +1,6 @@
 """`SSTokenConfig`: every knob of ssToken selection, on top of TRL's `SFTConfig`."""
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -221,6 +222,10 @@ class SSTokenConfig(SFTConfig):
         self._validate_selection_fields()
         super().__post_init__()
 
+    def validate(self) -> None:
+        """Checks the ssToken fields again, e.g. after one was edited; `SSTokenTrainer` calls it when it is built."""
+        self._validate_selection_fields()
+
     def _validate_selection_fields(self):
         """Checks the ssToken fields before `SFTConfig` does any work, so a typo fails at once."""
         _check_choice("selection_method", self.selection_method, SELECTION_METHODS)
@@ -252,6 +257,13 @@ class SSTokenConfig(SFTConfig):
             _check_integer("history_cache_batch_size", self.history_cache_batch_size, minimum=1)
         if self.history_copy_max_gb is not None:
             _check_number("history_copy_max_gb", self.history_copy_max_gb, "> 0", lambda v: v > 0)
+        if self.history_cache_dir is not None and (
+            not isinstance(self.history_cache_dir, (str, os.PathLike)) or not str(self.history_cache_dir).strip()
+        ):
+            raise ValueError(
+                f"history_cache_dir={self.history_cache_dir!r} is not a directory path (an empty string would write "
+                "the cache into the current directory). Give a directory, or None to compute the history on the fly."
+            )
         if self.history_cache_dir is not None and self.history != "base":
             raise ValueError(
                 f"history_cache_dir is only valid with history='base' (got history={self.history!r}): only the base "

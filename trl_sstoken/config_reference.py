@@ -69,13 +69,17 @@ def config_reference_markdown() -> str:
     return "\n".join(parts)
 
 
+def _card_value(value) -> str:
+    return "not set" if value is None else f"`{value!r}`"
+
+
 def model_card_section(args: SSTokenConfig) -> str:
     """The model card section that records the method and every ssToken setting of a run."""
     try:
         package = f"trl-sstoken {version('trl-sstoken')}"
     except PackageNotFoundError:
         package = "trl-sstoken"
-    rows = "\n".join(f"| `{field.name}` | `{getattr(args, field.name)!r}` |" for field in sstoken_fields())
+    rows = "\n".join(f"| `{field.name}` | {_card_value(getattr(args, field.name))} |" for field in sstoken_fields())
     return (
         "## ssToken token selection\n\n"
         f"This model was fine-tuned with ssToken token selection ({package}): each training step trained on the "

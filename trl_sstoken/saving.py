@@ -1,8 +1,9 @@
 """Saving and resuming an `SSTokenTrainer` run: the bodies of its `Trainer` overrides.
 
-- checkpoints get a completion marker after everything else (`checkpoints.py`) and keep the history's own state,
-  so a resumed run selects exactly as an uninterrupted one; `resume_from_checkpoint=True` takes the last complete
-  checkpoint;
+- checkpoints are written by the crash-safe protocol of `checkpoints.py` (a marker recording every file and the
+  ssToken settings, written before any older checkpoint is deleted) and keep the history's own state, so a resumed
+  run selects exactly as an uninterrupted one; resuming verifies the checkpoint first, and
+  `resume_from_checkpoint=True` takes the last one that verifies;
 - the final artefact holds only what a user ships: the trained adapter (or model), the tokenizer, and a model card
   with an ssToken section that records the method and its settings (`config_reference.py`).
 """
@@ -10,38 +11,43 @@
 import os
 import shutil
 
-from .checkpoints import CHECKPOINT_MARKER, is_checkpoint_complete, last_complete_checkpoint, mark_checkpoint_complete
+from .checkpoints import adapters_loaded_in_place, checkpoint_settings, resolve_resume
+from .checkpoints import save_checkpoint as _save_checkpoint_safely
 from .config_reference import add_to_model_card
 from .history import is_peft_model
+from .model_card import CardNames, name_base_model_and_dataset
 
 
-def mark_saved_checkpoint(trainer, trial) -> None:
-    """After `Trainer._save_checkpoint`: mark the checkpoint it just wrote as complete."""
-    if trainer.args.should_save:
-        checkpoint = os.path.join(trainer._get_output_dir(trial=trial), f"checkpoint-{trainer.state.global_step}")
-        mark_checkpoint_complete(checkpoint, trainer.state.global_step)
+def save_checkpoint(trainer, write, trial) -> None:
+    """`SSTokenTrainer._save_checkpoint`; `write` is `Trainer._save_checkpoint` bound to the trainer and its arguments."""
+    _save_checkpoint_safely(trainer, write, trial)
 
 
-def resolve_resume_checkpoint(resume_from_checkpoint, output_dir: str):
-    """`True` -> the last *complete* checkpoint of `output_dir` (one a crash interrupted is skipped, never loaded); a
-    path must be complete; anything else is returned as is."""
-    if resume_from_checkpoint is True:
-        return last_complete_checkpoint(output_dir)
-    if isinstance(resume_from_checkpoint, str) and not is_checkpoint_complete(resume_from_checkpoint):
-        raise ValueError(
-            f"The checkpoint {resume_from_checkpoint} is incomplete: it has no {CHECKPOINT_MARKER}, which "
-            "SSTokenTrainer writes after everything else, so writing it was interrupted. Resume from an earlier "
-            "checkpoint, or pass resume_from_checkpoint=True to take the last complete one."
-        )
-    return resume_from_checkpoint
+def resolve_resume_checkpoint(trainer, resume_from_checkpoint):
+    """The verified checkpoint to resume from, or None: `True` (or "true") -> the last checkpoint of `output_dir`
+    that verifies; a path must verify; the ssToken settings must be the checkpoint's (`checkpoints.resolve_resume`)."""
+    return resolve_resume(resume_from_checkpoint, trainer.args.output_dir, checkpoint_settings(trainer.args))
 
 
-def add_sstoken_section_to_card(trainer) -> None:
-    """After TRL's `create_model_card`: add the ssToken section to the card it wrote into `args.output_dir`."""
+def load_checkpoint(trainer, load, resume_from_checkpoint: str, model=None) -> None:
+    """`SSTokenTrainer._load_from_checkpoint`; `load` is `Trainer._load_from_checkpoint` bound to the trainer. The
+    adapters are loaded into their existing parameters in their own dtype (`checkpoints.adapters_loaded_in_place`),
+    then the history's own state."""
+    with adapters_loaded_in_place(trainer.accelerator.unwrap_model(model if model is not None else trainer.model)):
+        load(resume_from_checkpoint, model)
+    if trainer._history is not None:
+        trainer._history.load_checkpoint(resume_from_checkpoint)
+
+
+def add_sstoken_section_to_card(trainer, names: CardNames | None = None) -> None:
+    """After TRL's `create_model_card`: add the ssToken section to the card it wrote into `args.output_dir`, and
+    state the base model and the dataset from `names` (model_card.py) instead of TRL's hub links."""
     path = os.path.join(trainer.args.output_dir, "README.md")
     if trainer.is_world_process_zero() and os.path.isfile(path):
         with open(path, encoding="utf-8") as file:
             card = file.read()
+        if names is not None:
+            card = name_base_model_and_dataset(card, names)
         with open(path, "w", encoding="utf-8") as file:
             file.write(add_to_model_card(card, trainer.args))
 

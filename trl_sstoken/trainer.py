@@ -8,6 +8,7 @@ eval losses stay comparable with plain SFT. The parts it holds are built in `com
 `methods.py`, saving and resuming in `saving.py`.
 """
 
+import functools
 import textwrap
 import warnings
 from contextlib import nullcontext
@@ -28,9 +29,12 @@ from .components import (
 from .config import as_sstoken_config
 from .history import HistoryUpdateCallback
 from .history.cache import CachedHistory
+from .inputs import check_prepared_inputs, check_trainer_inputs
 from .loss import WindowCounts, selected_loss, window_sums, zero_loss_touching
 from .methods import METHODS, Selection, Signals, StepPlan, step_generator, warmup_steps
 from .metrics import METRIC_PREFIX, log_sft_token_metrics, selection_metrics, selection_sums
+from .model_card import card_names
+from .quantized import keep_quantized_weights_unpacked
 from .regions import Regions, regions_from_batch
 from .scoring import excess_loss, retrospective_excess_loss
 
@@ -71,7 +75,12 @@ class SSTokenTrainer(SFTTrainer):
                 "SSTokenTrainer computes its own loss from the selected tokens; compute_loss_func cannot be combined "
                 "with it. Subclass SSTokenTrainer and override compute_loss instead."
             )
+        train_dataset = trainer_kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
+        eval_dataset = trainer_kwargs.get("eval_dataset", trainer_args[2] if len(trainer_args) > 2 else None)
+        check_trainer_inputs(args, model, train_dataset, eval_dataset)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        check_prepared_inputs(self, model, train_dataset)
+        keep_quantized_weights_unpacked(self.model)  # exact and differentiable 4-bit forwards on the CPU
         if self.label_smoother is not None:
             raise ValueError(
                 "label_smoothing_factor is not supported by SSTokenTrainer (its loss is the NLL of the selected "
@@ -279,25 +288,27 @@ class SSTokenTrainer(SFTTrainer):
     # ----- saving and resuming (saving.py) -----
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        saving.mark_saved_checkpoint(self, trial)
+        """`Trainer`'s checkpoint, written by the crash-safe protocol of `checkpoints.py`: marked complete (files and
+        settings recorded) before any older checkpoint is deleted."""
+        saving.save_checkpoint(self, functools.partial(super()._save_checkpoint, model, trial), trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """As `Trainer.train`, but `resume_from_checkpoint=True` takes the last *complete* checkpoint: one that a
-        crash interrupted while it was being written is skipped, never loaded."""
-        resume_from_checkpoint = saving.resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        """As `Trainer.train`, but a checkpoint is resumed from only if it verifies (every recorded file unchanged, the
+        same ssToken settings); `resume_from_checkpoint=True` (or "true") takes the last one that does."""
+        resume_from_checkpoint = saving.resolve_resume_checkpoint(self, resume_from_checkpoint)
         self._prepare_history_cache()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self._history is not None:
-            self._history.load_checkpoint(resume_from_checkpoint)
+        saving.load_checkpoint(self, super()._load_from_checkpoint, resume_from_checkpoint, model)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card, plus a section that records the method and every ssToken setting of this run."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        saving.add_sstoken_section_to_card(self)
+        """TRL's model card, naming the base model (hub id or local path) and the dataset, with hub links for hub ids
+        only and the output folder's name as title by default, plus a section that records the method and every
+        ssToken setting of this run."""
+        names = card_names(self, model_name, dataset_name)
+        super().create_model_card(model_name=names.model_name, dataset_name=names.hub_dataset, tags=tags)
+        saving.add_sstoken_section_to_card(self, names)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints keep the history adapter (exact resume). The final artefact holds only what a user ships: the

@@ -239,7 +239,7 @@ def render_html(
         rows = "".join(f"<tr><th>{_escape(key)}</th><td>{_escape(value)}</td></tr>" for key, value in settings.items())
         parts.append(f'<h2>Settings</h2><table class="settings">{rows}</table>')
     parts.append(_summary_html(summary))
-    parts.append("<h2>Examples</h2>")
+    parts.append('<h2 id="examples">Examples</h2>')
     for example in examples:
         parts.append(_example_html(example))
     parts.append("</body></html>")

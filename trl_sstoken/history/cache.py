@@ -5,8 +5,10 @@ computes them all. They are stored as safetensors (never pickle): a flat float32
 log-probs in prediction space (length L - 1 for an example of L tokens) plus int64 offsets, with metadata that
 identifies what they were computed from: the prepared dataset's fingerprint, the model's weights and config, and the
 tokenizer (`fingerprints.py`). A later run with the same three reuses the file; any difference is refused, naming
-the part that differs, and a truncated or corrupt file is detected by its checksum instead of being read as garbage.
-Files are written to a temporary name and renamed, so an interrupted pass never leaves a half-written cache behind.
+the part that differs, and a truncated or corrupt file is detected by its checksum (over the payload and the
+metadata) instead of being read as garbage. The destination is checked when the trainer is built, before the
+caching pass. Files are written to a temporary name (mode 0666 minus the umask) and renamed, so an interrupted pass
+never leaves a half-written cache behind.
 
 During training, the collator hook (`trl_sstoken.collator`) carries each example's index through TRL's shuffling
 and collation, and `CachedHistory.log_probs` gathers the stored values into the batch's padded layout.
@@ -15,7 +17,6 @@ and collation, and `CachedHistory.log_probs` gathers the stored values into the 
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
 from safetensors import safe_open
@@ -27,7 +28,7 @@ from .base import History
 
 
 CACHE_FILE = "history_logprobs.safetensors"
-FORMAT = "trl_sstoken.history_cache/1"
+FORMAT = "trl_sstoken.history_cache/2"  # /2: the checksum covers the metadata too
 IDENTITY_PARTS = ("dataset", "model", "tokenizer")
 
 
@@ -44,44 +45,82 @@ def example_predictions(token_example: torch.Tensor) -> tuple[torch.Tensor, torc
     return mask, owner
 
 
+def check_cache_destination(path: str) -> None:
+    """Refuses, before any caching pass, a cache path that cannot be used: its directory is a file, cannot be
+    created, or (when the cache does not exist yet) cannot be written. An existing cache only needs to be readable,
+    so a read-only shared cache directory works."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path):
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise HistoryCacheError(
+                f"The history cache {path} exists but is not a readable file; remove it or fix its permissions."
+            )
+        return
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise HistoryCacheError(
+            f"history_cache_dir={directory!r} is a file, not a directory. Point history_cache_dir at a directory."
+        )
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".history_logprobs.probe-{os.getpid()}")
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.remove(probe)
+    except OSError as error:
+        raise HistoryCacheError(
+            f"history_cache_dir={directory!r} cannot be written ({error.strerror or error}); the cache would be lost "
+            "after the caching pass. Point history_cache_dir at a writable directory, or unset it."
+        ) from None
+
+
 def write_cache(path: str, identity: dict, per_example: list[torch.Tensor]) -> None:
+    """Writes the cache to a temporary file in its directory and renames it into place. The file gets the usual mode
+    of a new file (0644 under umask 022: readable by a team sharing the directory)."""
     lengths = torch.tensor([0] + [len(v) for v in per_example], dtype=torch.int64)
     offsets = lengths.cumsum(0)
     values = torch.cat(per_example).float().contiguous() if per_example else torch.zeros(0)
+    identity_text = json.dumps(identity, sort_keys=True)
     metadata = {
         "format": FORMAT,
-        "identity": json.dumps(identity, sort_keys=True),
-        "sha256": _checksum(values, offsets),
+        "identity": identity_text,
+        "sha256": _checksum(values, offsets, FORMAT, identity_text),
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".history_logprobs.", suffix=".tmp")
-    os.close(handle)
+    temporary = os.path.join(directory, f".history_logprobs.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         save_file({"log_probs": values, "offsets": offsets}, temporary, metadata=metadata)
+        os.chmod(temporary, 0o666 & ~_umask())  # safetensors creates its files 0600
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
-def read_cache(path: str, expected_identity: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log_probs, offsets) from a cache file, after checking it is intact and matches `expected_identity`."""
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows."""
     try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            values, offsets = handle.get_tensor("log_probs"), handle.get_tensor("offsets")
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def read_cache(path: str, expected_identity: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_probs, offsets) from a cache file, after checking it is intact and matches `expected_identity`. Any
+    damage, in the payload or in the metadata, is a `HistoryCacheError`."""
+    try:
+        values, offsets, stored = _read_intact(path)
+    except HistoryCacheError:
+        raise
     except Exception as error:  # safetensors raises its own error types for truncated headers and payloads
         raise HistoryCacheError(
             f"The history cache {path} is truncated or corrupt and cannot be read ({error}). Delete it to recompute."
         ) from error
-    if metadata.get("format") != FORMAT:
-        raise HistoryCacheError(f"{path} is not a trl_sstoken history cache (format {metadata.get('format')!r}).")
-    if metadata.get("sha256") != _checksum(values, offsets):
-        raise HistoryCacheError(
-            f"The history cache {path} is corrupt: its checksum does not match. Delete it to recompute."
-        )
-    stored = json.loads(metadata["identity"])
     differing = [part for part in IDENTITY_PARTS if stored.get(part) != expected_identity.get(part)]
     if differing:
         details = "; ".join(
@@ -91,14 +130,49 @@ def read_cache(path: str, expected_identity: dict) -> tuple[torch.Tensor, torch.
             f"The history cache {path} was computed for a different {' and '.join(differing)} ({details}). Delete it "
             "to recompute, or point history_cache_dir at another directory."
         )
-    if offsets.numel() < 1 or int(offsets[-1]) != values.numel() or bool((offsets[1:] < offsets[:-1]).any()):
-        raise HistoryCacheError(f"The history cache {path} is corrupt: its offsets do not describe its values.")
     return values, offsets
 
 
-def _checksum(values: torch.Tensor, offsets: torch.Tensor) -> str:
-    digest = hashlib.sha256(values.contiguous().numpy().tobytes())
-    digest.update(offsets.contiguous().numpy().tobytes())
+def _read_intact(path: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    corrupt = f"The history cache {path} is corrupt"
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if set(handle.keys()) != {"log_probs", "offsets"}:
+            raise HistoryCacheError(f"{corrupt}: it holds tensors {sorted(handle.keys())}. Delete it to recompute.")
+        values, offsets = handle.get_tensor("log_probs"), handle.get_tensor("offsets")
+    if metadata.get("format") != FORMAT:
+        raise HistoryCacheError(
+            f"{path} is not a history cache of this trl_sstoken (format {metadata.get('format')!r}, expected "
+            f"{FORMAT!r}). Delete it to recompute."
+        )
+    identity_text = metadata.get("identity")
+    if not isinstance(identity_text, str) or metadata.get("sha256") != _checksum(
+        values, offsets, FORMAT, identity_text
+    ):
+        raise HistoryCacheError(f"{corrupt}: its checksum does not match. Delete it to recompute.")
+    # the checksum covers the identity text, so what follows only fails for a file this code did not write
+    stored = json.loads(identity_text)
+    if not isinstance(stored, dict):
+        raise HistoryCacheError(f"{corrupt}: its identity is not a JSON object. Delete it to recompute.")
+    if values.dtype != torch.float32 or offsets.dtype != torch.int64 or values.dim() != 1 or offsets.dim() != 1:
+        raise HistoryCacheError(f"{corrupt}: unexpected tensor types. Delete it to recompute.")
+    if offsets.numel() < 1 or int(offsets[-1]) != values.numel() or bool((offsets[1:] < offsets[:-1]).any()):
+        raise HistoryCacheError(f"{corrupt}: its offsets do not describe its values.")
+    return values, offsets, stored
+
+
+def _checksum(values: torch.Tensor, offsets: torch.Tensor, format_tag: str, identity_text: str) -> str:
+    """SHA-256 over everything the cache holds: format tag, identity, and both tensors with their dtypes and shapes."""
+    digest = hashlib.sha256()
+    for text in (
+        format_tag,
+        identity_text,
+        f"{values.dtype}{tuple(values.shape)}{offsets.dtype}{tuple(offsets.shape)}",
+    ):
+        encoded = text.encode()
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    digest.update(values.contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(offsets.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -124,6 +198,7 @@ class CachedHistory(History):
     history_cache_dir, is found by its identity and reused on resume: nothing goes into checkpoints."""
 
     def __init__(self, source, path: str, identity: dict):
+        check_cache_destination(path)  # when the trainer is built, long before the caching pass
         self.source = source  # computes the fixed history when the cache has to be built
         self.path = path
         self.identity = identity
@@ -135,6 +210,7 @@ class CachedHistory(History):
         return self.values is not None
 
     def load_or_build(self, model, dataset, collate, batch_size: int, device) -> None:
+        check_cache_destination(self.path)  # again: the directory may have changed since the trainer was built
         if os.path.exists(self.path):
             self.values, self.offsets = read_cache(self.path, self.identity)
             if self.offsets.numel() - 1 != len(dataset):

@@ -87,7 +87,16 @@ class ModelCopyHistory(History):
                 f"Resuming a history={self.mode!r} run needs {CHECKPOINT_FILE} in the checkpoint {directory}, but it "
                 "is missing: the checkpoint was not written by SSTokenTrainer with this history mode."
             )
-        self.model.load_state_dict(load_file(path, device=str(self.device)), strict=False)
+        state = load_file(path, device=str(self.device))
+        expected = set(_untie(dict(self.model.state_dict())))  # saved without tied duplicates, loaded likewise
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{CHECKPOINT_FILE} in the checkpoint {directory} is not this model's history: "
+                f"{len(missing)} weight(s) missing (e.g. {missing[:3]}), {len(unexpected)} unknown (e.g. "
+                f"{unexpected[:3]}). Resume with the model the checkpoint was made with."
+            )
+        self.model.load_state_dict(state, strict=False)  # strict would count the tied duplicates as missing
 
 
 def _untie(state: dict) -> dict:
