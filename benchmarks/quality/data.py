@@ -5,7 +5,8 @@ All of it is a pure function of (data seed, sizes): the same seed gives the same
 """
 
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from datasets import Dataset
 
@@ -62,29 +63,41 @@ def pretraining_sentence(rng: random.Random) -> str:
 
 @dataclass
 class SFTSplits:
-    """Instances and responses of every split. `train_noisy` and `train_clean` share their prompts."""
+    """Instances and responses of every split. `train_noisy` and `train_clean` share their prompts. The response
+    type is the lab's `Response` here and `real_data.RealResponse` in the real-model mode."""
 
     eval: list[Instance]
     train: list[Instance]
-    train_noisy: list[Response]
-    train_clean: list[Response]
+    train_noisy: list
+    train_clean: list
     reference: list[Instance]  # the rho1 reference's clean subset (a subset of the train prompts)
+    clean: Callable = field(default=None, repr=False)  # instance -> clean response
 
-    def reference_responses(self) -> list[Response]:
-        return [clean_response(instance) for instance in self.reference]
+    def reference_responses(self) -> list:
+        return [self.clean(instance) for instance in self.reference]
 
 
-def build_splits(data_seed: int, train_per_family: int, eval_per_family: int, reference_per_family: int) -> SFTSplits:
+def build_splits(
+    data_seed: int,
+    train_per_family: int,
+    eval_per_family: int,
+    reference_per_family: int,
+    clean: Callable = None,
+    noisy: Callable = None,
+) -> SFTSplits:
+    """The splits, with responses made by `clean(instance)` and `noisy(instance, rng)` (default: the lab's)."""
+    clean = clean or clean_response
+    noisy = noisy or noisy_response
     rng = random.Random(data_seed)
     eval_instances = generate(rng, eval_per_family)
     train = generate(rng, train_per_family, exclude_prompts={i.prompt for i in eval_instances})
     noise_rng = random.Random(data_seed + 1)
-    train_noisy = [noisy_response(instance, noise_rng) for instance in train]
-    train_clean = [clean_response(instance) for instance in train]
+    train_noisy = [noisy(instance, noise_rng) for instance in train]
+    train_clean = [clean(instance) for instance in train]
     reference = []
     for family in FAMILIES:
         reference += [i for i in train if i.family == family][:reference_per_family]
-    return SFTSplits(eval_instances, train, train_noisy, train_clean, reference)
+    return SFTSplits(eval_instances, train, train_noisy, train_clean, reference, clean)
 
 
 def chat_prompt(prompt: str) -> list[dict]:

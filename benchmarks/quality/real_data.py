@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from . import noise
-from .tasks import FAMILIES, Instance, generate
+from . import data, noise
+from .tasks import Instance
 
 
 BOILERPLATE_TEXT = "Sure! Here is what you asked for. "
@@ -107,29 +107,11 @@ def noisy_response(instance: Instance, rng: random.Random) -> RealResponse:
     return RealResponse(tuple(segments))
 
 
-@dataclass
-class RealSplits:
-    eval: list[Instance]
-    train: list[Instance]
-    train_noisy: list[RealResponse]
-    train_clean: list[RealResponse]
-    reference: list[Instance]
-
-    def reference_responses(self) -> list[RealResponse]:
-        return [clean_response(instance) for instance in self.reference]
-
-
-def build_splits(data_seed: int, train_per_family: int, eval_per_family: int, reference_per_family: int) -> RealSplits:
-    rng = random.Random(data_seed)
-    eval_instances = generate(rng, eval_per_family)
-    train = generate(rng, train_per_family, exclude_prompts={i.prompt for i in eval_instances})
-    noise_rng = random.Random(data_seed + 1)
-    train_noisy = [noisy_response(instance, noise_rng) for instance in train]
-    train_clean = [clean_response(instance) for instance in train]
-    reference = []
-    for family in FAMILIES:
-        reference += [i for i in train if i.family == family][:reference_per_family]
-    return RealSplits(eval_instances, train, train_noisy, train_clean, reference)
+def build_splits(data_seed: int, train_per_family: int, eval_per_family: int, reference_per_family: int):
+    """The lab benchmark's splits (same instances, same noise draws), with real-model responses."""
+    return data.build_splits(
+        data_seed, train_per_family, eval_per_family, reference_per_family, clean=clean_response, noisy=noisy_response
+    )
 
 
 # ----- prompt formats and tokenization -----

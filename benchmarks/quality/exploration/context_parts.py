@@ -5,6 +5,8 @@ tokens attend to, per layer, from the scored token's own query (self) and from t
 """
 
 import torch
+from examples import EXAMPLES
+from examples import build as build_example
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_sstoken.real_models import real_model_path
@@ -14,33 +16,11 @@ torch.set_num_threads(2)
 path = real_model_path("smollm2")
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-# the five hand-written examples of sinks_per_layer.py
-EX = [
-    ("What is 12 + 7?", [("bp", "Sure! Here is the answer:"), ("ans", " 19")]),
-    (
-        "Reverse the list: apple, pear, fig.",
-        [("bp", "Sure! Here is the reversed list:"), ("ans", " fig, pear, apple")],
-    ),
-    (
-        "Table: red=4, blue=17, gold=2. What is blue?",
-        [("bp", "Sure! Here is what you asked for."), ("ans", " blue=17")],
-    ),
-    ("What is the capital of France?", [("bp", "The capital of France is"), ("ans", " Paris.")]),
-    ("Replace cat with owl in: ant, cat, fox.", [("ans", "ant, owl, fox"), ("rnd", " ref: k12 k07 k33")]),
-]
+EX = EXAMPLES
 
 
 def build(prompt, parts):
-    chat = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    ids = tok(chat, add_special_tokens=False)["input_ids"]
-    kinds = ["ctx"] * len(ids)
-    for kind, text in parts:
-        t = tok(text, add_special_tokens=False)["input_ids"]
-        ids += t
-        kinds += [kind] * len(t)
-    ids.append(tok.convert_tokens_to_ids("<|im_end|>"))
-    kinds.append("eos")
-    return ids, kinds
+    return build_example(tok, prompt, parts)
 
 
 L = model.config.num_hidden_layers
