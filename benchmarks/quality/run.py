@@ -73,6 +73,12 @@ def parse_args(argv=None):
     parser.add_argument("--cache-dir", default=str(REPO_ROOT / "benchmarks" / ".cache"), help="base models, refs")
     parser.add_argument("--output", help="results JSON (default: benchmarks/results/quality-<scale>.json)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished runs of an earlier invocation's results JSON (same scale and design only) and do "
+        "the rest; the first kept run is trained again as a check that the code still gives the same numbers",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.scale = "tiny" if args.model == "lab" else "real-tiny"
@@ -395,6 +401,52 @@ def _real_base_model(name: str, scale: dict, splits, device: str, report: dict):
     return model, tokenizer, {"path": path, "recipe_hash": name}
 
 
+def _job_key(job: dict) -> str:
+    return json.dumps([job["group"], job["name"], job["data"], job["seed"], job["overrides"]], sort_keys=True)
+
+
+def resume_from(output: Path, report: dict, jobs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The finished runs of an earlier results JSON that match jobs of this grid, and the jobs still to do.
+
+    Runs are deterministic given their seed, so a finished run is not trained again, but only when the earlier file
+    has the same scale and design; anything else is refused rather than mixed into one table. The first kept run goes
+    back in as a `resume_check` job (not in the tables): its numbers, next to the kept ones, show whether the code
+    between the two invocations still trains the same way.
+    """
+    previous = json.loads(output.read_text())
+    for field in ("scale", "design", "seeds"):
+        if json.loads(json.dumps(previous.get(field), default=str)) != json.loads(
+            json.dumps(report[field], default=str)
+        ):
+            raise SystemExit(f"--resume: {output} has another {field!r} than this invocation; refusing to mix them "
+                             f"(move the file away to start afresh)")  # fmt: skip
+    finished = {_job_key(run): run for run in previous.get("runs", []) if run["status"] == "ok"
+                and run["group"] in ("main", "ablation")}  # fmt: skip
+    kept = [{**finished[_job_key(job)], "resumed": True} for job in jobs if _job_key(job) in finished]
+    todo = [job for job in jobs if _job_key(job) not in finished]
+    report["resumed_from"] = {
+        "file": str(output), "started_at": previous.get("started_at"), "command": previous.get("command"),
+        "git_commit": (previous.get("versions") or {}).get("git_commit"), "runs_kept": len(kept),
+    }  # fmt: skip
+    if kept:
+        check = {key: kept[0][key] for key in ("name", "data", "seed", "overrides")}
+        todo.insert(0, {**check, "group": "resume_check", "of": _job_key(kept[0])})
+    return kept, todo
+
+
+def resume_check(check: dict, done: list[dict]) -> dict:
+    """The kept run next to the same run trained again by this invocation's code."""
+    original = next(run for run in done if run.get("resumed") and _job_key(run) == check["of"])
+    metrics = ("answer_nll", "train_loss_mean", "selected_fraction_mean")
+    if check["status"] != "ok":
+        return {"of": check["of"], "verdict": f"the check run failed: {check['error']}"}
+    pairs = {m: (original["result"][m], check["result"][m]) for m in metrics}
+    pairs["exact_match"] = (original["result"]["exact_match"]["overall"], check["result"]["exact_match"]["overall"])
+    largest = max(abs(a - b) for a, b in pairs.values())
+    verdict = "identical" if largest == 0 else f"differs by up to {largest:.3g}"
+    return {"of": check["of"], "kept_vs_rerun": pairs, "verdict": verdict}
+
+
 def main(argv=None):
     args = parse_args(argv)
     quiet_libraries()
@@ -511,6 +563,9 @@ def main(argv=None):
         else:
             log(f"[{finished}/{total}] {run['group']}/{run['name']} {run['data']} seed {run['seed']}: FAILED "
                 f"{run['error']}")  # fmt: skip
+        if run["group"] == "resume_check":
+            report["resume_check"] = resume_check(run, done)
+            log(f"--resume check: {report['resume_check']['verdict']}")
         save(f"partial ({len(done)} runs finished)", done)
 
     # rho1 references first: the rho1 runs need their adapters
@@ -563,6 +618,11 @@ def main(argv=None):
                 jobs.append({"group": "ablation", "name": name, "data": "noisy", "seed": seed,
                              "overrides": methods.overrides_for("sstoken", extra=grid[name])})  # fmt: skip
     report["ablation_grid"] = {name: grid[name] for name in chosen_ablations}
+    if args.resume and output.exists():
+        kept, jobs = resume_from(output, report, jobs)
+        done.extend(kept)
+        log(f"--resume: kept {len(kept)} finished run(s) of {output.name}; the first is trained again as a check")
+        save(f"partial ({len(done)} runs finished)", done)
     if real:
         _run_real_jobs(jobs, ref_jobs, args.workers, init_args, on_done, done, report)
     else:
