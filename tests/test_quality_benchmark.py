@@ -146,3 +146,40 @@ def test_pipeline_tiny_scale(tmp_path):
     assert again["exact_match"] == sstoken_run["result"]["exact_match"]
     assert again["train_loss_mean"] == sstoken_run["result"]["train_loss_mean"]
     assert again["selection"] == sstoken_run["result"]["selection"]
+
+
+def test_resume_keeps_finished_runs_and_retrains_the_first_as_a_check(tmp_path):
+    """A stopped invocation's finished runs are kept, not trained again; only the missing ones run."""
+    output = tmp_path / "quality-tiny.json"
+    common = ["--quick", "--workers", "1", "--output", str(output), "--cache-dir", str(tmp_path / "cache"),
+              "--no-docs", "--datasets", "noisy", "--ablations", "none"]  # fmt: skip
+    main([*common, "--methods", "full"])
+    first = json.loads(output.read_text())
+    (kept_before,) = first["runs"]
+
+    main([*common, "--methods", "full", "random", "--resume"])
+    results = json.loads(output.read_text())
+
+    assert results["status"] == "complete"
+    assert results["resumed_from"]["runs_kept"] == 1
+    assert results["resumed_from"]["started_at"] == first["started_at"]
+    by_group = {}
+    for run in results["runs"]:
+        by_group.setdefault(run["group"], []).append(run)
+    full = next(r for r in by_group["main"] if r["name"] == "full")
+    assert full["resumed"] and full["result"] == kept_before["result"]
+    assert [r["name"] for r in by_group["main"] if not r.get("resumed")] == ["random"]
+    (check,) = by_group["resume_check"]
+    assert check["name"] == "full" and check["status"] == "ok"
+    assert results["resume_check"]["verdict"] == "identical"  # a run is deterministic given its seed
+    assert set(results["summary"]["main"]) == {"full", "random"}
+    assert results["summary"]["main"]["full"]["noisy"]["exact_match"]["n"] == 1  # the check is not a second seed
+
+
+def test_resume_refuses_a_results_file_of_another_scale(tmp_path):
+    output = tmp_path / "quality-tiny.json"
+    output.write_text(json.dumps({"scale": {"sft_steps": 1}, "design": {}, "seeds": [0], "runs": []}))
+    argv = ["--quick", "--workers", "1", "--output", str(output), "--cache-dir", str(tmp_path / "cache"),
+            "--no-docs", "--datasets", "noisy", "--ablations", "none", "--methods", "full", "--resume"]  # fmt: skip
+    with pytest.raises(SystemExit, match="another 'scale'"):
+        main(argv)

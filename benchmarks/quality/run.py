@@ -440,7 +440,7 @@ def resume_check(check: dict, done: list[dict]) -> dict:
     metrics = ("answer_nll", "train_loss_mean", "selected_fraction_mean")
     if check["status"] != "ok":
         return {"of": check["of"], "verdict": f"the check run failed: {check['error']}"}
-    pairs = {m: (original["result"][m], check["result"][m]) for m in metrics}
+    pairs = {m: (original["result"][m], check["result"][m]) for m in metrics if m in original["result"]}
     pairs["exact_match"] = (original["result"]["exact_match"]["overall"], check["result"]["exact_match"]["overall"])
     largest = max(abs(a - b) for a, b in pairs.values())
     verdict = "identical" if largest == 0 else f"differs by up to {largest:.3g}"
