@@ -6,6 +6,7 @@ set -u
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 WORKERS=${WORKERS:-2}
 python -m benchmarks.quality.run --model smollm2 --ablations none --workers "$WORKERS" --resume
-python -m benchmarks.quality.run --model gemma3 --ablations none --workers "$WORKERS" --resume \
+# gemma-3-270m: one process, two threads (two workers ran out of memory on a 24 GB machine: quality README, "Session 3")
+python -m benchmarks.quality.run --model gemma3 --ablations none --workers 1 --threads-per-run 2 --resume \
     --methods full random rel attention sstoken "attention[sink_free]" "sstoken[sink_free]" rho1
 python -m benchmarks.quality.run --model smollm2 --only-ablations --methods sstoken --datasets noisy --workers "$WORKERS" --resume
