@@ -174,6 +174,13 @@ def test_resume_keeps_finished_runs_and_retrains_the_first_as_a_check(tmp_path):
     assert results["resume_check"]["verdict"] == "identical"  # a run is deterministic given its seed
     assert set(results["summary"]["main"]) == {"full", "random"}
     assert results["summary"]["main"]["full"]["noisy"]["exact_match"]["n"] == 1  # the check is not a second seed
+    assert results["resumed_from"]["earlier"] is None  # the first file was not itself a resumed one
+
+    main([*common, "--methods", "full", "random", "--resume"])  # a third session: nothing left but the check
+    third = json.loads(output.read_text())
+    assert third["resumed_from"]["runs_kept"] == 2
+    assert third["resumed_from"]["earlier"] == results["resumed_from"]  # the chain of sessions is kept
+    assert sorted(r["name"] for r in third["runs"] if r["group"] == "main") == ["full", "random"]
 
 
 def test_resume_refuses_a_results_file_of_another_scale(tmp_path):

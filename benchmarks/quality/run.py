@@ -405,6 +405,11 @@ def _job_key(job: dict) -> str:
     return json.dumps([job["group"], job["name"], job["data"], job["seed"], job["overrides"]], sort_keys=True)
 
 
+def _as_stored(value):
+    """A value as it reads back from the results JSON (tuples become lists, paths strings), so the two compare."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def resume_from(output: Path, report: dict, jobs: list[dict]) -> tuple[list[dict], list[dict]]:
     """The finished runs of an earlier results JSON that match jobs of this grid, and the jobs still to do.
 
@@ -415,9 +420,7 @@ def resume_from(output: Path, report: dict, jobs: list[dict]) -> tuple[list[dict
     """
     previous = json.loads(output.read_text())
     for field in ("scale", "design", "seeds"):
-        if json.loads(json.dumps(previous.get(field), default=str)) != json.loads(
-            json.dumps(report[field], default=str)
-        ):
+        if _as_stored(previous.get(field)) != _as_stored(report[field]):
             raise SystemExit(f"--resume: {output} has another {field!r} than this invocation; refusing to mix them "
                              f"(move the file away to start afresh)")  # fmt: skip
     finished = {_job_key(run): run for run in previous.get("runs", []) if run["status"] == "ok"
@@ -427,6 +430,7 @@ def resume_from(output: Path, report: dict, jobs: list[dict]) -> tuple[list[dict
     report["resumed_from"] = {
         "file": str(output), "started_at": previous.get("started_at"), "command": previous.get("command"),
         "git_commit": (previous.get("versions") or {}).get("git_commit"), "runs_kept": len(kept),
+        "earlier": previous.get("resumed_from"),  # the chain of sessions behind one table
     }  # fmt: skip
     if kept:
         check = {key: kept[0][key] for key in ("name", "data", "seed", "overrides")}
@@ -621,7 +625,8 @@ def main(argv=None):
     if args.resume and output.exists():
         kept, jobs = resume_from(output, report, jobs)
         done.extend(kept)
-        log(f"--resume: kept {len(kept)} finished run(s) of {output.name}; the first is trained again as a check")
+        check = "; the first is trained again as a check" if kept else ""
+        log(f"--resume: kept {len(kept)} finished run(s) of {output.name}{check}")
         save(f"partial ({len(done)} runs finished)", done)
     if real:
         _run_real_jobs(jobs, ref_jobs, args.workers, init_args, on_done, done, report)
