@@ -66,6 +66,29 @@ def test_exact_and_strict_match(instances):
     assert not real_evaluate.score_generation(answer, instance)["exact_match"]  # no "Answer:"
 
 
+def test_greedy_generation_gives_the_head_a_contiguous_input_and_the_same_text(
+    smollm2_dir, smollm2_tokenizer, instances, monkeypatch
+):
+    """A strided head input is 200x slower in bf16 on CPU (and ran gemma out of memory); the text must not change."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
+    prompts = [real_data.prompt_ids(smollm2_tokenizer, "smollm2", real_data.prompt_text(i)) for i in instances[:3]]
+    head_inputs = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_inputs.append(args[0]))
+    texts = real_evaluate.greedy_generate(model, smollm2_tokenizer, "smollm2", prompts, max_new_tokens=4)
+    assert head_inputs and all(x.is_contiguous() for x in head_inputs)
+
+    head_inputs.clear()
+    monkeypatch.setattr(real_evaluate, "contiguous_head_input", lambda model: contextlib.nullcontext())
+    unpatched = real_evaluate.greedy_generate(model, smollm2_tokenizer, "smollm2", prompts, max_new_tokens=4)
+    assert not head_inputs[0].is_contiguous()  # without it, generate's prefill slice reaches the head strided
+    assert texts == unpatched
+
+
 def test_pipeline_tiny_scale_smollm2(tmp_path):
     from benchmarks.quality.run import main
 
