@@ -51,7 +51,7 @@ def contiguous_head_input(model):
     generate's prefill gives the head a strided slice (`hidden_states[:, -1:]`, logits of the last position only).
     On torch 2.13's CPU, a bf16 linear on such a 3-D slice goes through a batched matmul that copies the weight for
     every row: measured 11.5 s against 0.05 s for batch 8 and gemma's 262k x 640 head, and at batch 64 a 21 GB
-    spike that ran a 24 GB machine out of memory. The logits are bitwise the same either way.
+    spike that ran a 24 GB machine out of memory (pytorch/pytorch#151934). The logits are bitwise the same.
     """
     head = model.get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
