@@ -8,6 +8,8 @@ WORKERS=${WORKERS:-2}
 python -m benchmarks.quality.run --model smollm2 --ablations none --workers "$WORKERS" --resume
 # gemma-3-270m: one process, two threads, as all its runs were made. Two workers first ran out of memory (quality
 # README, "Session 3"); the cause, a 21 GB copy in greedy decoding, is fixed ("Session 4"), but the setting is kept.
+# The first 8 methods are the design's tier 3; the last 4 are the extension of "Session 5" (every method on gemma).
 python -m benchmarks.quality.run --model gemma3 --ablations none --workers 1 --threads-per-run 2 --resume \
-    --methods full random rel attention sstoken "attention[sink_free]" "sstoken[sink_free]" rho1
+    --methods full random rel attention sstoken "attention[sink_free]" "sstoken[sink_free]" rho1 \
+    "attention[position_corrected]" "sstoken[position_corrected]" profit dft
 python -m benchmarks.quality.run --model smollm2 --only-ablations --methods sstoken --datasets noisy --workers "$WORKERS" --resume
