@@ -1,7 +1,8 @@
 """The rule for moving a default (docs/method.md, "Defaults by evidence"), applied to the real-model results.
 
     python -m benchmarks.quality.defaults_rule benchmarks/results/quality-real-cpu-smollm2.json \\
-        benchmarks/results/quality-real-cpu-gemma3.json --ablations benchmarks/results/quality-real-cpu-smollm2-ablations.json
+        benchmarks/results/quality-real-cpu-gemma3.json --ablations benchmarks/results/quality-real-cpu-smollm2-ablations.json \\
+        [--docs]   # --docs: also the generated block `quality:defaults-rule` of docs/benchmarks.md
 
 The rule's condition: an alternative beats the default by more than the seed spread in exact match (the larger of
 the two sample standard deviations) and its clean-answer NLL is lower. It is necessary, not sufficient: with three
@@ -11,7 +12,11 @@ side, and a default moves only for an alternative that passes and is not contrad
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
+
+from .report import replace_generated_block
 
 
 # (the setting that would change, the default's method, the alternative's method), all rows of the main table.
@@ -81,6 +86,7 @@ def main(argv=None):
     parser.add_argument("results", nargs="+", type=Path, help="real-model results JSON files (main tables)")
     parser.add_argument("--ablations", type=Path, action="append", default=[],
                         help="an ablations results JSON; compared with the main file of the same model")  # fmt: skip
+    parser.add_argument("--docs", action="store_true", help="also write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
     ablations_by_model = {}
     for path in args.ablations:
@@ -90,7 +96,13 @@ def main(argv=None):
     for path in args.results:
         results = json.loads(path.read_text())
         rows += rule_rows(results, ablations_by_model.get(results["model"]))
-    print(markdown(rows))
+    table = markdown(rows)
+    print(table)
+    if args.docs:
+        shown = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--docs"]
+        source = f"python -m benchmarks.quality.defaults_rule {shlex.join(shown)}"
+        if not replace_generated_block("defaults-rule", table, source):
+            raise SystemExit("docs/benchmarks.md has no quality:defaults-rule markers")
 
 
 if __name__ == "__main__":
