@@ -7,6 +7,7 @@ import warnings
 from .attention import PACKING_IMPLEMENTATIONS, AttentionCapture, AttentionUnavailableError
 from .config import SSTokenConfig
 from .history import AdapterDisabledHistory, History, build_history, is_peft_model
+from .history.base import eval_mode
 from .history.cache import CACHE_FILE, CachedHistory, UntrainedModelHistory
 from .history.fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
 from .methods import METHODS
@@ -93,14 +94,9 @@ def prepare_history_cache(trainer) -> None:
         "tokenizer": tokenizer_fingerprint(trainer.processing_class),
     }
     batch_size = trainer.args.history_cache_batch_size or 2 * trainer.args.per_device_train_batch_size
-    was_training = model.training
-    model.eval()
-    try:
-        with trainer.accelerator.main_process_first():
-            dataset = trainer._remove_unused_columns(trainer.train_dataset, description="history cache")
-            history.load_or_build(model, dataset, trainer.data_collator, batch_size, trainer.accelerator.device)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), trainer.accelerator.main_process_first():
+        dataset = trainer._remove_unused_columns(trainer.train_dataset, description="history cache")
+        history.load_or_build(model, dataset, trainer.data_collator, batch_size, trainer.accelerator.device)
 
 
 def warn_about_dropped_examples(args: SSTokenConfig, original, prepared) -> None:

@@ -28,6 +28,7 @@ from .components import (
 )
 from .config import as_sstoken_config
 from .history import HistoryUpdateCallback
+from .history.base import eval_mode
 from .history.cache import CachedHistory
 from .inputs import check_prepared_inputs, check_trainer_inputs
 from .loss import WindowCounts, selected_loss, window_sums, zero_loss_touching
@@ -213,15 +214,11 @@ class SSTokenTrainer(SFTTrainer):
         `state.global_step`), in eval mode so that dropout does not blur the picture. All tensors of the result are
         in prediction space: column j is token j + 1.
         """
-        was_training = self.model.training
-        self.model.eval()
         inputs = self._prepare_inputs(dict(inputs))
         example_index = pop_example_index(inputs)
         self._prepare_history_cache()
-        try:
+        with eval_mode(self.model):
             _, selection = self._forward_and_select(self.model, inputs, example_index)
-        finally:
-            self.model.train(was_training)
         return selection
 
     def _signals_are_finite(self, log_probs, selection: Selection) -> bool:

@@ -50,7 +50,7 @@ class AdapterHistory(History):
             )
         history_config = copy.deepcopy(peft_model.peft_config[self.trained_adapter])
         if hasattr(history_config, "lora_dropout"):
-            history_config.lora_dropout = 0.0  # the history forward runs in train mode; it must be deterministic
+            history_config.lora_dropout = 0.0  # no dropout module at all (the forward also runs in eval mode)
         history_config.inference_mode = True
         peft_model.add_adapter(HISTORY_ADAPTER, history_config)
         self.history_params, self.trained_params = _pair_adapter_parameters(

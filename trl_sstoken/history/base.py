@@ -13,8 +13,37 @@ import torch
 
 @torch.no_grad()
 def fused_log_probs(model, inputs: dict) -> torch.Tensor:
-    """Label log-probs of a no-grad forward through TRL's fused LM head, (B, T-1)."""
-    return model(**inputs, fused_lm_head=True).log_probs
+    """Label log-probs of a no-grad, deterministic forward through TRL's fused LM head, (B, T-1).
+
+    Every history and reference forward goes through here, in the middle of a training step, while the trained model
+    is in train mode: `eval_mode` keeps dropout and NEFTune's embedding noise out of it.
+    """
+    with eval_mode(model):
+        return model(**inputs, fused_lm_head=True).log_probs
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Every module of `model` in eval mode for the block, then each one's own train/eval flag back, also on errors.
+
+    A history or reference forward must be a function of the weights and the batch alone. In train mode it is not:
+    dropout (the base model's, e.g. GPT-2's residual/embedding/attention dropout or `attention_dropout`, and a LoRA
+    adapter's), NEFTune's embedding noise (its forward hook adds noise only while the embedding module is
+    `training`), MoE router jitter, all draw fresh noise (0.3 nats per token with `neftune_noise_alpha=5`). All of
+    them read `module.training`, so that flag is what is switched. The flags are set directly rather than through
+    `Module.train()`, which would also set every child to its parent's mode: the exact mixture the owner left (a
+    frozen block kept in eval, say) comes back, and overrides of `train()` (transformers re-kernelising a model with
+    `use_kernels`) are not run twice per step. Gradient checkpointing is off in eval mode, which a no-grad forward
+    does not need. The trained forward runs after the block, with its flags, dropout and NEFTune unchanged.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        for module, _ in flags:
+            module.training = False
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 class History:
