@@ -10,6 +10,7 @@ from .history import AdapterDisabledHistory, History, build_history, is_peft_mod
 from .history.base import eval_mode
 from .history.cache import CACHE_FILE, CachedHistory, UntrainedModelHistory
 from .history.fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
+from .history.reference_training import TrainedReference, load_reference_dataset
 from .methods import METHODS
 from .reference import ReferenceAdapter, ReferenceModel
 
@@ -56,8 +57,29 @@ def make_history(model, args: SSTokenConfig, sharded: bool) -> History:
     return CachedHistory(source, os.path.join(args.history_cache_dir, CACHE_FILE), identity=None)
 
 
+def reference_dataset_of(args: SSTokenConfig, model, peft_config):
+    """The loaded `reference_dataset` of a rho1 run (None without one), checked before the model is loaded: it
+    trains a LoRA adapter, so the run needs one (`peft_config`, or a PEFT model)."""
+    if args.reference_dataset is None or not METHODS[args.selection_method].needs_reference:
+        return None
+    if peft_config is None and not is_peft_model(model):
+        raise ValueError(
+            "reference_dataset trains Rho-1's reference as a LoRA adapter on the trained model's base, so the run "
+            "needs a PEFT adapter: pass peft_config (--use_peft on the command line), or give the reference as a "
+            "whole model with reference_model."
+        )
+    from .inputs import check_dataset
+
+    dataset = load_reference_dataset(args.reference_dataset, args.reference_dataset_split)
+    check_dataset(dataset, "reference_dataset")
+    return dataset
+
+
 def make_reference(model, unwrapped_model, args: SSTokenConfig, processing_class) -> History:
-    """Rho-1's reference: a frozen adapter on the trained model's base, or a separate frozen model."""
+    """Rho-1's reference: a frozen adapter on the trained model's base, or a separate frozen model; with
+    `reference_dataset`, an adapter trained at the start of `train()` (`history/reference_training.py`)."""
+    if args.reference_dataset is not None:
+        return TrainedReference()
     if args.reference_adapter is not None:
         return ReferenceAdapter(args.reference_adapter, model)
     return ReferenceModel(args.reference_model, unwrapped_model, processing_class, args.trust_remote_code)

@@ -3,6 +3,7 @@
 import os
 from dataclasses import dataclass, field
 
+from datasets import Dataset
 from transformers import TrainingArguments
 from trl import SFTConfig
 
@@ -88,6 +89,21 @@ class SSTokenConfig(SFTConfig):
             `"rho1"`: hub id or local path of the reference model, loaded frozen next to the trained one.
         reference_adapter (`str` or `None`, *optional*, defaults to `None`):
             `"rho1"`: local path of a LoRA adapter loaded as a frozen extra adapter on the trained model's base.
+
+        > Parameters that train the Rho-1 reference from a clean set
+
+        reference_dataset (`datasets.Dataset`, `str` or `None`, *optional*, defaults to `None`):
+            `"rho1"`: a small trusted (clean) dataset, in the same formats as the training data: a `datasets.Dataset`,
+            or (also `--reference_dataset_name` on the command line) a hub id, a local .json/.jsonl/.csv/.parquet
+            file or a dataset folder. Before the main run the trainer trains a LoRA reference adapter on it (full SFT,
+            the main run's LoRA, learning rate, batch size, schedule and max length, `reference_max_steps` steps),
+            saves it in `output_dir/rho1_reference/` with a fingerprint of the data, the base model and the recipe,
+            and reuses it on resume and rerun (a stale one is refused). Needs a PEFT adapter (`peft_config`).
+        reference_dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split of `reference_dataset` when it names a dataset with several splits (or a data file).
+        reference_max_steps (`int`, *optional*, defaults to `16`):
+            Optimizer steps of the reference adapter's training: the benchmark's recipe (16 steps of batch 8 on 48
+            clean examples, about 2.7 epochs). With a larger clean set, raise it to about 3 epochs.
     """
 
     # Parameters that control which tokens are trained on
@@ -218,6 +234,29 @@ class SSTokenConfig(SFTConfig):
         },
     )
 
+    # Parameters that train the Rho-1 reference from a clean set (history/reference_training.py)
+    reference_dataset: Dataset | str | None = field(
+        default=None,
+        metadata={
+            "help": "'rho1': a small trusted dataset (same formats as the training data: a hub id, a local "
+            ".json/.jsonl/.csv/.parquet file or a dataset folder; a datasets.Dataset in Python). The trainer trains "
+            "the reference LoRA adapter on it before the main run (full SFT, the main run's recipe, "
+            "reference_max_steps steps) and keeps it in output_dir/rho1_reference/, reused when it still matches.",
+            "aliases": ["--reference_dataset_name"],
+        },
+    )
+    reference_dataset_split: str = field(
+        default="train",
+        metadata={"help": "Split of reference_dataset (for a data file: the name it is loaded under)."},
+    )
+    reference_max_steps: int = field(
+        default=16,
+        metadata={
+            "help": "Optimizer steps of the reference adapter trained on reference_dataset (the benchmark's recipe: "
+            "16 steps of batch 8 on 48 clean examples, ~2.7 epochs). At least 1."
+        },
+    )
+
     def __post_init__(self):
         self._validate_selection_fields()
         super().__post_init__()
@@ -241,11 +280,15 @@ class SSTokenConfig(SFTConfig):
         _check_integer("attention_layer", self.attention_layer, minimum=None)
         _check_number("profit_threshold", self.profit_threshold, "in (0, 1)", lambda v: 0 < v < 1)
         method = METHODS[self.selection_method]
-        if method.needs_reference and (self.reference_model is None) == (self.reference_adapter is None):
+        self._validate_reference_dataset(method)
+        references = [self.reference_model, self.reference_adapter, self.reference_dataset]
+        if method.needs_reference and sum(value is not None for value in references) != 1:
             raise ValueError(
                 f"selection_method={self.selection_method!r} needs exactly one reference: set reference_model (a "
-                "model path or hub id) or reference_adapter (a LoRA adapter path); got "
-                f"reference_model={self.reference_model!r}, reference_adapter={self.reference_adapter!r}."
+                "model path or hub id), reference_adapter (a LoRA adapter path) or reference_dataset (a clean set "
+                f"to train the reference adapter on); got reference_model={self.reference_model!r}, "
+                f"reference_adapter={self.reference_adapter!r}, "
+                f"reference_dataset={describe_reference_dataset(self.reference_dataset)}."
             )
         if not method.kept_count_known and self.selection_loss_normalization == "selected":
             raise ValueError(
@@ -275,6 +318,47 @@ class SSTokenConfig(SFTConfig):
                 "tokens, computed by the trainer itself. Use loss_type='nll' (the default); for DFT use "
                 "selection_method='dft'."
             )
+
+    def _validate_reference_dataset(self, method):
+        """`reference_dataset` and its settings: checked before any model or data is loaded."""
+        _check_integer("reference_max_steps", self.reference_max_steps, minimum=1)
+        if not isinstance(self.reference_dataset_split, str) or not self.reference_dataset_split.strip():
+            raise ValueError(
+                f"reference_dataset_split must be a split name such as 'train', got {self.reference_dataset_split!r}."
+            )
+        value = self.reference_dataset
+        if value is None:
+            return
+        if not method.needs_reference:
+            raise ValueError(
+                f"reference_dataset is only used by selection_method='rho1' (it trains Rho-1's reference adapter); "
+                f"got selection_method={self.selection_method!r}. Unset reference_dataset or use 'rho1'."
+            )
+        if isinstance(value, Dataset):
+            if len(value) == 0:
+                raise ValueError("reference_dataset is empty (0 rows); the reference adapter needs clean examples.")
+            return
+        if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+            raise ValueError(
+                f"reference_dataset must be a datasets.Dataset, a hub id, a local data file or a dataset folder; got "
+                f"{describe_reference_dataset(value)} ({type(value).__name__}). A DatasetDict: pick a split, e.g. "
+                "dataset['train']."
+            )
+        from .loading import looks_like_a_path
+
+        if not os.path.exists(value) and looks_like_a_path(str(value)):
+            raise ValueError(
+                f"reference_dataset={str(value)[:200]!r} looks like a local path, but no such file or folder exists. "
+                "Pass an existing .json/.jsonl/.csv/.parquet file, a dataset folder, or a hub id."
+            )
+
+    def to_dict(self):
+        """As `TrainingArguments.to_dict`, with a `reference_dataset` object written as a short description, so that
+        the settings stay JSON (logs, model cards)."""
+        values = super().to_dict()
+        if "reference_dataset" in values and not isinstance(values["reference_dataset"], (str, type(None))):
+            values["reference_dataset"] = describe_reference_dataset(values["reference_dataset"])
+        return values
 
     @property
     def effective_gamma(self) -> float:
@@ -307,7 +391,19 @@ FIELD_GROUPS = {
         "history_copy_max_gb",
     ),
     "Parameters that control the baselines": ("profit_threshold", "reference_model", "reference_adapter"),
+    "Parameters that train the Rho-1 reference from a clean set": (
+        "reference_dataset",
+        "reference_dataset_split",
+        "reference_max_steps",
+    ),
 }
+
+
+def describe_reference_dataset(value) -> str:
+    """A short text for a `reference_dataset` value: a Dataset by its size and columns, a name bounded in length."""
+    if isinstance(value, Dataset):
+        return f"<datasets.Dataset: {len(value)} rows, columns {value.column_names}>"
+    return repr(value)[:200]
 
 
 def as_sstoken_config(model, args) -> SSTokenConfig:

@@ -24,12 +24,14 @@ from .components import (
     make_history,
     make_reference,
     prepare_history_cache,
+    reference_dataset_of,
     warn_about_dropped_examples,
 )
 from .config import as_sstoken_config
 from .history import HistoryUpdateCallback
 from .history.base import eval_mode
 from .history.cache import CachedHistory
+from .history.reference_training import build_trained_reference
 from .inputs import check_prepared_inputs, check_trainer_inputs
 from .loss import WindowCounts, selected_loss, window_sums, zero_loss_touching
 from .methods import METHODS, Selection, Signals, StepPlan, step_generator, warmup_steps
@@ -79,7 +81,9 @@ class SSTokenTrainer(SFTTrainer):
         train_dataset = trainer_kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
         eval_dataset = trainer_kwargs.get("eval_dataset", trainer_args[2] if len(trainer_args) > 2 else None)
         check_trainer_inputs(args, model, train_dataset, eval_dataset)
+        reference_dataset = reference_dataset_of(args, model, trainer_kwargs.get("peft_config"))
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self._reference_dataset = reference_dataset
         check_prepared_inputs(self, model, train_dataset)
         keep_quantized_weights_unpacked(self.model)  # exact and differentiable 4-bit forwards on the CPU
         if self.label_smoother is not None:
@@ -112,6 +116,10 @@ class SSTokenTrainer(SFTTrainer):
 
     def _prepare_history_cache(self):
         prepare_history_cache(self)
+
+    def _prepare_reference(self):
+        """With `reference_dataset`: trains Rho-1's reference adapter on it, or reuses the one in output_dir."""
+        build_trained_reference(self)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -169,6 +177,8 @@ class SSTokenTrainer(SFTTrainer):
             if isinstance(self._history, CachedHistory):
                 self._prepare_history_cache()
             history_logps = self._history.log_probs(unwrapped, inputs, example_index)
+        if plan.needs_reference:
+            self._prepare_reference()
         reference_logps = self._reference.log_probs(unwrapped, inputs) if plan.needs_reference else None
         capture = (
             self._attention.armed(regions.context, regions.valid, regions.sequence_ids, regions.response_tokens)
@@ -217,6 +227,7 @@ class SSTokenTrainer(SFTTrainer):
         inputs = self._prepare_inputs(dict(inputs))
         example_index = pop_example_index(inputs)
         self._prepare_history_cache()
+        self._prepare_reference()
         with eval_mode(self.model):
             _, selection = self._forward_and_select(self.model, inputs, example_index)
         return selection
@@ -294,6 +305,7 @@ class SSTokenTrainer(SFTTrainer):
         same ssToken settings); `resume_from_checkpoint=True` (or "true") takes the last one that does."""
         resume_from_checkpoint = saving.resolve_resume_checkpoint(self, resume_from_checkpoint)
         self._prepare_history_cache()
+        self._prepare_reference()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

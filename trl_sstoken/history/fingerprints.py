@@ -59,9 +59,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def dataset_fingerprint(dataset) -> str:
+def dataset_fingerprint(dataset, columns=("input_ids", "labels", "seq_lengths")) -> str:
     """A fingerprint of the prepared training set's content: every row's input ids, labels and packed sequence
-    lengths, in order.
+    lengths (or the other integer `columns` given, those it has), in order.
 
     Hashing the content rather than trusting `Dataset._fingerprint` keeps the key stable across runs even when
     `datasets` cannot hash a preparation function (it then draws a random fingerprint).
@@ -73,7 +73,7 @@ def dataset_fingerprint(dataset) -> str:
             "base history on the fly."
         )
     digest = hashlib.sha256()
-    columns = [c for c in ("input_ids", "labels", "seq_lengths") if c in dataset.column_names]
+    columns = [c for c in columns if c in dataset.column_names]
     for batch in dataset.select_columns(columns).with_format("numpy").iter(batch_size=1024):
         for column in columns:
             for row in batch[column]:
