@@ -27,7 +27,7 @@ METHODS = {
     "rel": {"selection_method": "rel"},
     "attention": {"selection_method": "attention"},
     "sstoken": {"selection_method": "sstoken"},
-    "rho1": {"selection_method": "rho1"},  # + reference_adapter=<path>, filled in by the harness
+    "rho1": {"selection_method": "rho1"},  # + reference_dataset=<the clean subset>, filled in by the harness
     # ProFit keeps a data-dependent number of tokens, so the package refuses "selected" normalisation for it;
     # "all" (divide by every response token) is ProFit's own normalisation.
     "profit": {"selection_method": "profit", "selection_loss_normalization": "all"},
@@ -44,17 +44,9 @@ REAL_METHODS = {
     "sstoken[position_corrected]": {"selection_method": "sstoken", "attention_score": "position_corrected"},
 }
 
-# Names of the field that may carry the Rho-1 reference adapter's path, in order of preference.
-REFERENCE_FIELD_CANDIDATES = (
-    "reference_adapter",
-    "rho1_reference",
-    "reference_adapter_path",
-    "reference_model",
-    "reference_model_path",
-    "reference_path",
-    "ref_adapter",
-    "ref_model",
-)
+# The rho1 runs train their reference inside the run (`SSTokenConfig.reference_dataset`, issue 26): the harness
+# passes this marker, and the worker puts the clean reference subset in its place (a Dataset cannot go into the JSON).
+REFERENCE_DATA = "benchmark:clean-reference-subset"
 
 
 def ablations(num_layers: int, max_steps: int) -> dict[str, dict]:
@@ -147,26 +139,19 @@ def availability(method: str, table: dict = METHODS) -> tuple[bool, str]:
             except ValueError as error:
                 if "selection_method" in str(error) and "not supported" in str(error):
                     return False, str(error)
-    if method == "rho1" and reference_field() is None:
-        return False, "selection_method='rho1' is accepted but SSTokenConfig has no field for the reference adapter"
+    if method == "rho1" and "reference_dataset" not in {field.name for field in dataclasses.fields(SSTokenConfig)}:
+        return False, "selection_method='rho1' is accepted but SSTokenConfig has no reference_dataset field"
     return True, ""
 
 
-def reference_field() -> str | None:
-    """The SSTokenConfig field that takes the Rho-1 reference (adapter path), if any."""
-    names = [field.name for field in dataclasses.fields(SSTokenConfig)]
-    for candidate in REFERENCE_FIELD_CANDIDATES:
-        if candidate in names:
-            return candidate
-    others = [name for name in names if "reference" in name and "steps" not in name]
-    return others[0] if others else None
-
-
-def overrides_for(method: str, reference_path: str | None = None, extra: dict | None = None, table: dict = METHODS):
-    """The full set of SSTokenConfig overrides of one run."""
+def overrides_for(method: str, reference_steps: int | None = None, extra: dict | None = None, table: dict = METHODS):
+    """The full set of SSTokenConfig overrides of one run. rho1: its reference adapter is trained by the run itself
+    on the clean reference subset (`REFERENCE_DATA`, replaced by the worker) for `reference_steps` steps, by the
+    package's recipe, which is the one this harness used to train the references by hand (full SFT, the run's
+    LoRA, learning rate, batch size and max length, the run's seed)."""
     overrides = {**SHARED, **table[method], **(extra or {})}
     if method == "rho1":
-        if reference_path is None:
-            raise ValueError("rho1 needs the reference adapter path")
-        overrides[reference_field()] = reference_path
+        if reference_steps is None:
+            raise ValueError("rho1 needs the number of steps of its reference adapter")
+        overrides.update(reference_dataset=REFERENCE_DATA, reference_max_steps=reference_steps)
     return overrides

@@ -1,4 +1,4 @@
-"""The quality benchmark, end to end: data -> base model (cached) -> rho1 references -> every method and ablation on
+"""The quality benchmark, end to end: data -> base model (cached) -> every method (rho1 trains its reference) and ablation on
 every seed -> JSON, markdown table, PNG plot and docs/benchmarks.md.
 
     python -m benchmarks.quality.run                 # default CPU scale, ~30 min on 2 cores
@@ -11,7 +11,6 @@ Runs are independent and each one is deterministic given its seed: every run use
 
 import argparse
 import concurrent.futures
-import hashlib
 import json
 import multiprocessing
 import os
@@ -221,6 +220,9 @@ def _run_job(job: dict) -> dict:
     from .sft import train_and_evaluate
 
     torch.set_num_threads(_WORKER["threads"])
+    overrides = dict(job["overrides"])
+    if overrides.get("reference_dataset") == methods.REFERENCE_DATA:  # rho1 trains its reference on the clean subset
+        overrides["reference_dataset"] = _WORKER["datasets"]["reference"]
     with tempfile.TemporaryDirectory() as output_dir:
         try:
             result = train_and_evaluate(
@@ -229,7 +231,7 @@ def _run_job(job: dict) -> dict:
                 _WORKER["datasets"][job["data"]],
                 _WORKER["splits"].eval,
                 _WORKER["scale"],
-                job["overrides"],
+                overrides,
                 job["seed"],
                 output_dir,
                 device=_WORKER["device"],
@@ -326,46 +328,14 @@ def _real_cell_metrics(cell: list[dict]) -> dict:
 # ----- the benchmark -----
 
 
-def reference_jobs(scale: dict, seeds: list[int], base_hash: str, cache_dir: Path) -> list[dict]:
-    """One rho1 reference per seed: the base model + LoRA trained (full SFT) on the clean reference subset."""
-    recipe = {k: scale[k] for k in ("data_seed", "reference_per_family", "reference_steps", "sft_batch_size", "sft_lr",
-                                    "lora_r", "lora_alpha", "lora_dropout", "max_length")}  # fmt: skip
-    digest = hashlib.sha256(json.dumps([base_hash, recipe], sort_keys=True).encode()).hexdigest()[:12]
-    jobs = []
-    for seed in seeds:
-        path = cache_dir / f"rho1-ref-{digest}-seed{seed}"
-        jobs.append({
-            "group": "rho1_reference", "name": "reference", "data": "reference", "seed": seed,
-            "overrides": {**methods.SHARED, "selection_method": "full"},
-            "max_steps": scale["reference_steps"], "save_adapter_to": str(path), "path": str(path),
-        })  # fmt: skip
-    return jobs
-
-
-def _run_real_jobs(jobs, ref_jobs, workers, init_args, on_done, done, report):
-    """Real-model mode: jobs in the priority order of the README (`methods.real_priority`), in two phases: the
-    first tier and the rho1 references, then everything else (the rho1 runs need their reference)."""
+def _run_real_jobs(jobs, workers, init_args, on_done):
+    """Real-model mode: jobs in the priority order of the README (`methods.real_priority`)."""
     jobs.sort(key=methods.real_priority)
-    todo_refs = [j for j in ref_jobs if not (Path(j["path"]) / "adapter_config.json").exists()]
-    first = [j for j in jobs if methods.real_priority(j)[0] == 0] + todo_refs
-    rest = [j for j in jobs if methods.real_priority(j)[0] != 0]
-    for index, job in enumerate(first + rest):
+    for index, job in enumerate(jobs):
         job["index"] = index
-    log(f"{len(jobs)} runs to do ({len(first) - len(todo_refs)} in the first tier), "
-        f"{len(todo_refs)} rho1 reference(s) to train")  # fmt: skip
-    run_jobs(first, workers, init_args, lambda run, n, total: on_done(run, n, len(first) + len(rest)))
-    report["rho1_reference"] = {}
-    for job in ref_jobs:
-        ok = (Path(job["path"]) / "adapter_config.json").exists()
-        trained = next((r for r in done if r.get("path") == job["path"]), None)
-        report["rho1_reference"][str(job["seed"])] = {
-            "path": job["path"], "status": "ok" if ok else "failed", "cached": trained is None,
-            "exact_match": trained["result"]["exact_match"] if trained and trained["status"] == "ok" else None,
-        }  # fmt: skip
-        if not ok:
-            rest = [j for j in rest if not (j["name"] == "rho1" and j["seed"] == job["seed"])]
-    offset = len(first)
-    run_jobs(rest, workers, init_args, lambda run, n, total: on_done(run, offset + n, offset + len(rest)))
+    first = sum(methods.real_priority(j)[0] == 0 for j in jobs)
+    log(f"{len(jobs)} runs to do ({first} in the first tier)")
+    run_jobs(jobs, workers, init_args, on_done)
 
 
 def _real_base_model(name: str, scale: dict, splits, device: str, report: dict):
@@ -572,42 +542,15 @@ def main(argv=None):
             log(f"--resume check: {report['resume_check']['verdict']}")
         save(f"partial ({len(done)} runs finished)", done)
 
-    # rho1 references first: the rho1 runs need their adapters
-    reference_path = {}
-    if real:  # the references are trained later, just before the first rho1 run (priority order, README)
-        ref_jobs = reference_jobs(scale, seeds, info["recipe_hash"], cache_dir) if "rho1" in runnable else []
-        reference_path = {job["seed"]: job["path"] for job in ref_jobs}
-    elif "rho1" in runnable:
-        ref_jobs = list(reference_jobs(scale, seeds, info["recipe_hash"], cache_dir))
-        todo = [j for j in ref_jobs if not (Path(j["path"]) / "adapter_config.json").exists()]
-        for index, job in enumerate(todo):
-            job["index"] = index
-        log(f"rho1 references: {len(ref_jobs) - len(todo)} cached, {len(todo)} to train")
-        run_jobs(todo, args.workers, init_args, on_done)
-        report["rho1_reference"] = {}
-        for job in ref_jobs:
-            trained = next((r for r in done if r.get("path") == job["path"]), None)
-            ok = (Path(job["path"]) / "adapter_config.json").exists()
-            if ok:
-                reference_path[job["seed"]] = job["path"]
-            report["rho1_reference"][str(job["seed"])] = {
-                "path": job["path"],
-                "status": "ok" if ok else "failed",
-                "cached": trained is None,
-                "exact_match": trained["result"]["exact_match"] if trained and trained["status"] == "ok" else None,
-            }
-
     # the grid: main table (every method on noisy and clean data) first, then the ablations of sstoken
     jobs = []
     for seed in [] if args.only_ablations else seeds:
         for dataset in args.datasets:
             for name in runnable:
-                if name == "rho1" and seed not in reference_path:
-                    continue
                 if real and name not in scale["methods_by_data"].get(dataset, [name]):
                     continue  # the real-model scale's priority list: see README, "Real pretrained models"
                 jobs.append({"group": "main", "name": name, "data": dataset, "seed": seed,
-                             "overrides": methods.overrides_for(name, reference_path.get(seed), table=method_table)})  # fmt: skip
+                             "overrides": methods.overrides_for(name, scale["reference_steps"], table=method_table)})  # fmt: skip
     grid = (methods.real_ablations(scale["num_layers"], scale["sft_steps"]) if real
             else methods.ablations(scale["num_layers"], scale["sft_steps"]))  # fmt: skip
     default_ablations = scale.get("ablations")
@@ -629,7 +572,7 @@ def main(argv=None):
         log(f"--resume: kept {len(kept)} finished run(s) of {output.name}{check}")
         save(f"partial ({len(done)} runs finished)", done)
     if real:
-        _run_real_jobs(jobs, ref_jobs, args.workers, init_args, on_done, done, report)
+        _run_real_jobs(jobs, args.workers, init_args, on_done)
     else:
         for index, job in enumerate(jobs):
             job["index"] = index
