@@ -9,13 +9,19 @@ import importlib
 from typing import TYPE_CHECKING
 
 
-__all__ = ["SSTokenConfig", "SSTokenTrainer", "select_tokens"]
+__all__ = ["SSTokenConfig", "SSTokenTrainer", "TrainingDivergedError", "select_tokens"]
 __version__ = "0.1.0"
 
-_MODULE_OF = {"SSTokenConfig": ".config", "SSTokenTrainer": ".trainer", "select_tokens": ".scoring"}
+_MODULE_OF = {
+    "SSTokenConfig": ".config",
+    "SSTokenTrainer": ".trainer",
+    "TrainingDivergedError": ".divergence",
+    "select_tokens": ".scoring",
+}
 
 if TYPE_CHECKING:
     from .config import SSTokenConfig
+    from .divergence import TrainingDivergedError
     from .scoring import select_tokens
     from .trainer import SSTokenTrainer
 

@@ -130,7 +130,8 @@ def make_parser(command: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one command; returns the exit status (2 for a usage error, with a message naming the flag)."""
+    """Runs one command; returns the exit status (2 for a usage error, with a message naming the flag; 1 for a
+    diverged training run, with the step and what to change)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -162,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG} {command}: error: {_with_flag_hint(str(error), parser)}", file=sys.stderr)
         print("(set TRL_SSTOKEN_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # a diverged run (divergence.py): its message, no traceback, exit status 1
+        from .divergence import TrainingDivergedError
+
+        if not isinstance(error, TrainingDivergedError) or os.environ.get("TRL_SSTOKEN_TRACEBACK"):
+            raise
+        print(f"{PROG} {command}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,5 +1,6 @@
 """`SSTokenConfig`: every knob of ssToken selection, on top of TRL's `SFTConfig`."""
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -104,6 +105,13 @@ class SSTokenConfig(SFTConfig):
         reference_max_steps (`int`, *optional*, defaults to `16`):
             Optimizer steps of the reference adapter's training: the benchmark's recipe (16 steps of batch 8 on 48
             clean examples, about 2.7 epochs). With a larger clean set, raise it to about 3 epochs.
+
+        > Parameters that stop a diverging run
+
+        max_consecutive_skipped_steps (`int` or `None`, *optional*, defaults to `5`):
+            Training stops with `TrainingDivergedError` after this many optimizer steps in a row in which every
+            micro-batch (on every process) had non-finite log-probabilities and was skipped. `None` never stops for
+            skips alone; non-finite trained weights always stop the run (docs/reliability.md, "Divergence").
     """
 
     # Parameters that control which tokens are trained on
@@ -257,6 +265,16 @@ class SSTokenConfig(SFTConfig):
         },
     )
 
+    # Parameters that stop a diverging run
+    max_consecutive_skipped_steps: int | None = field(
+        default=5,
+        metadata={
+            "help": "Stop with TrainingDivergedError after this many optimizer steps in a row in which every "
+            "micro-batch had non-finite log-probabilities and was skipped. At least 1; None never stops for skips "
+            "alone (non-finite trained weights always stop the run)."
+        },
+    )
+
     def __post_init__(self):
         self._validate_selection_fields()
         super().__post_init__()
@@ -312,6 +330,9 @@ class SSTokenConfig(SFTConfig):
                 f"history_cache_dir is only valid with history='base' (got history={self.history!r}): only the base "
                 "model's log-probs stay fixed during training. Unset history_cache_dir or use history='base'."
             )
+        if self.max_consecutive_skipped_steps is not None:
+            _check_integer("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, minimum=1)
+        _check_optimizer_fields(self)
         if self.loss_type != "nll":
             raise ValueError(
                 f"loss_type={self.loss_type!r} is not supported by SSTokenTrainer: its loss is the NLL of the selected "
@@ -396,6 +417,7 @@ FIELD_GROUPS = {
         "reference_dataset_split",
         "reference_max_steps",
     ),
+    "Parameters that stop a diverging run": ("max_consecutive_skipped_steps",),
 }
 
 
@@ -438,3 +460,23 @@ def _check_integer(name, value, minimum):
         raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}={value!r} is out of range; it must be an integer >= {minimum}.")
+
+
+def _check_optimizer_fields(args) -> None:
+    """The optimizer's hyperparameters (inherited from `TrainingArguments`, which checks none of these), refused at
+    construction when they can only produce NaN weights or no training: an infinite learning rate or weight decay,
+    a zero `adam_epsilon` (0 / 0 on the first step of a weight whose gradient is 0), betas outside [0, 1), ..."""
+    finite = math.isfinite
+    _check_number("learning_rate", args.learning_rate, "finite and > 0", lambda v: finite(v) and v > 0)
+    _check_number("weight_decay", args.weight_decay, "finite and >= 0", lambda v: finite(v) and v >= 0)
+    _check_number("adam_beta1", args.adam_beta1, "in [0, 1)", lambda v: 0 <= v < 1)
+    _check_number("adam_beta2", args.adam_beta2, "in [0, 1)", lambda v: 0 <= v < 1)
+    _check_number("adam_epsilon", args.adam_epsilon, "finite and > 0", lambda v: finite(v) and v > 0)
+    _check_number(
+        "max_grad_norm", args.max_grad_norm, "finite and >= 0 (0 turns clipping off)", lambda v: finite(v) and v >= 0
+    )
+    _check_number("warmup_steps", args.warmup_steps, "finite and >= 0", lambda v: finite(v) and v >= 0)
+    if args.neftune_noise_alpha is not None:
+        _check_number(
+            "neftune_noise_alpha", args.neftune_noise_alpha, "finite and >= 0, or None", lambda v: finite(v) and v >= 0
+        )

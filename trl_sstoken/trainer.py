@@ -14,6 +14,7 @@ import warnings
 from contextlib import nullcontext
 
 import torch
+from transformers.integrations.neftune import deactivate_neftune
 from trl import SFTTrainer
 
 from . import saving
@@ -28,6 +29,7 @@ from .components import (
     warn_about_dropped_examples,
 )
 from .config import as_sstoken_config
+from .divergence import DivergenceGuard, TrainingDivergedError, check_savable
 from .history import HistoryUpdateCallback
 from .history.base import eval_mode
 from .history.cache import CachedHistory
@@ -110,6 +112,8 @@ class SSTokenTrainer(SFTTrainer):
             trainer_kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None),
             self.train_dataset,
         )
+        self._divergence = DivergenceGuard(self)  # stops a diverged run (divergence.py)
+        self.add_callback(self._divergence)
         self._window_counts: WindowCounts | None = None  # of the current gradient-accumulation window
         self._micro_step = 0  # within that window
         self._warned: set[str] = set()
@@ -138,7 +142,9 @@ class SSTokenTrainer(SFTTrainer):
             inputs["output_router_logits"] = True
         outputs, selection = self._forward_and_select(model, inputs, example_index, regions)
         log_probs = label_aligned(outputs.log_probs, selection.regions)
-        if self._signals_are_finite(log_probs, selection):
+        finite = self._signals_are_finite(log_probs, selection)
+        self._divergence.record_batch(skipped=not finite)
+        if finite:
             self._metrics["train"][METRIC_PREFIX + "nonfinite_skipped"].append(0.0)
             window = self._window_counts
             if window is None:  # compute_loss called outside Trainer's loop: a window of this micro-batch
@@ -247,7 +253,9 @@ class SSTokenTrainer(SFTTrainer):
             "nonfinite",
             f"Non-finite log-probabilities (NaN or inf) in a training batch at step {self.state.global_step}: the "
             "batch is skipped (it adds no gradient) and counted in sstoken/nonfinite_skipped. Frequent skips point "
-            "at a diverging model (lower the learning rate) or at fp16 overflow (use bf16).",
+            "at a diverging model (lower the learning rate) or at fp16 overflow (use bf16); after "
+            f"max_consecutive_skipped_steps={self.args.max_consecutive_skipped_steps} optimizer steps in a row with "
+            "every batch skipped, training stops with TrainingDivergedError.",
         )
         return False
 
@@ -298,15 +306,28 @@ class SSTokenTrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial):
         """`Trainer`'s checkpoint, written by the crash-safe protocol of `checkpoints.py`: marked complete (files and
         settings recorded) before any older checkpoint is deleted."""
+        check_savable(self, f"checkpoint-{self.state.global_step}")
         saving.save_checkpoint(self, functools.partial(super()._save_checkpoint, model, trial), trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As `Trainer.train`, but a checkpoint is resumed from only if it verifies (every recorded file unchanged, the
-        same ssToken settings); `resume_from_checkpoint=True` (or "true") takes the last one that does."""
+        same ssToken settings); `resume_from_checkpoint=True` (or "true") takes the last one that does. A diverged
+        run raises `TrainingDivergedError` (divergence.py) and saves nothing from its non-finite state."""
         resume_from_checkpoint = saving.resolve_resume_checkpoint(self, resume_from_checkpoint)
         self._prepare_history_cache()
         self._prepare_reference()
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except TrainingDivergedError:
+            self._end_diverged_training()
+            raise
+
+    def _end_diverged_training(self):
+        """What `Trainer` does at the end of a run that a divergence cut short: NEFTune's hook off the embeddings."""
+        if self.neftune_noise_alpha is not None and getattr(self, "neftune_hook_handle", None) is not None:
+            deactivate_neftune(self.model, self.neftune_hook_handle, self.accelerator)
+            self.neftune_hook_handle = None
+        self.is_in_train = False
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         saving.load_checkpoint(self, super()._load_from_checkpoint, resume_from_checkpoint, model)
@@ -321,7 +342,10 @@ class SSTokenTrainer(SFTTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints keep the history adapter (exact resume). The final artefact holds only what a user ships: the
-        trained adapter (or model), the tokenizer, and a model card that records the method and its settings."""
+        trained adapter (or model), the tokenizer, and a model card that records the method and its settings.
+        Non-finite trained weights are never saved (`TrainingDivergedError`)."""
+        if not _internal_call:  # a checkpoint's save_model call was checked by _save_checkpoint
+            check_savable(self, f"the model to {output_dir or self.args.output_dir}")
         saving.save_model(self, super().save_model, output_dir, _internal_call)
 
 
