@@ -68,7 +68,10 @@ def last_good_checkpoint_note(output_dir: str) -> str:
     if os.path.isdir(output_dir):
         for _, path in reversed(numbered_checkpoints(output_dir)):
             if checkpoint_problem(path) is None:
-                return f"The last good checkpoint, {path}, is untouched."
+                return (
+                    f"The newest checkpoint, {path}, verifies and is untouched (its weights are finite; check its "
+                    "logged loss before resuming from it)."
+                )
     return "No checkpoint of this run was written before it diverged."
 
 
