@@ -1,6 +1,6 @@
 """What the real models cost on this machine: LoRA step time and the cache's model fingerprint.
 
-For SmolLM2-135M and gemma-3-270m (trl_sstoken.real_models), in bf16, LoRA r=16 on all linear layers, batch 8 x 64
+For SmolLM2-135M and gemma-3-270m (tools.real_models), in bf16, LoRA r=16 on all linear layers, batch 8 x 64
 tokens, no gradient checkpointing: the median optimizer-step time of plain SFTTrainer and of SSTokenTrainer with the
 on-the-fly `base` history (one extra no-grad forward) and with the cached one (none). Then the time to fingerprint
 every weight byte (`model_fingerprint`), and, from its throughput, an estimate for a Llama-3.1-8B shape in bf16 and
@@ -28,12 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
+from tools.real_models import real_model_path  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
 from trl_sstoken.history.fingerprints import model_fingerprint  # noqa: E402
-from trl_sstoken.real_models import real_model_path  # noqa: E402
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "real-models-cost.json")

@@ -100,7 +100,9 @@ def main(argv=None):
     parser = cli.make_parser("train")
     parser.set_defaults(**QLORA_24GB)
     try:
-        script_args, training_args, model_args, dataset_args, loading_args = cli.parse_command_args(parser, argv)
+        script_args, training_args, model_args, dataset_args, loading_args = cli.arguments.parse_command_args(
+            parser, argv
+        )
     except ValueError as error:
         sys.exit(f"qlora_single_gpu.py: error: {error}")
 
@@ -118,7 +120,7 @@ def main(argv=None):
     print(f"Estimated GPU memory of one step for {model_args.model_name_or_path} (arithmetic, not measured):")
     for name, value in parts.items():
         print(f"  {name:<46} {value:6.2f} GiB")
-    return cli.run_train(script_args, training_args, model_args, dataset_args, loading_args)
+    return cli.train.main(script_args, training_args, model_args, dataset_args, loading_args)
 
 
 if __name__ == "__main__":

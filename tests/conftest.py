@@ -171,8 +171,8 @@ def chromium_or_skip():
 
 
 def _real_model_dir(name):
-    """A real pretrained model folder (trl_sstoken.real_models). Missing is a failure unless skipped on purpose."""
-    from trl_sstoken.real_models import SKIP_ENV, real_model_path
+    """A real pretrained model folder (tools.real_models). Missing is a failure unless skipped on purpose."""
+    from tools.real_models import SKIP_ENV, real_model_path
 
     if os.environ.get(SKIP_ENV):
         pytest.skip(f"{SKIP_ENV} is set: real-model tests skipped on purpose")

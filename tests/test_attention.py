@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from trl_sstoken.attention import AttentionCapture, context_attention_mass
+from trl_sstoken.attention.capture import AttentionCapture, context_attention_mass
 from trl_sstoken.tiny import build_tiny_model
 
 

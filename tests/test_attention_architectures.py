@@ -15,7 +15,7 @@ from conftest import config, lora_config
 from test_attention import batch_with_padding
 
 from trl_sstoken import SSTokenTrainer
-from trl_sstoken.attention import AttentionCapture, AttentionUnavailableError, attention_modules
+from trl_sstoken.attention.capture import AttentionCapture, AttentionUnavailableError, attention_modules
 
 
 def tiny_config(architecture, vocab_size):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trl_sstoken import SSTokenConfig
-from trl_sstoken.attention import ATTENTION_SCORES, AttentionCapture, context_attention_mass, sink_keys
+from trl_sstoken.attention.capture import ATTENTION_SCORES, AttentionCapture, context_attention_mass, sink_keys
 from trl_sstoken.tiny import build_tiny_model
 
 

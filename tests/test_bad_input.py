@@ -11,7 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from trl_sstoken import SSTokenTrainer
-from trl_sstoken.attention import AttentionUnavailableError
+from trl_sstoken.attention.capture import AttentionUnavailableError
 from trl_sstoken.tiny import build_tiny_model
 
 

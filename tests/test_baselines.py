@@ -7,8 +7,14 @@ import torch
 from conftest import first_batch, lora_config, randomize_adapter
 from trl import SFTTrainer
 
-from trl_sstoken.reference import REFERENCE_ADAPTER
-from trl_sstoken.scoring import excess_loss, num_to_keep, probability_weights, select_by_probability, top_k_per_batch
+from trl_sstoken.history.reference import REFERENCE_ADAPTER
+from trl_sstoken.selection.scoring import (
+    excess_loss,
+    num_to_keep,
+    probability_weights,
+    select_by_probability,
+    top_k_per_batch,
+)
 from trl_sstoken.tiny import build_tiny_model
 
 

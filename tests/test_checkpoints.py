@@ -1,4 +1,4 @@
-"""The checkpoint protocol (trl_sstoken/checkpoints.py): what a marker records, what resuming verifies and refuses,
+"""The checkpoint protocol (trl_sstoken/saving/checkpoints.py): what a marker records, what resuming verifies and refuses,
 how rotation deletes, and the resume argument as the command line passes it. The kill tests are in test_faults.py."""
 
 import json
@@ -11,9 +11,10 @@ from conftest import config, count_calls, lora_config
 from safetensors.torch import load_file, save_file
 from trl import SFTConfig, SFTTrainer
 
-import trl_sstoken.checkpoints as checkpoints
+import trl_sstoken.saving.checkpoints as checkpoints
 from trl_sstoken import SSTokenTrainer
-from trl_sstoken.checkpoints import (
+from trl_sstoken.history.model_copy import CHECKPOINT_FILE
+from trl_sstoken.saving.checkpoints import (
     CHECKPOINT_MARKER,
     WRITING_SENTINEL,
     CheckpointError,
@@ -23,7 +24,6 @@ from trl_sstoken.checkpoints import (
     resolve_resume,
     rotate_checkpoints,
 )
-from trl_sstoken.history.model_copy import CHECKPOINT_FILE
 from trl_sstoken.tiny import build_tiny_model
 
 

@@ -21,7 +21,7 @@ from test_visualize import parse_spans
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_sstoken import SSTokenConfig, SSTokenTrainer, cli
-from trl_sstoken.config_reference import sstoken_fields
+from trl_sstoken.config import sstoken_fields
 from trl_sstoken.history import HISTORY_ADAPTER
 from trl_sstoken.loading import UsageError, load_sft_datasets, load_tokenizer, pick_split
 
@@ -248,7 +248,7 @@ def expected_selection(model_dir, adapter_dir, rows, batch_size, history_weights
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=load_tokenizer(str(model_dir))
     )
     if history_weights is not None:
-        cli._load_history_adapter(trainer.model, str(history_weights))
+        cli.inspect._load_history_adapter(trainer.model, str(history_weights))
     expected = []
     for start in range(0, len(rows), batch_size):
         batch = trainer.data_collator(
@@ -455,7 +455,7 @@ def test_console_script_is_declared_and_runs_as_a_module():
 @pytest.mark.parametrize("config", sorted((REPO / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(config):
     parser = cli.make_parser("train")
-    script_args, training_args, model_args, dataset_args, _ = cli.parse_command_args(
+    script_args, training_args, model_args, dataset_args, _ = cli.arguments.parse_command_args(
         parser, ["--config", str(config), "--bf16", "false"]
     )
     assert model_args.model_name_or_path and script_args.dataset_name
@@ -483,18 +483,18 @@ def docs_commands(path, program="trl-sstoken inspect", substitute=None):
 
 @pytest.mark.parametrize("bf16_cpu", [False, True])
 def test_without_a_gpu_the_cli_chooses_cpu_and_precision_unless_set(monkeypatch, tmp_path, bf16_cpu):
-    monkeypatch.setattr(cli, "has_accelerator", lambda: False)
-    monkeypatch.setattr(cli, "cpu_supports_bf16", lambda: bf16_cpu)
+    monkeypatch.setattr(cli.devices, "has_accelerator", lambda: False)
+    monkeypatch.setattr(cli.devices, "cpu_supports_bf16", lambda: bf16_cpu)
 
     def parse(command, args):
         parser = cli.make_parser(command)
-        chosen = cli.choose_device_defaults(parser, command, cli.explicit_settings(args))
-        return chosen, cli.parse_command_args(parser, args)[1]
+        chosen = cli.devices.choose_device_defaults(parser, command, cli.arguments.explicit_settings(args))
+        return chosen, cli.arguments.parse_command_args(parser, args)[1]
 
     chosen, args = parse("inspect", ["--model_name_or_path", "m", "--dataset_name", "d"])
     assert chosen == {"use_cpu": True, "bf16": bf16_cpu, "dataloader_pin_memory": False}
     assert args.use_cpu and args.bf16 == bf16_cpu and not args.dataloader_pin_memory
-    note = cli._device_note("inspect", args, chosen)
+    note = cli.devices._device_note("inspect", args, chosen)
     assert note.startswith("trl-sstoken inspect: no GPU found: running on the CPU in ")
     assert (
         "bf16 mixed precision (this CPU has native bf16)" if bf16_cpu else "float32 (this CPU has no native bf16)"
@@ -509,8 +509,8 @@ def test_without_a_gpu_the_cli_chooses_cpu_and_precision_unless_set(monkeypatch,
     assert "bf16" not in parse("demo", [])[0] and not parse("demo", [])[1].bf16
     assert parse("demo", ["--model_name_or_path", "m"])[1].bf16 == bf16_cpu
     # with a GPU, TRL's defaults stand
-    monkeypatch.setattr(cli, "has_accelerator", lambda: True)
-    assert cli.choose_device_defaults(cli.make_parser("train"), "train", set()) == {}
+    monkeypatch.setattr(cli.devices, "has_accelerator", lambda: True)
+    assert cli.devices.choose_device_defaults(cli.make_parser("train"), "train", set()) == {}
 
 
 def test_the_docs_inspect_commands_run_as_written(tmp_path, monkeypatch, capsys):
@@ -528,8 +528,8 @@ def test_the_docs_inspect_commands_run_as_written(tmp_path, monkeypatch, capsys)
         if "MODEL" in arguments:  # the synopsis
             continue
         parser = cli.make_parser("inspect")
-        cli.choose_device_defaults(parser, "inspect", cli.explicit_settings(arguments[1:]))
-        cli.parse_command_args(parser, arguments[1:])
+        cli.devices.choose_device_defaults(parser, "inspect", cli.arguments.explicit_settings(arguments[1:]))
+        cli.arguments.parse_command_args(parser, arguments[1:])
 
 
 def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, capsys):
@@ -564,7 +564,7 @@ def test_the_console_script_filters_other_libraries_noise_only(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "gemm_4bit_forward" not in result.stderr and "gradient_checkpointing` is deprecated" not in result.stderr
     assert "Selection report:" in result.stdout
-    if not cli.has_accelerator():
+    if not cli.devices.has_accelerator():
         assert "no GPU found: running on the CPU in float32" in result.stdout
     library = subprocess.run(
         [
@@ -580,5 +580,5 @@ def test_the_console_script_filters_other_libraries_noise_only(tmp_path):
         timeout=300,
     )
     assert "gradient_checkpointing` is deprecated" in library.stderr
-    if cli.cpu_supports_bf16():  # bitsandbytes tries the optional kernels only on such CPUs
+    if cli.devices.cpu_supports_bf16():  # bitsandbytes tries the optional kernels only on such CPUs
         assert "gemm_4bit_forward" in library.stderr

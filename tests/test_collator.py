@@ -1,6 +1,6 @@
 import torch
 
-from trl_sstoken.collator import EXAMPLE_ID_COLUMN, EXAMPLE_IDS_KEY, SelectionCollator
+from trl_sstoken.data.collator import EXAMPLE_ID_COLUMN, EXAMPLE_IDS_KEY, SelectionCollator
 
 
 def test_example_ids_survive_shuffling_and_collation(make_trainer):

@@ -155,8 +155,7 @@ def test_label_smoothing_is_refused(tmp_path, tokenizer, dataset):
 
 def test_the_docstring_documents_every_field_under_its_group():
     """The `Parameters:` docstring (TRL's layout) and the field declarations follow `FIELD_GROUPS`, in order."""
-    from trl_sstoken.config import FIELD_GROUPS
-    from trl_sstoken.config_reference import sstoken_fields
+    from trl_sstoken.config import FIELD_GROUPS, sstoken_fields
 
     doc = SSTokenConfig.__doc__
     position = doc.index("Parameters:")

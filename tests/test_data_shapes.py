@@ -6,9 +6,9 @@ from conftest import lora_config, randomize_adapter
 from datasets import Dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from trl_sstoken.attention import context_attention_mass
-from trl_sstoken.collator import SelectionCollator
-from trl_sstoken.regions import regions_from_batch
+from trl_sstoken.attention.capture import context_attention_mass
+from trl_sstoken.data.collator import SelectionCollator
+from trl_sstoken.selection.regions import regions_from_batch
 
 
 X = -100
@@ -199,7 +199,7 @@ def test_trl_packing_trains_with_per_sequence_selection(make_trainer, strategy):
         assert regions.layout.num_sequences == batch["input_ids"].shape[0]
     else:
         assert regions.layout.num_sequences > batch["input_ids"].shape[0]  # several sequences per packed row
-    from trl_sstoken.scoring import num_to_keep
+    from trl_sstoken.selection.scoring import num_to_keep
 
     expected = num_to_keep(regions.sequence_response, 0.6).sum().item() / regions.num_response.sum().item()
     trainer.model.train()
@@ -226,9 +226,9 @@ def compare_cached_with_on_the_fly(trainer, batches=3):
     within 2 * CACHE_TOLERANCE of the keep boundary of their sequence). Returns (largest difference, ties flipped)."""
     from itertools import islice
 
-    from trl_sstoken.collator import pop_example_index
-    from trl_sstoken.methods import Signals
-    from trl_sstoken.scoring import retrospective_excess_loss
+    from trl_sstoken.data.collator import pop_example_index
+    from trl_sstoken.selection.methods import Signals
+    from trl_sstoken.selection.scoring import retrospective_excess_loss
 
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     worst, flipped = 0.0, 0

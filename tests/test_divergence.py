@@ -15,7 +15,7 @@ from conftest import config
 from transformers.integrations.neftune import neftune_post_forward_hook
 
 from trl_sstoken import SSTokenConfig, TrainingDivergedError, cli
-from trl_sstoken.checkpoints import checkpoint_problem
+from trl_sstoken.saving.checkpoints import checkpoint_problem
 
 
 ADAPTER = "adapter_model.safetensors"

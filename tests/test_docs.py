@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from trl_sstoken import cli
-from trl_sstoken.config_reference import sstoken_fields
+from trl_sstoken.config import sstoken_fields
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,9 +57,13 @@ def test_configuration_page_lists_every_sstoken_field(site):
 def test_cli_page_lists_the_options_each_command_adds(site):
     page = (site / "cli" / "index.html").read_text()
     assert "sstoken:cli-options" not in page
-    for dataclass_type in (cli.LoadingArguments, cli.InspectArguments, cli.DemoArguments):
+    for dataclass_type in (
+        cli.arguments.LoadingArguments,
+        cli.arguments.InspectArguments,
+        cli.arguments.DemoArguments,
+    ):
         for name in dataclass_type.__dataclass_fields__:
             assert f"<code>--{name}</code>" in page, name
     quickstart = (site / "quickstart" / "index.html").read_text()
-    for name in cli.DEMO_DEFAULTS:
+    for name in cli.arguments.DEMO_DEFAULTS:
         assert f"<code>{name}</code>" in quickstart, name

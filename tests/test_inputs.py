@@ -1,4 +1,4 @@
-"""Inputs refused when the trainer is built (trl_sstoken/inputs.py), with errors that name the field or column."""
+"""Inputs refused when the trainer is built (trl_sstoken/data/inputs.py), with errors that name the field or column."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from conftest import QUICKSTART_ROWS, config, lora_config
 from datasets import Dataset, IterableDataset
 
 from trl_sstoken import SSTokenTrainer
-from trl_sstoken.collator import EXAMPLE_ID_COLUMN
+from trl_sstoken.data.collator import EXAMPLE_ID_COLUMN
 from trl_sstoken.tiny import build_tiny_model
 
 

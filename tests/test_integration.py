@@ -9,13 +9,15 @@ import pytest
 import torch
 from conftest import config, lora_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tools.config_reference import config_reference_markdown
 from transformers import TrainerCallback
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from trl_sstoken import SSTokenTrainer
 from trl_sstoken import config as config_module
-from trl_sstoken.config_reference import add_to_model_card, config_reference_markdown, field_groups, sstoken_fields
+from trl_sstoken.config import field_groups, sstoken_fields
+from trl_sstoken.saving.model_card import add_to_model_card
 from trl_sstoken.tiny import build_tiny_model
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from trl_sstoken.loss import WindowCounts, selected_loss, window_sums
-from trl_sstoken.methods import METHODS
-from trl_sstoken.regions import regions_from_batch
+from trl_sstoken.selection.loss import WindowCounts, selected_loss, window_sums
+from trl_sstoken.selection.methods import METHODS
+from trl_sstoken.selection.regions import regions_from_batch
 
 
 def two_sequences():

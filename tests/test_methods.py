@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from trl_sstoken import methods as methods_module
 from trl_sstoken.config import SELECTION_METHODS, SSTokenConfig
-from trl_sstoken.methods import METHODS, REL_METHODS, Signals
-from trl_sstoken.regions import regions_from_batch
+from trl_sstoken.selection import methods as methods_module
+from trl_sstoken.selection.methods import METHODS, REL_METHODS, Signals
+from trl_sstoken.selection.regions import regions_from_batch
 
 
 def test_the_registry_is_what_config_and_cli_offer():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_loss import two_sequences
 
-from trl_sstoken.methods import Selection, StepPlan
-from trl_sstoken.metrics import METRIC_PREFIX, selection_metrics, selection_sums
+from trl_sstoken.selection.methods import Selection, StepPlan
+from trl_sstoken.selection.metrics import METRIC_PREFIX, selection_metrics, selection_sums
 
 
 def test_selection_metrics_from_sums():

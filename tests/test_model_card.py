@@ -1,6 +1,6 @@
 """model_card.py: the card names the base model and the dataset, links only hub ids, and never says "None"."""
 
-from trl_sstoken.model_card import is_hub_id
+from trl_sstoken.saving.model_card import is_hub_id
 
 
 def card_of(trainer, **kwargs):

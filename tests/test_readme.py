@@ -71,7 +71,7 @@ def test_readme_snippet_runs_on_a_cpu_as_written(tmp_path, tiny_model_dir, monke
     snippet = next(block for block in code_blocks(README, "python") if "SSTokenTrainer(" in block)
     assert "no GPU: add use_cpu=True" in snippet
     snippet = snippet.replace('"Qwen/Qwen2.5-0.5B"', repr(str(tiny_model_dir)))
-    if not cli.has_accelerator():
+    if not cli.devices.has_accelerator():
         snippet = snippet.replace('history="base")', 'history="base", use_cpu=True)')
     from datasets import Dataset
 

@@ -43,7 +43,7 @@ def test_demo_says_how_the_data_was_rendered(tmp_path, tiny_model_dir, smollm2_d
 
     tokenizer = load_tokenizer(str(smollm2_dir))
     args = SimpleNamespace(trust_remote_code=False, model_init_kwargs=None)
-    _, _, rows, data_format = cli._real_demo_model(str(smollm2_dir), [{"prompt": "p", "completion": " c"}], args)
+    _, _, rows, data_format = cli.demo._real_demo_model(str(smollm2_dir), [{"prompt": "p", "completion": " c"}], args)
     assert data_format == "as conversations in its chat template" and tokenizer.chat_template
     assert rows == [
         {"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}

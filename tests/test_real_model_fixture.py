@@ -1,12 +1,11 @@
-"""trl_sstoken.real_models: each way of failing to obtain a model is one clear line, and a finished folder is reused."""
+"""tools.real_models: each way of failing to obtain a model is one clear line, and a finished folder is reused."""
 
 import hashlib
 import zipfile
 
 import pytest
-
-from trl_sstoken import real_models
-from trl_sstoken.real_models import RealModelError, RealModelSource
+from tools import real_models
+from tools.real_models import RealModelError, RealModelSource
 
 
 def fake_wheels(tmp_path, parts):

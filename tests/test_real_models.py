@@ -1,6 +1,6 @@
 """The product on real pretrained LLMs: SmolLM2-135M-Instruct (Llama) and gemma-3-270m (Gemma3, sliding windows).
 
-The models come from package-registry wheels (trl_sstoken.real_models), converted once per machine; a missing model
+The models come from package-registry wheels (tools.real_models), converted once per machine; a missing model
 is a failure, unless TRL_SSTOKEN_SKIP_REAL_MODELS=1 skips this file on purpose. Everything runs in bf16 on the CPU
 with short sequences and a few steps, so the tier stays within a few minutes on two cores.
 """
@@ -20,7 +20,7 @@ from test_visualize import parse_spans
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from trl_sstoken import SSTokenTrainer, cli
-from trl_sstoken.attention import AttentionCapture
+from trl_sstoken.attention.capture import AttentionCapture
 
 
 pytestmark = pytest.mark.real_model

@@ -12,13 +12,13 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from trl_sstoken import SSTokenConfig, SSTokenTrainer
+from trl_sstoken.history.reference import REFERENCE_ADAPTER
 from trl_sstoken.history.reference_training import (
     IDENTITY_FILE,
     REFERENCE_FOLDER,
     WEIGHTS_FILE,
     ReferenceTrainingError,
 )
-from trl_sstoken.reference import REFERENCE_ADAPTER
 
 
 CLEAN = QUICKSTART_ROWS[:8]

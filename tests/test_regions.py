@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trl_sstoken.regions import regions_from_batch
+from trl_sstoken.selection.regions import regions_from_batch
 
 
 X = -100

@@ -9,8 +9,8 @@ import torch
 from conftest import lora_config, randomize_adapter
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from trl_sstoken.collator import SelectionCollator
-from trl_sstoken.report import collect_examples
+from trl_sstoken.data.collator import SelectionCollator
+from trl_sstoken.report.collect import collect_examples
 
 
 def response_tokens(examples):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trl_sstoken.scoring import (
+from trl_sstoken.selection.scoring import (
     combine_scores,
     minmax_per_row,
     num_to_keep,

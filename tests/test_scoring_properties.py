@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) for the pure scoring functions of `trl_sstoken.scoring`.
+"""Property tests (hypothesis) for the pure scoring functions of `trl_sstoken.selection.scoring`.
 
 Every input is a batch of rows in prediction space, (B, T-1) in the module's terms, here (B, T). The properties are
 those of METHOD.md's selection rule, which must hold for any scores, not just the hand-built cases of
@@ -28,7 +28,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from trl_sstoken.scoring import (
+from trl_sstoken.selection.scoring import (
     combine_scores,
     minmax_per_row,
     num_to_keep,

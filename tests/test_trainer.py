@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from trl_sstoken.history import HISTORY_ADAPTER
-from trl_sstoken.scoring import num_to_keep
+from trl_sstoken.selection.scoring import num_to_keep
 
 
 DETERMINISTIC_LORA = dict(lora=lora_config(lora_dropout=0.0))

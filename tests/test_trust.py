@@ -28,8 +28,8 @@ from datasets import Dataset
 
 import trl_sstoken
 from trl_sstoken import SSTokenTrainer
-from trl_sstoken.checkpoints import CHECKPOINT_MARKER, CheckpointError, mark_checkpoint_complete
 from trl_sstoken.history import HISTORY_ADAPTER
+from trl_sstoken.saving.checkpoints import CHECKPOINT_MARKER, CheckpointError, mark_checkpoint_complete
 from trl_sstoken.tiny import build_tiny_model
 
 

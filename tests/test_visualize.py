@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from trl_sstoken.visualize import (
+from trl_sstoken.report.visualize import (
     CONTEXT,
     DROPPED,
     KEPT,

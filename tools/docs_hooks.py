@@ -20,7 +20,7 @@ _MARKER = re.compile(r"<!-- sstoken:([a-z-]+)(?: ([a-z]+))? -->")
 
 
 def _options_table(*dataclass_types) -> str:
-    from trl_sstoken.config_reference import default_value, type_name
+    from tools.config_reference import default_value, type_name
 
     rows = ["| Flag | Type | Default | Description |", "|---|---|---|---|"]
     for dataclass_type in dataclass_types:
@@ -31,8 +31,8 @@ def _options_table(*dataclass_types) -> str:
 
 
 def _replacement(match) -> str:
-    from trl_sstoken import cli
-    from trl_sstoken.config_reference import config_reference_markdown
+    from tools.config_reference import config_reference_markdown
+    from trl_sstoken.cli import arguments
 
     kind, argument = match.group(1), match.group(2)
     if kind == "config-reference":
@@ -40,14 +40,14 @@ def _replacement(match) -> str:
     if kind == "cli-options":
         return _options_table(
             *{
-                "train": (cli.LoadingArguments,),
-                "inspect": (cli.LoadingArguments, cli.InspectArguments),
-                "demo": (cli.DemoArguments,),
+                "train": (arguments.LoadingArguments,),
+                "inspect": (arguments.LoadingArguments, arguments.InspectArguments),
+                "demo": (arguments.DemoArguments,),
             }[argument]
         )
     if kind == "demo-defaults":
         rows = ["| Setting | `demo` default |", "|---|---|"]
-        rows += [f"| `{name}` | `{value!r}` |" for name, value in cli.DEMO_DEFAULTS.items()]
+        rows += [f"| `{name}` | `{value!r}` |" for name, value in arguments.DEMO_DEFAULTS.items()]
         return "\n".join(rows) + "\n"
     raise ValueError(f"Unknown docs marker {match.group(0)}")
 

@@ -62,8 +62,8 @@ def find_chromium() -> str | None:
 
 def run_smollm2_demo(output_dir, model_dir=None) -> Path:
     """`trl-sstoken demo --model_name_or_path <SmolLM2 folder>` with DEMO_ARGS; returns the report's path."""
+    from tools.real_models import real_model_path
     from trl_sstoken import cli
-    from trl_sstoken.real_models import real_model_path
 
     model_dir = model_dir or real_model_path("smollm2")
     status = cli.main(["demo", "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir), *DEMO_ARGS])

@@ -16,13 +16,13 @@ _MODULE_OF = {
     "SSTokenConfig": ".config",
     "SSTokenTrainer": ".trainer",
     "TrainingDivergedError": ".divergence",
-    "select_tokens": ".scoring",
+    "select_tokens": ".selection.scoring",
 }
 
 if TYPE_CHECKING:
     from .config import SSTokenConfig
     from .divergence import TrainingDivergedError
-    from .scoring import select_tokens
+    from .selection.scoring import select_tokens
     from .trainer import SSTokenTrainer
 
 

@@ -4,15 +4,15 @@ the history (REL), the Rho-1 reference, the attention capture, and the history c
 import os
 import warnings
 
-from .attention import PACKING_IMPLEMENTATIONS, AttentionCapture, AttentionUnavailableError
+from .attention.capture import PACKING_IMPLEMENTATIONS, AttentionCapture, AttentionUnavailableError
 from .config import SSTokenConfig
 from .history import AdapterDisabledHistory, History, build_history, is_peft_model
 from .history.base import eval_mode
 from .history.cache import CACHE_FILE, CachedHistory, UntrainedModelHistory
 from .history.fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
+from .history.reference import ReferenceAdapter, ReferenceModel
 from .history.reference_training import TrainedReference, load_reference_dataset
-from .methods import METHODS
-from .reference import ReferenceAdapter, ReferenceModel
+from .selection.methods import METHODS
 
 
 def check_prompt_learning(model, method) -> None:
@@ -68,7 +68,7 @@ def reference_dataset_of(args: SSTokenConfig, model, peft_config):
             "needs a PEFT adapter: pass peft_config (--use_peft on the command line), or give the reference as a "
             "whole model with reference_model."
         )
-    from .inputs import check_dataset
+    from .data.inputs import check_dataset
 
     dataset = load_reference_dataset(args.reference_dataset, args.reference_dataset_split)
     check_dataset(dataset, "reference_dataset")

@@ -1,5 +1,6 @@
 """`SSTokenConfig`: every knob of ssToken selection, on top of TRL's `SFTConfig`."""
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -8,8 +9,8 @@ from datasets import Dataset
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from .attention import ATTENTION_SCORES
-from .methods import METHODS, SELECTION_METHODS, selection_method_help
+from .attention.capture import ATTENTION_SCORES
+from .selection.methods import METHODS, SELECTION_METHODS, selection_method_help
 
 
 HISTORY_MODES = ("base", "lagged", "ema")
@@ -31,7 +32,7 @@ class SSTokenConfig(SFTConfig):
             Baselines: `"rho1"`: Rho-1's excess loss `L_cur - L_ref` against `reference_model` or `reference_adapter`,
             top `selection_ratio` of the micro-batch's response tokens; `"profit"`: tokens whose current probability is
             at least `profit_threshold`; `"dft"`: every token, its NLL weighted by its detached probability. One class
-            each in `trl_sstoken.methods`.
+            each in `trl_sstoken.selection.methods`.
         selection_ratio (`float`, *optional*, defaults to `0.6`):
             Fraction of each sequence's response tokens that is trained on: `ceil(selection_ratio * n)` per sequence.
         selection_gamma (`float`, *optional*, defaults to `0.5`):
@@ -389,7 +390,7 @@ class SSTokenConfig(SFTConfig):
 
 
 # The groups of the configuration reference and of the docstring above, in order; a field in none of them still
-# reaches the reference (config_reference.OTHER_GROUP)
+# reaches the reference (OTHER_GROUP)
 FIELD_GROUPS = {
     "Parameters that control which tokens are trained on": (
         "selection_method",
@@ -419,6 +420,29 @@ FIELD_GROUPS = {
     ),
     "Parameters that stop a diverging run": ("max_consecutive_skipped_steps",),
 }
+
+
+OTHER_GROUP = "Other ssToken parameters"
+
+
+def sstoken_fields() -> list[dataclasses.Field]:
+    """The fields `SSTokenConfig` adds to `SFTConfig`, in declaration order."""
+    inherited = {field.name for field in dataclasses.fields(SFTConfig)}
+    return [field for field in dataclasses.fields(SSTokenConfig) if field.name not in inherited]
+
+
+def field_groups() -> dict[str, list[dataclasses.Field]]:
+    """The ssToken fields under the group headings of `FIELD_GROUPS` ("Parameters that ..."), in order.
+
+    A field no group lists lands in OTHER_GROUP, so a new field is never left out of the reference.
+    """
+    by_name = {field.name: field for field in sstoken_fields()}
+    groups = {
+        heading: [by_name.pop(name) for name in names if name in by_name] for heading, names in FIELD_GROUPS.items()
+    }
+    if by_name:
+        groups.setdefault(OTHER_GROUP, []).extend(by_name.values())
+    return {name: fields for name, fields in groups.items() if fields}
 
 
 def describe_reference_dataset(value) -> str:

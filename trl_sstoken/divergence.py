@@ -63,7 +63,7 @@ def check_savable(trainer, what: str) -> None:
 
 
 def last_good_checkpoint_note(output_dir: str) -> str:
-    from .checkpoints import checkpoint_problem, numbered_checkpoints
+    from .saving.checkpoints import checkpoint_problem, numbered_checkpoints
 
     if os.path.isdir(output_dir):
         for _, path in reversed(numbered_checkpoints(output_dir)):

@@ -1,6 +1,6 @@
 """Load a tokenizer, a model and a dataset by hub id or local path, the way `trl-sstoken` does.
 
-Used by the console script (`cli.py`), the examples and the Colab notebook, so that a local folder or file behaves
+Used by the console script (`cli/`), the examples and the Colab notebook, so that a local folder or file behaves
 exactly like a hub id everywhere. Every error names the flag (as the CLI spells it) and what is allowed.
 """
 

@@ -3,9 +3,9 @@
 One training step (`compute_loss`): read the regions off the batch -> the selection method plans what the step
 needs -> (no grad) history and reference forwards -> current forward through TRL's fused LM head, with the attention
 capture armed on one layer -> the method selects the tokens -> NLL of the kept tokens over the denominator the
-config names (`loss.py`) -> metrics (`metrics.py`). Evaluation is untouched: plain NLL over every response token, so
-eval losses stay comparable with plain SFT. The parts it holds are built in `components.py`, the methods live in
-`methods.py`, saving and resuming in `saving.py`.
+config names (`selection/loss.py`) -> metrics (`selection/metrics.py`). Evaluation is untouched: plain NLL over
+every response token, so eval losses stay comparable with plain SFT. The parts it holds are built in
+`components.py`, the methods live in `selection/methods.py`, saving and resuming in `saving/`.
 """
 
 import functools
@@ -17,8 +17,6 @@ import torch
 from transformers.integrations.neftune import deactivate_neftune
 from trl import SFTTrainer
 
-from . import saving
-from .collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_example_index
 from .components import (
     check_prompt_learning,
     make_attention_capture,
@@ -29,19 +27,21 @@ from .components import (
     warn_about_dropped_examples,
 )
 from .config import as_sstoken_config
+from .data.collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_example_index
+from .data.inputs import check_prepared_inputs, check_trainer_inputs
 from .divergence import DivergenceGuard, TrainingDivergedError, check_savable
 from .history import HistoryUpdateCallback
 from .history.base import eval_mode
 from .history.cache import CachedHistory
 from .history.reference_training import build_trained_reference
-from .inputs import check_prepared_inputs, check_trainer_inputs
-from .loss import WindowCounts, selected_loss, window_sums, zero_loss_touching
-from .methods import METHODS, Selection, Signals, StepPlan, step_generator, warmup_steps
-from .metrics import METRIC_PREFIX, log_sft_token_metrics, selection_metrics, selection_sums
-from .model_card import card_names
 from .quantized import keep_quantized_weights_unpacked
-from .regions import Regions, regions_from_batch
-from .scoring import excess_loss, retrospective_excess_loss
+from .saving import trainer_hooks
+from .saving.model_card import add_sstoken_section_to_card, card_names
+from .selection.loss import WindowCounts, selected_loss, window_sums, zero_loss_touching
+from .selection.methods import METHODS, Selection, Signals, StepPlan, step_generator, warmup_steps
+from .selection.metrics import METRIC_PREFIX, log_sft_token_metrics, selection_metrics, selection_sums
+from .selection.regions import Regions, regions_from_batch
+from .selection.scoring import excess_loss, retrospective_excess_loss
 
 
 REGIONS_KEY = "sstoken_regions"  # a batch's Regions, read off it once in `get_batch_samples`
@@ -301,19 +301,19 @@ class SSTokenTrainer(SFTTrainer):
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
 
-    # ----- saving and resuming (saving.py) -----
+    # ----- saving and resuming (saving/trainer_hooks.py) -----
 
     def _save_checkpoint(self, model, trial):
-        """`Trainer`'s checkpoint, written by the crash-safe protocol of `checkpoints.py`: marked complete (files and
+        """`Trainer`'s checkpoint, written by the crash-safe protocol of `saving/checkpoints.py`: marked complete (files and
         settings recorded) before any older checkpoint is deleted."""
         check_savable(self, f"checkpoint-{self.state.global_step}")
-        saving.save_checkpoint(self, functools.partial(super()._save_checkpoint, model, trial), trial)
+        trainer_hooks.save_checkpoint(self, functools.partial(super()._save_checkpoint, model, trial), trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As `Trainer.train`, but a checkpoint is resumed from only if it verifies (every recorded file unchanged, the
         same ssToken settings); `resume_from_checkpoint=True` (or "true") takes the last one that does. A diverged
         run raises `TrainingDivergedError` (divergence.py) and saves nothing from its non-finite state."""
-        resume_from_checkpoint = saving.resolve_resume_checkpoint(self, resume_from_checkpoint)
+        resume_from_checkpoint = trainer_hooks.resolve_resume_checkpoint(self, resume_from_checkpoint)
         self._prepare_history_cache()
         self._prepare_reference()
         try:
@@ -330,7 +330,7 @@ class SSTokenTrainer(SFTTrainer):
         self.is_in_train = False
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        saving.load_checkpoint(self, super()._load_from_checkpoint, resume_from_checkpoint, model)
+        trainer_hooks.load_checkpoint(self, super()._load_from_checkpoint, resume_from_checkpoint, model)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card, naming the base model (hub id or local path) and the dataset, with hub links for hub ids
@@ -338,7 +338,7 @@ class SSTokenTrainer(SFTTrainer):
         ssToken setting of this run."""
         names = card_names(self, model_name, dataset_name)
         super().create_model_card(model_name=names.model_name, dataset_name=names.hub_dataset, tags=tags)
-        saving.add_sstoken_section_to_card(self, names)
+        add_sstoken_section_to_card(self, names)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Checkpoints keep the history adapter (exact resume). The final artefact holds only what a user ships: the
@@ -346,7 +346,7 @@ class SSTokenTrainer(SFTTrainer):
         Non-finite trained weights are never saved (`TrainingDivergedError`)."""
         if not _internal_call:  # a checkpoint's save_model call was checked by _save_checkpoint
             check_savable(self, f"the model to {output_dir or self.args.output_dir}")
-        saving.save_model(self, super().save_model, output_dir, _internal_call)
+        trainer_hooks.save_model(self, super().save_model, output_dir, _internal_call)
 
 
 def label_aligned(log_probs: torch.Tensor, regions: Regions) -> torch.Tensor:

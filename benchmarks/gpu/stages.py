@@ -3,7 +3,7 @@
     python -m benchmarks.gpu.stages STAGE --out DIR --scale gpu|toy --work DIR --deadline EPOCH_SECONDS
 
 Every sizing comes from `settings.py`; only the public API of trl_sstoken is used (SSTokenConfig, SSTokenTrainer,
-trl_sstoken.attention), plus the two isolated internals of `benchmarks/perf/harness.py`.
+trl_sstoken.attention.capture), plus the two isolated internals of `benchmarks/perf/harness.py`.
 """
 
 import argparse
@@ -353,7 +353,7 @@ def _kernel_check(entry, s):
     """context_attention_mass on random q/k on the device against an explicit float64 computation."""
     import torch
 
-    from trl_sstoken.attention import context_attention_mass
+    from trl_sstoken.attention.capture import context_attention_mass
 
     shape = s["attention_kernel_check"]
     heads, kv_heads, dim, length = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["seq"]
@@ -394,7 +394,7 @@ def _capture_check(entry, s, checkpoint, tokenizer, attn, model_dtype):
     import torch
 
     from benchmarks.gpu import models
-    from trl_sstoken.attention import AttentionCapture
+    from trl_sstoken.attention.capture import AttentionCapture
 
     reason = _attention_skip_reason(s, attn)
     if reason:
@@ -570,7 +570,7 @@ def _kernel_timing(entry, s):
 
     from benchmarks.gpu.models import dtype_of
     from benchmarks.perf.harness import sync
-    from trl_sstoken.attention import context_attention_mass
+    from trl_sstoken.attention.capture import context_attention_mass
 
     device, dtype = s["device"], dtype_of(s)
     for label, shape, _ in s["cost_shapes"]:

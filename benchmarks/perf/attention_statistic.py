@@ -22,13 +22,17 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from trl_sstoken.attention import context_attention_mass as after  # noqa: E402
+from trl_sstoken.attention.capture import context_attention_mass as after  # noqa: E402
 
 
 def load_revision(revision):
-    source = subprocess.run(
-        ["git", "show", f"{revision}:trl_sstoken/attention.py"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    # the module's path at that revision: trl_sstoken/attention.py before the layout of subpackages
+    for module_path in ("trl_sstoken/attention/capture.py", "trl_sstoken/attention.py"):
+        shown = subprocess.run(["git", "show", f"{revision}:{module_path}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    source = shown.stdout
     path = os.path.join(tempfile.mkdtemp(), "attention_before.py")
     with open(path, "w") as handle:
         handle.write(source)

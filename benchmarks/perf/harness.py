@@ -1,7 +1,7 @@
 """Shared pieces of the cost benchmarks: shapes, synthetic data, the variants, and a step-at-a-time runner.
 
 Used by `benchmarks/perf/run.py` (CPU side-by-side) and `benchmarks/gpu/check.py` (the prepared GPU check). Only the
-public API of trl_sstoken (SSTokenConfig, SSTokenTrainer, trl_sstoken.attention) and of transformers' Trainer is
+public API of trl_sstoken (SSTokenConfig, SSTokenTrainer, trl_sstoken.attention.capture) and of transformers' Trainer is
 used, with two exceptions, each isolated in one function below and named there: `prepare_history_cache` and
 `AttentionTimer`.
 
@@ -189,13 +189,13 @@ def sync(device):
 class AttentionTimer:
     """Times every call of the attention statistic (CUDA events on a GPU, wall clock on the CPU).
 
-    INTERNAL DEPENDENCY: wraps `trl_sstoken.attention.context_attention_mass` in that module's namespace, so it relies
+    INTERNAL DEPENDENCY: wraps `trl_sstoken.attention.capture.context_attention_mass` in that module's namespace, so it relies
     on `AttentionCapture.record` looking the function up there at call time. If the trainer stops doing so, the timer
     simply counts no calls (`calls == 0`), which the benchmarks report as "not instrumented" instead of a 0% share.
     """
 
     def __init__(self, device):
-        import trl_sstoken.attention as module
+        import trl_sstoken.attention.capture as module
 
         self.device, self.module = device, module
         self.original = module.context_attention_mass

@@ -14,7 +14,7 @@ import contextlib
 
 import torch
 
-from trl_sstoken.attention import (
+from trl_sstoken.attention.capture import (
     ATTENTION_SCORES,
     CAPTURE_ATTRIBUTE,
     IMPLEMENTATION_PREFIX,

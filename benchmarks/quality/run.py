@@ -47,7 +47,7 @@ def parse_args(argv=None):
         choices=("lab", "smollm2", "gemma3"),
         default="lab",
         help="lab: the benchmark's own small model, pretrained here; smollm2 / gemma3: a real pretrained model "
-        "(trl_sstoken.real_models) with natural-language tasks (real-model mode, scales real-*)",
+        "(tools.real_models) with natural-language tasks (real-model mode, scales real-*)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the scale's, 0 1 2)")
     parser.add_argument("--methods", nargs="+", choices=list(methods.REAL_METHODS), help="default: all")
@@ -340,9 +340,8 @@ def _run_real_jobs(jobs, workers, init_args, on_done):
 
 def _real_base_model(name: str, scale: dict, splits, device: str, report: dict):
     """A real pretrained model: where it starts on the eval prompts, and what its attention statistic measures."""
+    from tools.real_models import real_model_path
     from transformers import AutoTokenizer
-
-    from trl_sstoken.real_models import real_model_path
 
     from . import real_data, real_evaluate
     from .sft import load_real_model
@@ -434,9 +433,8 @@ def main(argv=None):
     seeds = args.seeds if args.seeds else scale["seeds"]
     real = args.model != "lab"
     if real:
+        from tools.real_models import real_model_path
         from transformers import AutoConfig
-
-        from trl_sstoken.real_models import real_model_path
 
         scale["model"] = args.model
         scale["num_layers"] = AutoConfig.from_pretrained(real_model_path(args.model)).num_hidden_layers

@@ -105,7 +105,7 @@ def training_args(scale: dict, seed: int, output_dir: str, device: str, override
 
 
 def load_real_model(path: str, device: str):
-    """A real pretrained model (trl_sstoken.real_models) in bf16: its stored dtype, and fast on AMX CPUs."""
+    """A real pretrained model (tools.real_models) in bf16: its stored dtype, and fast on AMX CPUs."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device)

@@ -11,7 +11,8 @@ depends on `history` and on how the model is held:
 
 A fixed `base` history can instead be precomputed once and read from disk (`CachedHistory`, `cache.py`): its
 building pass runs `AdapterDisabledHistory`, or with full fine-tuning `UntrainedModelHistory` (the model itself,
-before training, so no copy). `fingerprints.py` identifies what a cache was computed from.
+before training, so no copy). `fingerprints.py` identifies what a cache was computed from. `reference.py` holds
+the Rho-1 reference model (a second adapter or a separate model), which is read like a frozen history.
 """
 
 from transformers import TrainerCallback

@@ -10,7 +10,7 @@ metadata) instead of being read as garbage. The destination is checked when the 
 caching pass. Files are written to a temporary name (mode 0666 minus the umask) and renamed, so an interrupted pass
 never leaves a half-written cache behind.
 
-During training, the collator hook (`trl_sstoken.collator`) carries each example's index through TRL's shuffling
+During training, the collator hook (`trl_sstoken.data.collator`) carries each example's index through TRL's shuffling
 and collation, and `CachedHistory.log_probs` gathers the stored values into the batch's padded layout.
 """
 
@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..collator import EXAMPLE_IDS_KEY, TOKEN_EXAMPLE_KEY, pop_example_index
+from ..data.collator import EXAMPLE_IDS_KEY, TOKEN_EXAMPLE_KEY, pop_example_index
 from .base import History
 
 

@@ -317,7 +317,7 @@ class TrainedReference:
 
 def build_trained_reference(trainer) -> None:
     """Trains or reuses the adapter of `trainer._reference` (a `TrainedReference`), then loads it."""
-    from ..reference import ReferenceAdapter
+    from .reference import ReferenceAdapter
 
     reference = trainer._reference
     if not isinstance(reference, TrainedReference) or reference.ready:

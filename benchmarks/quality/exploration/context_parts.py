@@ -7,9 +7,8 @@ tokens attend to, per layer, from the scored token's own query (self) and from t
 import torch
 from examples import EXAMPLES
 from examples import build as build_example
+from tools.real_models import real_model_path
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from trl_sstoken.real_models import real_model_path
 
 
 torch.set_num_threads(2)

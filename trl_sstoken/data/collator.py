@@ -15,7 +15,7 @@ the model's forward (`pop_example_index`) and hands them to the history, which a
 
 import torch
 
-from .regions import TOKEN_EXAMPLE_KEY
+from ..selection.regions import TOKEN_EXAMPLE_KEY
 
 
 EXAMPLE_ID_COLUMN = "sstoken_example_id"

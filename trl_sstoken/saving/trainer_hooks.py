@@ -5,17 +5,13 @@
   run selects exactly as an uninterrupted one; resuming verifies the checkpoint first, and
   `resume_from_checkpoint=True` takes the last one that verifies;
 - the final artefact holds only what a user ships: the trained adapter (or model), the tokenizer, and a model card
-  with an ssToken section that records the method and its settings (`config_reference.py`).
+  with an ssToken section that records the method and its settings (`model_card.py`).
 """
 
-import os
-import shutil
-
+from ..history import is_peft_model
 from .checkpoints import adapters_loaded_in_place, checkpoint_settings, resolve_resume
 from .checkpoints import save_checkpoint as _save_checkpoint_safely
-from .config_reference import add_to_model_card
-from .history import is_peft_model
-from .model_card import CardNames, name_base_model_and_dataset
+from .model_card import write_model_card
 
 
 def save_checkpoint(trainer, write, trial) -> None:
@@ -39,19 +35,6 @@ def load_checkpoint(trainer, load, resume_from_checkpoint: str, model=None) -> N
         trainer._history.load_checkpoint(resume_from_checkpoint)
 
 
-def add_sstoken_section_to_card(trainer, names: CardNames | None = None) -> None:
-    """After TRL's `create_model_card`: add the ssToken section to the card it wrote into `args.output_dir`, and
-    state the base model and the dataset from `names` (model_card.py) instead of TRL's hub links."""
-    path = os.path.join(trainer.args.output_dir, "README.md")
-    if trainer.is_world_process_zero() and os.path.isfile(path):
-        with open(path, encoding="utf-8") as file:
-            card = file.read()
-        if names is not None:
-            card = name_base_model_and_dataset(card, names)
-        with open(path, "w", encoding="utf-8") as file:
-            file.write(add_to_model_card(card, trainer.args))
-
-
 def save_model(trainer, save, output_dir: str | None, _internal_call: bool) -> None:
     """`SSTokenTrainer.save_model`; `save` is `Trainer.save_model` bound to the trainer.
 
@@ -73,18 +56,7 @@ def save_model(trainer, save, output_dir: str | None, _internal_call: bool) -> N
             del peft_model.save_pretrained
     else:
         save(output_dir, _internal_call)
-    _write_model_card(trainer, output_dir)
-
-
-def _write_model_card(trainer, output_dir: str) -> None:
-    """TRL writes its card into `args.output_dir`; the saved artefact gets that card, with the ssToken section."""
-    if not trainer.is_world_process_zero():
-        return
-    trainer.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
-    card = os.path.join(trainer.args.output_dir, "README.md")
-    target = os.path.join(output_dir, "README.md")
-    if os.path.isfile(card) and os.path.abspath(card) != os.path.abspath(target):
-        shutil.copyfile(card, target)
+    write_model_card(trainer, output_dir)
 
 
 def _with_selected_adapters(save_pretrained, adapters):

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
-from .history.base import History, adapter_activated, fused_log_probs, parameter_bytes
+from .base import History, adapter_activated, fused_log_probs, parameter_bytes
 
 
 REFERENCE_ADAPTER = "reference"
