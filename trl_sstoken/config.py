@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .attention.capture import ATTENTION_SCORES
+from .bounded import bounded_repr
 from .selection.methods import METHODS, SELECTION_METHODS, selection_method_help
 
 
@@ -305,8 +306,8 @@ class SSTokenConfig(SFTConfig):
             raise ValueError(
                 f"selection_method={self.selection_method!r} needs exactly one reference: set reference_model (a "
                 "model path or hub id), reference_adapter (a LoRA adapter path) or reference_dataset (a clean set "
-                f"to train the reference adapter on); got reference_model={self.reference_model!r}, "
-                f"reference_adapter={self.reference_adapter!r}, "
+                f"to train the reference adapter on); got reference_model={bounded_repr(self.reference_model)}, "
+                f"reference_adapter={bounded_repr(self.reference_adapter)}, "
                 f"reference_dataset={describe_reference_dataset(self.reference_dataset)}."
             )
         if not method.kept_count_known and self.selection_loss_normalization == "selected":
@@ -323,8 +324,9 @@ class SSTokenConfig(SFTConfig):
             not isinstance(self.history_cache_dir, (str, os.PathLike)) or not str(self.history_cache_dir).strip()
         ):
             raise ValueError(
-                f"history_cache_dir={self.history_cache_dir!r} is not a directory path (an empty string would write "
-                "the cache into the current directory). Give a directory, or None to compute the history on the fly."
+                f"history_cache_dir={bounded_repr(self.history_cache_dir)} is not a directory path (an empty string "
+                "would write the cache into the current directory). Give a directory, or None to compute the history "
+                "on the fly."
             )
         if self.history_cache_dir is not None and self.history != "base":
             raise ValueError(
@@ -336,8 +338,8 @@ class SSTokenConfig(SFTConfig):
         _check_optimizer_fields(self)
         if self.loss_type != "nll":
             raise ValueError(
-                f"loss_type={self.loss_type!r} is not supported by SSTokenTrainer: its loss is the NLL of the selected "
-                "tokens, computed by the trainer itself. Use loss_type='nll' (the default); for DFT use "
+                f"loss_type={bounded_repr(self.loss_type)} is not supported by SSTokenTrainer: its loss is the NLL of "
+                "the selected tokens, computed by the trainer itself. Use loss_type='nll' (the default); for DFT use "
                 "selection_method='dft'."
             )
 
@@ -346,7 +348,8 @@ class SSTokenConfig(SFTConfig):
         _check_integer("reference_max_steps", self.reference_max_steps, minimum=1)
         if not isinstance(self.reference_dataset_split, str) or not self.reference_dataset_split.strip():
             raise ValueError(
-                f"reference_dataset_split must be a split name such as 'train', got {self.reference_dataset_split!r}."
+                "reference_dataset_split must be a split name such as 'train', got "
+                f"{bounded_repr(self.reference_dataset_split)}."
             )
         value = self.reference_dataset
         if value is None:
@@ -469,21 +472,25 @@ def as_sstoken_config(model, args) -> SSTokenConfig:
 
 def _check_choice(name, value, allowed):
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(repr, allowed))}.")
+        raise ValueError(
+            f"{name}={bounded_repr(value)} is not supported; allowed values: {', '.join(map(repr, allowed))}."
+        )
 
 
 def _check_number(name, value, allowed_text, is_allowed):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number {allowed_text}, got {value!r} ({type(value).__name__}).")
+        raise ValueError(
+            f"{name} must be a number {allowed_text}, got {bounded_repr(value)} ({type(value).__name__})."
+        )
     if not is_allowed(value):
-        raise ValueError(f"{name}={value!r} is out of range; it must be {allowed_text}.")
+        raise ValueError(f"{name}={bounded_repr(value)} is out of range; it must be {allowed_text}.")
 
 
 def _check_integer(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+        raise ValueError(f"{name} must be an integer, got {bounded_repr(value)} ({type(value).__name__}).")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name}={value!r} is out of range; it must be an integer >= {minimum}.")
+        raise ValueError(f"{name}={bounded_repr(value)} is out of range; it must be an integer >= {minimum}.")
 
 
 def _check_optimizer_fields(args) -> None:

@@ -18,6 +18,7 @@ import difflib
 import os
 import sys
 
+from ..bounded import bounded_repr, bounded_text
 from .arguments import (
     DEMO_DEFAULTS,
     INSPECT_DEFAULTS,
@@ -83,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         suggestion = difflib.get_close_matches(command, COMMANDS, n=1)
         hint = f" Did you mean {suggestion[0]!r}?" if suggestion else ""
-        print(f"{PROG}: error: unknown command {command!r}; allowed: {', '.join(COMMANDS)}.{hint}", file=sys.stderr)
+        print(
+            f"{PROG}: error: unknown command {bounded_repr(command)}; allowed: {', '.join(COMMANDS)}.{hint}",
+            file=sys.stderr,
+        )
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = make_parser(command)
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # bad flag values: from our checks, the config dataclasses and the trainer's checks
         if os.environ.get("TRL_SSTOKEN_TRACEBACK"):
             raise
-        print(f"{PROG} {command}: error: {_with_flag_hint(str(error), parser)}", file=sys.stderr)
+        # bounded: a message may echo a value from the YAML, and the flag hint searches it once per flag
+        print(f"{PROG} {command}: error: {_with_flag_hint(bounded_text(str(error)), parser)}", file=sys.stderr)
         print("(set TRL_SSTOKEN_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         return 2
     except RuntimeError as error:  # a diverged run (divergence.py): its message, no traceback, exit status 1

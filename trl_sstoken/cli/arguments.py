@@ -1,11 +1,12 @@
 """The arguments of the `trl-sstoken` commands: their dataclasses and defaults, the `--config` YAML, and the checks
 that every flag and YAML key exists (with the closest flag when not) and that names the flags a dataclass check
-complained about."""
+complained about. The YAML file itself is read within limits by `config_file`."""
 
 import difflib
-import os
 import re
 from dataclasses import dataclass, field
+
+from .config_file import read_config_file
 
 
 PROG = "trl-sstoken"
@@ -93,7 +94,7 @@ def explicit_settings(args: list[str]) -> set[str]:
     if "--config" in args:
         index = args.index("--config")
         if index + 1 < len(args):
-            names.update(_read_yaml_config(args[index + 1]))
+            names.update(read_config_file(args[index + 1]))
     for item in args:
         if item.startswith("--") and item != "--config":
             name = item[2:].split("=", 1)[0].replace("-", "_")
@@ -109,7 +110,7 @@ def parse_command_args(parser, args: list[str]):
         index = args.index("--config")
         if index + 1 >= len(args):
             raise ValueError("--config needs the path of a YAML file.")
-        config_keys = list(_read_yaml_config(args[index + 1]))
+        config_keys = list(read_config_file(args[index + 1]))
         rest = args[:index] + args[index + 2 :]
     else:
         rest = args
@@ -127,29 +128,6 @@ def parse_command_args(parser, args: list[str]):
             f"unknown flag(s) or stray value(s): {'; '.join(messages)} See `{parser.prog} --help` for every flag."
         )
     return parser.parse_args_and_config(args)
-
-
-def _read_yaml_config(path: str) -> dict:
-    import yaml
-
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path!r}: no such file. Pass the path of a YAML file whose keys are flag names.")
-    with open(path) as file:
-        try:
-            config = yaml.safe_load(file)
-        except yaml.YAMLError as error:  # one line with file, line and column, not a parser traceback
-            mark = getattr(error, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            context = getattr(error, "context", None)
-            raise ValueError(
-                f"--config {where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
-            ) from None
-    if not isinstance(config, dict):
-        raise ValueError(
-            f"--config {path!r} must hold a YAML mapping of flag names to values, got {type(config).__name__}."
-        )
-    return config
 
 
 def _check_at_least(flag: str, value: int, minimum: int):
