@@ -44,3 +44,38 @@ def test_a_model_built_in_memory_without_arguments(make_trainer):
 def test_what_counts_as_a_hub_id(tmp_path):
     assert is_hub_id("Qwen/Qwen2.5-0.5B") and is_hub_id("gpt2")
     assert not any(is_hub_id(name) for name in (None, "", str(tmp_path), "./model", "a/b/c", "data/train.jsonl"))
+
+
+def _section(tmp_path, method, **fields):
+    from trl_sstoken import SSTokenConfig
+    from trl_sstoken.saving.model_card import model_card_section
+
+    config = SSTokenConfig(output_dir=str(tmp_path), selection_method=method, report_to="none", use_cpu=True, bf16=False, **fields)
+    return model_card_section(config).split("| Setting |")[0]  # the prose, without the settings table
+
+
+def test_the_card_states_what_each_method_ranked_by(tmp_path):
+    """The card's sentence comes from the method: sstoken's formula only for sstoken, with the run's numbers."""
+    cases = {
+        ("sstoken", ()): ["top 0.6 of every response's tokens", "`0.5 * minmax(REL) + 0.5 * attention`", "'base'"],
+        ("sstoken", (("selection_gamma", 0.7), ("attention_score", "position_corrected"))): [
+            "`0.7 * minmax(REL) + 0.3 * attention`",
+            "attention_score='position_corrected'",
+        ],
+        ("rel", (("history", "ema"),)): ["ranked by REL alone", "history='ema'"],
+        ("attention", ()): ["ranked by attention to the prompt", "alone"],
+        ("random", (("selection_ratio", 0.3),)): ["uniform random 0.3 of every response's tokens"],
+        ("full", ()): ["every response token (plain SFT"],
+        ("rho1", (("reference_model", "gpt2"),)): ["excess loss", "reference model `gpt2`", "micro-batch"],
+        ("profit", (("profit_threshold", 0.4), ("selection_loss_normalization", "all"))): [
+            "current probability is at least 0.4"
+        ],
+        ("dft", ()): ["every response token", "weighted by its detached probability"],
+    }
+    for (method, fields), expected in cases.items():
+        text = _section(tmp_path, method, **dict(fields))
+        assert f"selection_method='{method}'" in text
+        for phrase in expected:
+            assert phrase in text, (method, phrase, text)
+        assert ("minmax(REL)" in text) == (method == "sstoken"), (method, text)
+        assert ("REL" in text) == (method in ("sstoken", "rel")), (method, text)

@@ -2,7 +2,8 @@
 hub ids.
 
 `add_to_model_card` inserts the section that records the method and every ssToken setting (read off
-`SSTokenConfig`'s fields, `config.sstoken_fields`).
+`SSTokenConfig`'s fields, `config.sstoken_fields`); what the method trained on is the method's own sentence
+(`SelectionMethod.describe`), so the card is right for every registered method.
 
 TRL's card template links `https://huggingface.co/{base_model}` and `.../datasets/{dataset_name}` whatever they
 are, and writes `None` where a name is missing: "Model Card for None" without `model_name`, "a fine-tuned version of
@@ -19,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ..config import SSTokenConfig, sstoken_fields
 from ..loading import looks_like_a_path
+from ..selection.methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,11 @@ def model_card_section(args: SSTokenConfig) -> str:
     except PackageNotFoundError:
         package = "trl-sstoken"
     rows = "\n".join(f"| `{field.name}` | {_card_value(getattr(args, field.name))} |" for field in sstoken_fields())
+    method = METHODS[args.selection_method](args)
     return (
         "## ssToken token selection\n\n"
-        f"This model was fine-tuned with ssToken token selection ({package}): each training step trained on the "
-        "top `selection_ratio` of every response's tokens, ranked by `selection_gamma * minmax(REL) + "
-        "(1 - selection_gamma) * attention to the prompt`, where REL is the retrospective excess loss against the "
-        "`history` model ([Qin et al., 2025](https://arxiv.org/abs/2510.18250)). Evaluation losses are plain NLL over "
-        "every response token.\n\n"
+        f"This model was fine-tuned with {package}, `selection_method={args.selection_method!r}`: each training step "
+        f"trained on {method.describe()}. Evaluation losses are plain NLL over every response token.\n\n"
         "| Setting | Value |\n|---|---|\n"
         f"{rows}\n"
     )

@@ -95,6 +95,11 @@ class SelectionMethod:
         """The weight of each token's NLL in the loss, (B, T-1) in `log_probs`' dtype: 1 on kept tokens, else 0."""
         return keep.to(log_probs.dtype)
 
+    def describe(self) -> str:
+        """What a run of this method trained on and ranked by, with this run's numbers: the model card's sentence
+        (completes "each training step trained on ..."). The default restates `description`."""
+        return f"the tokens the `{self.name}` method selects: {self.description}"
+
 
 METHODS: dict[str, type[SelectionMethod]] = {}
 
@@ -138,6 +143,26 @@ class ScoredMethod(PerSequenceTopK):
 
     def check_context(self, num_without_context: int) -> None:
         """Sequences without any context have no attention score: by default they are selected by REL alone."""
+
+    def describe(self) -> str:
+        gamma = self.args.selection_gamma if self.gamma is None else self.gamma
+        attention = f"attention to the prompt (`attention_score={self.args.attention_score!r}`)"
+        if gamma == 1:
+            ranking = "REL alone"
+        elif gamma == 0:
+            ranking = f"{attention} alone"
+        else:
+            ranking = f"`{gamma:g} * minmax(REL) + {1 - gamma:g} * attention` (attention to the prompt, "
+            ranking += f"`attention_score={self.args.attention_score!r}`)"
+        text = f"the top {self.ratio:g} of every response's tokens, ranked by {ranking}"
+        if self.needs_history and gamma > 0:
+            text += (
+                f", where REL is the retrospective excess loss against the history model (`history={self.args.history!r}`) "
+                "([Qin et al., 2025](https://arxiv.org/abs/2510.18250))"
+            )
+            if self.args.attention_warmup_ratio > 0:
+                text += f"; the first {self.args.attention_warmup_ratio:g} of the steps ranked by attention alone"
+        return text
 
     def select(self, signals: Signals, regions: Regions, plan: StepPlan):
         response = regions.sequence_response  # (S, L)
@@ -190,6 +215,9 @@ class RandomSubset(PerSequenceTopK):
         keep = select_random(regions.sequence_response, self.ratio, signals.generator)
         return regions.to_predictions(keep, False), None
 
+    def describe(self) -> str:
+        return f"a uniform random {self.ratio:g} of every response's tokens (a control: no score)"
+
 
 @register
 class Full(SelectionMethod):
@@ -198,6 +226,9 @@ class Full(SelectionMethod):
 
     def select(self, signals: Signals, regions: Regions, plan: StepPlan):
         return regions.response, None
+
+    def describe(self) -> str:
+        return "every response token (plain SFT, no selection)"
 
 
 @register
@@ -215,6 +246,19 @@ class Rho1(SelectionMethod):
     def select(self, signals: Signals, regions: Regions, plan: StepPlan):
         return top_k_per_batch(signals.excess_loss, regions.response, self.ratio), None
 
+    def describe(self) -> str:
+        args = self.args
+        if args.reference_model is not None:
+            reference = f"the reference model `{args.reference_model}`"
+        elif args.reference_adapter is not None:
+            reference = f"the reference adapter `{args.reference_adapter}`"
+        else:
+            reference = "a reference adapter trained on `reference_dataset` first"
+        return (
+            f"the top {self.ratio:g} of each micro-batch's response tokens, ranked by Rho-1's excess loss "
+            f"`L_current - L_reference` against {reference}"
+        )
+
 
 @register
 class ProFit(SelectionMethod):
@@ -225,6 +269,9 @@ class ProFit(SelectionMethod):
     def select(self, signals: Signals, regions: Regions, plan: StepPlan):
         return select_by_probability(signals.current_logps, regions.response, self.args.profit_threshold), None
 
+    def describe(self) -> str:
+        return f"the response tokens whose current probability is at least {self.args.profit_threshold:g} (ProFit)"
+
 
 @register
 class DFT(Full):
@@ -233,6 +280,9 @@ class DFT(Full):
 
     def token_weights(self, log_probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return probability_weights(log_probs, keep).to(log_probs.dtype)
+
+    def describe(self) -> str:
+        return "every response token, each token's NLL weighted by its detached probability (DFT)"
 
 
 SELECTION_METHODS = tuple(METHODS)
