@@ -50,7 +50,9 @@ def _section(tmp_path, method, **fields):
     from trl_sstoken import SSTokenConfig
     from trl_sstoken.saving.model_card import model_card_section
 
-    config = SSTokenConfig(output_dir=str(tmp_path), selection_method=method, report_to="none", use_cpu=True, bf16=False, **fields)
+    config = SSTokenConfig(
+        output_dir=str(tmp_path), selection_method=method, report_to="none", use_cpu=True, bf16=False, **fields
+    )
     return model_card_section(config).split("| Setting |")[0]  # the prose, without the settings table
 
 
