@@ -6,7 +6,7 @@ from conftest import lora_config
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from trl_sstoken.history.fingerprints import model_fingerprint
+from trl_sstoken.history.fingerprints import model_fingerprint, tokenizer_fingerprint
 from trl_sstoken.tiny import build_tiny_model
 
 
@@ -84,3 +84,17 @@ def test_quantized_weights_are_hashed_as_stored(tmp_path, tokenizer, quantizatio
     if quantization == "nf4":  # the quantization state is part of the weight too
         again.model.layers[0].mlp.up_proj.weight.quant_state.absmax[0] *= 2
         assert model_fingerprint(again) != model_fingerprint(load())
+
+
+def test_the_tokenizer_fingerprint_ignores_the_last_padding_and_truncation_call(tiny_model_dir):
+    """A fast tokenizer keeps the padding and truncation settings of its last call in its backend; they do not change
+    how text becomes ids, so a tokenizer used for a padded batch (e.g. generation) still matches its cache/reference.
+    Before the fix the fingerprint changed after such a call and a valid Rho-1 reference was refused."""
+    from trl_sstoken.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    fresh = tokenizer_fingerprint(tokenizer)
+    tokenizer(["what is", "what is two plus three"], padding=True, truncation=True, max_length=3)
+    assert tokenizer_fingerprint(tokenizer) == fresh
+    tokenizer.add_tokens(["a-new-token"])
+    assert tokenizer_fingerprint(tokenizer) != fresh  # what does change the ids still changes the fingerprint

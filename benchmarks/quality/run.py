@@ -30,6 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from trl_sstoken.compare.stats import mean_std  # noqa: E402  (shared with `trl-sstoken compare`)
+
 from . import base_model, data, evaluate, methods, noise, tasks  # noqa: E402
 from .scales import SCALES  # noqa: E402
 
@@ -267,15 +269,6 @@ def run_jobs(jobs: list[dict], workers: int, init_args: tuple, on_done) -> list[
 # ----- aggregation -----
 
 
-def _mean_std(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-        "values": values,
-    }
-
-
 def summarize(runs: list[dict]) -> dict:
     """Mean and standard deviation over seeds of every (group, name, data) cell."""
     cells: dict = {}
@@ -288,10 +281,10 @@ def summarize(runs: list[dict]) -> dict:
         cell.sort(key=lambda r: r["seed"])
         result = {
             "seeds": [r["seed"] for r in cell],
-            "exact_match": _mean_std([r["result"]["exact_match"]["overall"] for r in cell]),
-            "strict_match": _mean_std([r["result"]["strict_match"]["overall"] for r in cell]),
+            "exact_match": mean_std([r["result"]["exact_match"]["overall"] for r in cell]),
+            "strict_match": mean_std([r["result"]["strict_match"]["overall"] for r in cell]),
             "exact_match_by_family": {
-                family: _mean_std([r["result"]["exact_match"][family] for r in cell]) for family in tasks.FAMILIES
+                family: mean_std([r["result"]["exact_match"][family] for r in cell]) for family in tasks.FAMILIES
             },
             "kept_fraction_by_kind": {
                 kind: statistics.fmean(r["result"]["selection"]["kept_fraction_by_kind"].get(kind, 0.0) for r in cell)
@@ -317,8 +310,8 @@ def _real_cell_metrics(cell: list[dict]) -> dict:
         deciles.append(statistics.fmean(values) if values else None)
     attention = [r["result"]["attention"] for r in cell]
     return {
-        "answer_nll": _mean_std([r["result"]["answer_nll"] for r in cell]),
-        "response_nll": _mean_std([r["result"]["response_nll"] for r in cell]),
+        "answer_nll": mean_std([r["result"]["answer_nll"] for r in cell]),
+        "response_nll": mean_std([r["result"]["response_nll"] for r in cell]),
         "kept_fraction_by_position_decile": deciles,
         "sink_share_of_context_mass": statistics.fmean(a["sink_share_of_context_mass"] for a in attention),
         "train_wall_seconds_mean": statistics.fmean(r["result"]["train_wall_seconds"] for r in cell),

@@ -1,8 +1,9 @@
-"""`trl-sstoken`: the console script. Three commands, all built on TRL's `TrlParser`:
+"""`trl-sstoken`: the console script. Four commands, all built on TRL's `TrlParser`:
 
     trl-sstoken train   --config run.yaml [--any_flag value ...]    # like `trl sft`, with ssToken selection
     trl-sstoken demo    [--output_dir sstoken-demo]                  # offline: tiny model, bundled data, a report
     trl-sstoken inspect --model_name_or_path M [--adapter_path A] --dataset_name D [--report_path r.html]
+    trl-sstoken compare --config run.yaml --methods full sstoken rho1 --eval_dataset_name E   # which is best here
 
 Each command takes a YAML file through `--config` (its keys are the flag names) and every flag on the command line
 overrides it. `train` accepts every flag of `trl sft` (TRL's `ScriptArguments`, `SFTConfig`, `ModelConfig`,
@@ -10,8 +11,8 @@ overrides it. `train` accepts every flag of `trl sft` (TRL's `ScriptArguments`, 
 `accelerate launch --config_file multi_gpu.yaml -m trl_sstoken.cli train --config run.yaml`.
 
 This module is the dispatch; each job has its module: `arguments` (the argument dataclasses, `--config` YAML and
-flag checks), `devices` (device and precision on a machine without a GPU), `train`, `inspect` and `demo` (one
-command each). Heavy imports (torch, TRL) stay inside functions, so `trl-sstoken --help` answers at once.
+flag checks), `devices` (device and precision on a machine without a GPU), `train`, `inspect`, `demo` and
+`compare` (one command each). Heavy imports (torch, TRL) stay inside functions, so `trl-sstoken --help` answers at once.
 """
 
 import difflib
@@ -30,6 +31,8 @@ from .arguments import (
     explicit_settings,
     parse_command_args,
 )
+from .compare import main as run_compare
+from .compare import make_parser as compare_parser
 from .demo import run_demo
 from .devices import _device_note, choose_device_defaults
 from .inspect import run_inspect
@@ -40,6 +43,8 @@ COMMANDS = {
     "train": "Fine-tune a model with ssToken token selection (every `trl sft` flag, plus the ssToken fields).",
     "demo": "Offline demo: fine-tune a tiny local model on the bundled dataset and write a selection report.",
     "inspect": "Score and select the tokens of a dataset with a model/adapter, without training; write an HTML page.",
+    "compare": "Train several selection methods on your data (same model, seed, data order), compare them on a "
+    "trusted evaluation set: table, plot, JSON, selection reports.",
 }
 
 
@@ -61,6 +66,8 @@ def make_parser(command: str):
         )
         parser.set_defaults(**INSPECT_DEFAULTS)
         return parser
+    if command == "compare":
+        return compare_parser(prog)
     if command == "demo":
         parser = TrlParser((DemoArguments, SSTokenConfig), prog=prog)
         parser.set_defaults(**DEMO_DEFAULTS)
@@ -97,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         parsed = parse_command_args(parser, rest)
         if chosen:
             print(_device_note(command, parsed[1], chosen))
-        runner = {"train": run_train, "demo": run_demo, "inspect": run_inspect}[command]
-        runner(*parsed)
+        if command == "compare":
+            run_compare(*parsed, argv=rest)
+        else:
+            {"train": run_train, "demo": run_demo, "inspect": run_inspect}[command](*parsed)
     except ValueError as error:  # bad flag values: from our checks, the config dataclasses and the trainer's checks
         if os.environ.get("TRL_SSTOKEN_TRACEBACK"):
             raise

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from ..config import SSTokenConfig
+
 
 @dataclass
 class CompareArguments:
@@ -53,3 +55,19 @@ class CompareArguments:
         default=16,
         metadata={"help": "Examples in each selecting method's selection report (0: no reports). At least 0."},
     )
+
+
+@dataclass
+class ComparedTrainingConfig(SSTokenConfig):
+    """`train`'s config as `compare` reads it. Each candidate sets its own `selection_method`, so the checks that tie a
+    method to its settings (a rho1 reference, ProFit's normalisation) run per candidate when the runs are planned
+    (`runner.plan_runs`, before anything loads); here a given reference is checked as rho1 would check it."""
+
+    def _validate_selection_fields(self):
+        given = self.selection_method
+        references = (self.reference_model, self.reference_adapter, self.reference_dataset)
+        self.selection_method = "rho1" if any(value is not None for value in references) else "full"
+        try:
+            super()._validate_selection_fields()
+        finally:
+            self.selection_method = given

@@ -48,7 +48,10 @@ class Run:
 
 
 def plan_runs(training_args, candidates: list[Candidate], seeds: list[int]) -> list[Run]:
-    """Every run's config, built and validated now (seed-major: a finished seed completes a table)."""
+    """Every run's config, an `SSTokenConfig` built and validated now (seed-major: a finished seed completes a
+    table)."""
+    from ..config import SSTokenConfig
+
     runs = []
     for seed in seeds:
         for candidate in candidates:
@@ -56,8 +59,9 @@ def plan_runs(training_args, candidates: list[Candidate], seeds: list[int]) -> l
             changes = dict(candidate.overrides, seed=seed, output_dir=folder)
             if candidate.method != "rho1":  # a reference only goes with rho1 (the config refuses it otherwise)
                 changes.update({name: None for name in REFERENCE_FIELDS if getattr(training_args, name) is not None})
+            values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(SSTokenConfig) if f.init}
             try:
-                args = dataclasses.replace(training_args, **changes)
+                args = SSTokenConfig(**{**values, **changes})
             except ValueError as error:
                 raise ValueError(f"--methods {candidate.label!r}: {error}") from None
             runs.append(Run(candidate, seed, args, folder))
@@ -145,7 +149,7 @@ def load_inputs(script_args, training_args, model_args, dataset_args, loading_ar
 
 def run_comparison(script_args, training_args, model_args, dataset_args, loading_args, compare_args, argv) -> dict:
     """The whole comparison; returns the JSON record it wrote."""
-    from ..cli import _require_model
+    from ..cli.train import _require_model
 
     start = time.time()
     _require_model(model_args)
@@ -221,8 +225,8 @@ def _train_and_evaluate(run, model_args, tokenizer, train_dataset, eval_dataset,
                         prompts, references, need_base, key, command) -> dict:  # fmt: skip
     from trl import get_quantization_config
 
-    from ..cli import _model_init_kwargs, peft_config_from
-    from ..report import collect_examples, report_settings, special_tokens_of, write_report
+    from ..cli.train import _model_init_kwargs, peft_config_from
+    from ..report.collect import collect_examples, report_settings, special_tokens_of, write_report
     from ..trainer import SSTokenTrainer
 
     start = time.time()

@@ -34,7 +34,7 @@ class Candidate:
 def parse_candidates(specs: list[str]) -> list[Candidate]:
     """The candidates of `--methods`, in order; an error names the entry and says what is allowed."""
     from ..config import SSTokenConfig
-    from ..methods import SELECTION_METHODS
+    from ..selection.methods import SELECTION_METHODS
 
     if not specs:
         raise ValueError("--methods needs at least one candidate, e.g. --methods full sstoken rho1.")

@@ -48,7 +48,7 @@ def table_rows(summary: dict, base_nll: float | None) -> tuple[list[str], list[l
     metric_keys = sorted({k for cell in summary.values() for k in cell if k.startswith("metric:")})
     header = ["candidate", "seeds", "response NLL (lower is better)"]
     header += [f"{key[7:]} (higher is better)" for key in metric_keys]
-    header += ["tokens trained on", "train s / run", "vs the first candidate"]
+    header += ["tokens trained on", "train s / run", "vs the first candidate (difference: verdict)"]
     rows = []
     if base_nll is not None:
         rows.append(["base model (no training)", "-", f"{base_nll:.3f}", *["-"] * len(metric_keys), "-", "-", "-"])
@@ -66,7 +66,7 @@ def table_rows(summary: dict, base_nll: float | None) -> tuple[list[str], list[l
             *[_pm(cell[key]) if key in cell else "-" for key in metric_keys],
             f"{100 * fraction:.0f}%" if fraction is not None else "-",
             f"{cell['train_seconds']['mean']:.0f}",
-            "; ".join(verdicts) if verdicts else ("(the reference row)" if label == first else "-"),
+            "; ".join(verdicts) if verdicts else ("(baseline: the first candidate)" if label == first else "-"),
         ])  # fmt: skip
     return header, rows
 

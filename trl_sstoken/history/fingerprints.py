@@ -52,11 +52,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     payload = {
         "class": type(tokenizer).__name__,
-        "backend": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+        "backend": _backend_rules(backend) if backend is not None else sorted(tokenizer.get_vocab().items()),
         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
         "chat_template": getattr(tokenizer, "chat_template", None),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _backend_rules(backend) -> dict:
+    """A fast tokenizer's serialised rules without `padding` and `truncation`: the backend keeps the settings of its
+    last call there (a padded batch, a truncated one), which say nothing about how text becomes ids."""
+    rules = json.loads(backend.to_str())
+    rules.pop("padding", None)
+    rules.pop("truncation", None)
+    return rules
 
 
 def dataset_fingerprint(dataset, columns=("input_ids", "labels", "seq_lengths")) -> str:

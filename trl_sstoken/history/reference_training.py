@@ -132,6 +132,7 @@ def training_config(args, output_dir: str):
         report_to="none",
         push_to_hub=False,
         resume_from_checkpoint=None,
+        model_init_kwargs=None,  # the model is already built
         logging_steps=max(1, args.reference_max_steps // 4),
     )
 

@@ -1,0 +1,21 @@
+"""`trl-sstoken compare`: `train`'s config and flags, plus the candidates, seeds, evaluation set and metric
+(`trl_sstoken/compare/`)."""
+
+
+def make_parser(prog: str):
+    """`train`'s dataclasses, with the config read as `ComparedTrainingConfig` (each candidate sets its own
+    selection method), then `CompareArguments`."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from ..compare.arguments import CompareArguments, ComparedTrainingConfig
+    from .arguments import LoadingArguments
+
+    dataclasses = (ScriptArguments, ComparedTrainingConfig, ModelConfig, DatasetMixtureConfig, LoadingArguments)
+    return TrlParser((*dataclasses, CompareArguments), prog=prog)
+
+
+def main(script_args, training_args, model_args, dataset_args, loading_args, compare_args, argv=()):
+    """Trains every candidate of --methods on every seed and compares them on the evaluation set."""
+    from ..compare.runner import run_comparison
+
+    return run_comparison(script_args, training_args, model_args, dataset_args, loading_args, compare_args, list(argv))
