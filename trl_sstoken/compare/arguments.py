@@ -11,7 +11,7 @@ class CompareArguments:
     folder, with one subfolder per run."""
 
     methods: list[str] = field(
-        default_factory=lambda: ["full", "sstoken", "rho1"],
+        default_factory=lambda: ["full", "sstoken"],
         metadata={
             "help": "The candidates, each a selection method optionally with settings: full sstoken rho1 "
             "'sstoken:selection_ratio=0.8,selection_gamma=0.25'. The first one is the row the others are compared "
@@ -37,7 +37,7 @@ class CompareArguments:
         default=None,
         metadata={
             "help": "Train every candidate on a sample of the training set: a fraction in (0, 1) (e.g. 0.05 for "
-            "5%) or a number of examples (>= 1). The same sample (fixed seed) for every run."
+            "5%%) or a number of examples (>= 1). The same sample (fixed seed) for every run."
         },
     )
     metric: str | None = field(

@@ -120,7 +120,7 @@ def run_key(run: Run, data_identity: dict, metric: str | None) -> dict:
 
 def load_inputs(script_args, training_args, model_args, dataset_args, loading_args, compare_args):
     """Tokenizer, training set (sampled) and evaluation set, as `train` loads them."""
-    from ..loading import load_sft_datasets, load_tokenizer, pick_split
+    from ..loading import UsageError, load_sft_datasets, load_tokenizer, pick_split
 
     datasets = load_sft_datasets(
         script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split, mixture=dataset_args
@@ -134,7 +134,10 @@ def load_inputs(script_args, training_args, model_args, dataset_args, loading_ar
             )
         eval_dataset = pick_split(datasets, compare_args.eval_split, "--eval_split")
     else:
-        eval_sets = load_sft_datasets(compare_args.eval_dataset_name, train_split=compare_args.eval_split)
+        try:
+            eval_sets = load_sft_datasets(compare_args.eval_dataset_name, train_split=compare_args.eval_split)
+        except UsageError as error:
+            raise UsageError(str(error).replace("--dataset_name", "--eval_dataset_name")) from None
         eval_dataset = pick_split(eval_sets, compare_args.eval_split, "--eval_split")
     if compare_args.eval_num_examples is not None:
         eval_dataset = eval_dataset.select(range(min(compare_args.eval_num_examples, len(eval_dataset))))
