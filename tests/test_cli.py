@@ -175,7 +175,10 @@ def test_unknown_yaml_keys_and_commands_are_errors(tmp_path, capsys):
     assert cli.main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml': no such file" in capsys.readouterr().err
     assert cli.main(["trian"]) == 2
-    assert "unknown command 'trian'; allowed: train, demo, inspect, compare. Did you mean 'train'?" in capsys.readouterr().err
+    assert (
+        "unknown command 'trian'; allowed: train, demo, inspect, compare. Did you mean 'train'?"
+        in capsys.readouterr().err
+    )
     assert cli.main([]) == 2 and "commands:" in capsys.readouterr().out
     assert cli.main(["--help"]) == 0
 
