@@ -138,6 +138,9 @@ def test_train_accepts_dataset_mixtures_from_the_yaml(tmp_path, tiny_model_dir, 
         (["--model_name_or_path", "./no/such/model"], ["--model_name_or_path './no/such/model'", "no such folder"]),
         (["--selection_method", "rho1"], ["selection_method='rho1' needs exactly one reference", "--reference_model"]),
         (["--attention_chunk_size", "0"], ["attention_chunk_size=0", ">= 1", "flags: --attention_chunk_size"]),
+        (["--max_length", "-5"], ["max_length=-5", ">= 1", "--max_length"]),  # was accepted, sequences cut
+        (["--gradient_accumulation_steps", "0"], ["gradient_accumulation_steps=0", ">= 1"]),  # ZeroDivisionError
+        (["--seed", "-1"], ["seed=-1", "[0, 4294967295]", "--seed"]),  # numpy's error, naming no flag
     ],
 )
 def test_bad_values_fail_early_naming_the_flag(tmp_path, tiny_model_dir, jsonl_file, capsys, overrides, expected):
@@ -181,6 +184,63 @@ def test_unknown_yaml_keys_and_commands_are_errors(tmp_path, capsys):
     )
     assert cli.main([]) == 2 and "commands:" in capsys.readouterr().out
     assert cli.main(["--help"]) == 0
+
+
+@pytest.fixture
+def nothing_loaded(monkeypatch):
+    """Fails the test if the CLI loads a dataset or a tokenizer (the model is loaded after both)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the command loaded data or a tokenizer before refusing its arguments")
+
+    monkeypatch.setattr("trl_sstoken.loading.load_sft_datasets", refuse)
+    monkeypatch.setattr("trl_sstoken.loading.load_tokenizer", refuse)
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        # was a raw numpy TypeError after loading
+        ("seed", 1.5, "seed: 1.5 is not an integer; --seed takes an integer."),
+        # was PEFT's raw "unhashable type: 'list'" after loading
+        (
+            "lora_target_modules",
+            [["q_proj"], "v_proj"],
+            "lora_target_modules: item 0 of the list is a list, ['q_proj']; --lora_target_modules takes a list of",
+        ),
+        ("selection_method", ["rel", "attention"], "selection_method: ['rel', 'attention'] is a list;"),
+        ("learning_rate", True, "learning_rate: True is a boolean, not a number"),
+    ],
+)
+def test_yaml_values_of_the_wrong_shape_are_refused_before_loading(
+    tmp_path, tiny_model_dir, jsonl_file, capsys, nothing_loaded, key, value, expected
+):
+    settings = train_settings(tiny_model_dir, jsonl_file, tmp_path / "out", **{key: value})
+    assert cli.main(["train", "--config", str(write_yaml(tmp_path / "run.yaml", settings))]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"trl-sstoken train: error: --config '{tmp_path / 'run.yaml'}': ")
+    assert expected in error
+
+
+def test_yaml_values_that_fit_their_fields_are_accepted(tmp_path, tiny_model_dir, jsonl_file, monkeypatch):
+    """The value check refuses only what cannot work: lists for list fields, mappings for dict fields, integers for
+    float fields, the `datasets:` mixture and `env:` mapping all pass."""
+    settings = train_settings(
+        tiny_model_dir,
+        jsonl_file,
+        tmp_path / "out",
+        lora_target_modules=["q_proj", "v_proj"],
+        learning_rate=1,
+        model_init_kwargs={"dtype": "float32"},
+        report_to=["none"],
+        env={"SSTOKEN_TEST_VARIABLE": 1},
+    )
+    monkeypatch.setenv("SSTOKEN_TEST_VARIABLE", "0")  # restored after the test; TRL sets it from `env:`
+    parser = cli.make_parser("train")
+    parsed = cli.parse_command_args(parser, ["--config", str(write_yaml(tmp_path / "run.yaml", settings))])
+    training_args, model_args = parsed[1], parsed[2]
+    assert model_args.lora_target_modules == ["q_proj", "v_proj"] and training_args.learning_rate == 1
+    assert os.environ["SSTOKEN_TEST_VARIABLE"] == "1"
 
 
 def test_bad_values_from_the_yaml_are_caught_too(tmp_path, capsys):

@@ -111,6 +111,35 @@ def test_trl_loss_types_other_than_nll_are_refused(tmp_path, method):
         make(tmp_path, loss_type="dft", selection_method=method)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("max_length", -5, ">= 1"),  # was accepted: every sequence silently cut by 5 tokens from its end
+        ("max_length", 0, ">= 1"),
+        ("max_length", 64.0, "integer"),
+        ("gradient_accumulation_steps", 0, ">= 1"),  # was a ZeroDivisionError when training started
+        ("gradient_accumulation_steps", 1.5, "integer"),
+        ("per_device_train_batch_size", 0, ">= 1"),
+        ("per_device_eval_batch_size", -1, ">= 1"),
+        ("seed", 1.5, "integer"),  # was a raw numpy TypeError naming no field
+        ("seed", -1, r"\[0, 4294967295\]"),  # was numpy's "Seed must be between 0 and 2**32 - 1"
+        ("seed", 2**32, r"\[0, 4294967295\]"),
+        ("data_seed", 0.5, "integer"),
+    ],
+)
+def test_training_fields_tried_only_after_loading_are_checked_at_construction(tmp_path, field, value, allowed):
+    with pytest.raises(ValueError, match=rf"^{field}(=| must)") as error:
+        make(tmp_path, **{field: value})
+    assert repr(value) in str(error.value)
+    assert pytest.importorskip("re").search(allowed, str(error.value))
+
+
+def test_the_edges_of_the_training_field_ranges_are_accepted(tmp_path):
+    config = make(tmp_path, max_length=None, seed=0, data_seed=2**32 - 1, gradient_accumulation_steps=1)
+    assert (config.max_length, config.seed, config.data_seed) == (None, 0, 2**32 - 1)
+    assert make(tmp_path, max_length=1, per_device_train_batch_size=1).max_length == 1
+
+
 def test_plain_sft_config_is_converted(tmp_path, tokenizer, dataset):
     from trl_sstoken.tiny import build_tiny_model
 

@@ -336,6 +336,7 @@ class SSTokenConfig(SFTConfig):
         if self.max_consecutive_skipped_steps is not None:
             _check_integer("max_consecutive_skipped_steps", self.max_consecutive_skipped_steps, minimum=1)
         _check_optimizer_fields(self)
+        _check_run_fields(self)
         if self.loss_type != "nll":
             raise ValueError(
                 f"loss_type={bounded_repr(self.loss_type)} is not supported by SSTokenTrainer: its loss is the NLL of "
@@ -486,11 +487,34 @@ def _check_number(name, value, allowed_text, is_allowed):
         raise ValueError(f"{name}={bounded_repr(value)} is out of range; it must be {allowed_text}.")
 
 
-def _check_integer(name, value, minimum):
+def _check_integer(name, value, minimum, maximum=None):
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {bounded_repr(value)} ({type(value).__name__}).")
+    if maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(
+            f"{name}={bounded_repr(value)} is out of range; it must be an integer in [{minimum}, {maximum}]."
+        )
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}={bounded_repr(value)} is out of range; it must be an integer >= {minimum}.")
+
+
+# numpy's legacy seeding (transformers.set_seed seeds random, numpy and torch) takes 0 to 2**32 - 1 only
+MAX_SEED = 2**32 - 1
+
+
+def _check_run_fields(args) -> None:
+    """Fields inherited from `TrainingArguments` and `SFTConfig`, which check none of these, refused at construction
+    because they fail only after the model and data are loaded, or silently: a negative `max_length` cut every
+    sequence from its end (Python slicing) and trained on the rest; `gradient_accumulation_steps=0` was a
+    ZeroDivisionError when training started; a seed of 1.5 or -1 a raw numpy error naming no field."""
+    _check_integer("seed", args.seed, minimum=0, maximum=MAX_SEED)
+    if args.data_seed is not None:
+        _check_integer("data_seed", args.data_seed, minimum=0, maximum=MAX_SEED)
+    if args.max_length is not None:
+        _check_integer("max_length", args.max_length, minimum=1)
+    _check_integer("gradient_accumulation_steps", args.gradient_accumulation_steps, minimum=1)
+    _check_integer("per_device_train_batch_size", args.per_device_train_batch_size, minimum=1)
+    _check_integer("per_device_eval_batch_size", args.per_device_eval_batch_size, minimum=1)
 
 
 def _check_optimizer_fields(args) -> None:

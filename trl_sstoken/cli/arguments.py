@@ -1,12 +1,14 @@
 """The arguments of the `trl-sstoken` commands: their dataclasses and defaults, the `--config` YAML, and the checks
 that every flag and YAML key exists (with the closest flag when not) and that names the flags a dataclass check
-complained about. The YAML file itself is read within limits by `config_file`."""
+complained about. The YAML file is read within limits by `config_file`, its values checked by `config_values`."""
 
 import difflib
 import re
 from dataclasses import dataclass, field
 
+from ..bounded import bounded_text
 from .config_file import read_config_file
+from .config_values import check_config_values
 
 
 PROG = "trl-sstoken"
@@ -105,19 +107,21 @@ def explicit_settings(args: list[str]) -> set[str]:
 def parse_command_args(parser, args: list[str]):
     """`parse_args_and_config`, after checking that every flag and YAML key exists (with the closest flag if not)."""
     args = list(args)
-    config_keys = []
+    config = {}
     if "--config" in args:
         index = args.index("--config")
         if index + 1 >= len(args):
             raise ValueError("--config needs the path of a YAML file.")
-        config_keys = list(read_config_file(args[index + 1]))
+        config = read_config_file(args[index + 1])
         rest = args[:index] + args[index + 2 :]
     else:
         rest = args
+    config_keys = list(config)
     destinations = {action.dest for action in parser._actions}
     unknown = [(f"--{key}", "in the --config YAML") for key in config_keys if key != "env" and key not in destinations]
     _, unknown_cli = parser.parse_known_args(rest)
     unknown += [(item.split("=", 1)[0], "on the command line") for item in unknown_cli]
+    unknown = [(bounded_text(flag, 100), where) for flag, where in unknown]  # difflib below is quadratic in length
     if unknown:
         names = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
         messages = []
@@ -127,6 +131,8 @@ def parse_command_args(parser, args: list[str]):
         raise ValueError(
             f"unknown flag(s) or stray value(s): {'; '.join(messages)} See `{parser.prog} --help` for every flag."
         )
+    if config:
+        check_config_values(parser, config, args[index + 1])
     return parser.parse_args_and_config(args)
 
 
