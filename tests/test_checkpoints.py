@@ -1,8 +1,10 @@
 """The checkpoint protocol (trl_sstoken/saving/checkpoints.py): what a marker records, what resuming verifies and refuses,
 how rotation deletes, and the resume argument as the command line passes it. The kill tests are in test_faults.py."""
 
+import copy as copy_module
 import json
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -13,17 +15,18 @@ from trl import SFTConfig, SFTTrainer
 
 import trl_sstoken.saving.checkpoints as checkpoints
 from trl_sstoken import SSTokenTrainer
+from trl_sstoken import config as config_module
 from trl_sstoken.history.model_copy import CHECKPOINT_FILE
 from trl_sstoken.saving.checkpoints import (
     CHECKPOINT_MARKER,
     WRITING_SENTINEL,
     CheckpointError,
-    checkpoint_settings,
     delete_checkpoint,
     parse_resume_argument,
     resolve_resume,
     rotate_checkpoints,
 )
+from trl_sstoken.saving.resume import TOTAL_BATCH, checkpoint_settings
 from trl_sstoken.tiny import build_tiny_model
 
 
@@ -129,12 +132,89 @@ def test_a_half_deleted_checkpoint_with_its_marker_does_not_verify(copy, tmp_pat
         (dict(selection_gamma=0.25), "selection_gamma"),
         (dict(selection_method="rel"), "selection_method"),
         (dict(history_update_steps=4), "history_update_steps"),
+        (dict(attention_score="sink_free"), "attention_score"),  # issue 24: was accepted silently
+        (dict(learning_rate=2e-2), "learning_rate"),  # issue 23: ignored silently (the scheduler's state won)
     ],
 )
 def test_resuming_with_other_settings_is_refused_naming_the_setting(copy, tmp_path, tokenizer, dataset, change, field):
     trainer = trainer_for(tmp_path, tokenizer, dataset, copy, **change)
-    with pytest.raises(CheckpointError, match=f"other ssToken settings \\({field}="):
+    with pytest.raises(CheckpointError, match=f"other settings \\((.*; )?{field}: .* there, .* now"):
         trainer.train(resume_from_checkpoint=True)
+
+
+# A value other than the tests' run for every setting a resume must match; a must-match field added without an
+# entry here fails test_every_must_match_setting_is_refused_when_changed
+CHANGED = {
+    "selection_method": "rel",
+    "selection_ratio": 0.5,
+    "selection_gamma": 0.25,
+    "attention_layer": 0,
+    "attention_score": "sink_free",
+    "attention_warmup_ratio": 0.1,
+    "allow_rel_fallback": True,
+    "selection_loss_normalization": "sequence",
+    "history": "ema",
+    "history_update_steps": 4,
+    "history_ema_alpha": 0.9,
+    "history_cache_dir set": ("history_cache_dir", "some/cache"),
+    "profit_threshold": 0.2,
+    "reference_model": "some/model",
+    "reference_adapter": "some/adapter",
+    "reference_dataset": "clean.jsonl",
+    "reference_dataset_split": "clean",
+    "reference_max_steps": 8,
+    "seed": 1,
+    "data_seed": 7,
+    "max_length": 32,
+    "packing": True,
+    "completion_only_loss": False,
+    "assistant_only_loss": True,
+    "learning_rate": 2e-2,
+    "lr_scheduler_type": "cosine",
+    "lr_scheduler_kwargs": {"num_cycles": 2},
+    "warmup_steps": 2,
+    "weight_decay": 0.1,
+    "adam_beta1": 0.8,
+    "adam_beta2": 0.99,
+    "adam_epsilon": 1e-6,
+    "optim": "sgd",
+    "optim_args": "momentum=0.9",
+    TOTAL_BATCH: ("per_device_train_batch_size", 8),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(checkpoint_settings(config(pathlib.Path("unused"), **SETTINGS))))
+def test_every_must_match_setting_is_refused_when_changed(run, setting):
+    """Every setting the configuration's metadata (and config.SFT_RESUME_MUST_MATCH) says a resume must match,
+    changed alone, is refused, naming it with both values."""
+    assert setting in CHANGED, f"{setting} must match on resume: add a changed value for it to CHANGED"
+    name, value = CHANGED[setting] if isinstance(CHANGED[setting], tuple) else (setting, CHANGED[setting])
+    args = config(run.parent, **SETTINGS)
+    changed = copy_module.copy(args)
+    setattr(changed, name, value)  # no validation: what a resume compares, not whether the value trains
+    assert checkpoint_settings(changed)[setting] != checkpoint_settings(args)[setting]
+    resolve_resume(str(run / "checkpoint-4"), str(run), checkpoint_settings(args))  # the same settings resume
+    with pytest.raises(CheckpointError, match=f"other settings \\({setting}: .* there, .* now\\)"):
+        resolve_resume(str(run / "checkpoint-4"), str(run), checkpoint_settings(changed))
+
+
+def test_the_must_match_settings_are_read_off_the_field_metadata(monkeypatch):
+    """No hand-kept list: a field's `resume` metadata decides, and every inherited setting of the one list."""
+    settings = checkpoint_settings(config(pathlib.Path("unused"), **SETTINGS))
+    for field in config_module.sstoken_fields():
+        rule = field.metadata["resume"]
+        assert (field.name in settings) == (rule == config_module.RESUME_MUST_MATCH), field.name
+        assert (f"{field.name} set" in settings) == (rule == config_module.RESUME_WHETHER_SET), field.name
+    assert set(config_module.SFT_RESUME_MUST_MATCH) <= set(settings)
+    assert settings[TOTAL_BATCH] == 4  # per-device 4 x accumulation 1 x one process
+
+
+def test_how_the_batch_is_split_may_change(run):
+    """The examples per optimizer step must match; per-device batch and accumulation may trade (a smaller GPU)."""
+    args = config(run.parent, **SETTINGS)
+    split = copy_module.copy(args)
+    split.per_device_train_batch_size, split.gradient_accumulation_steps = 2, 2
+    assert resolve_resume(str(run / "checkpoint-4"), str(run), checkpoint_settings(split)) == str(run / "checkpoint-4")
 
 
 @pytest.mark.parametrize("value", ["true", "True", "TRUE", "yes"])

@@ -182,6 +182,53 @@ def test_label_smoothing_is_refused(tmp_path, tokenizer, dataset):
             )
 
 
+def test_every_field_says_its_help_group_and_resume_rule():
+    """Issue 24: each fact about a field in one place, its metadata. A field added without `help`, `group` or
+    `resume` fails here (the checkpoint settings and the docs groups are derived from them)."""
+    from trl_sstoken import config as config_module
+
+    headings = [value for name, value in vars(config_module).items() if name.startswith("GROUP_")]
+    for field in config_module.sstoken_fields():
+        metadata = field.metadata
+        assert isinstance(metadata.get("help"), str) and metadata["help"].strip(), f"{field.name}: no help"
+        assert metadata.get("group") in headings, (
+            f"{field.name}: group {metadata.get('group')!r} is none of {headings}"
+        )
+        assert metadata.get("resume") in config_module.RESUME_RULES, (
+            f"{field.name}: resume {metadata.get('resume')!r} is none of {config_module.RESUME_RULES}"
+        )
+    inherited = {field.name for field in dataclasses.fields(SFTConfig)}
+    assert set(config_module.SFT_RESUME_MUST_MATCH) <= inherited  # each a real SFTConfig field, with its reason
+    assert all(reason.strip() for reason in config_module.SFT_RESUME_MUST_MATCH.values())
+
+
+def test_a_trl_parser_still_parses_the_config_with_its_metadata():
+    """`group` and `resume` are not argparse keywords: `HfArgumentParser` (TrlParser, a `trl sft`-style script)
+    passes the metadata it iterates to `add_argument`, so they are readable by key but not iterated."""
+    from trl import TrlParser
+
+    from trl_sstoken.config import sstoken_fields
+
+    field = next(field for field in sstoken_fields() if field.name == "attention_score")
+    assert field.metadata["resume"] == "must_match" and "group" in field.metadata
+    assert set(field.metadata) == {"help", "choices"}
+    (args,) = TrlParser((SSTokenConfig,)).parse_args_into_dataclasses(
+        ["--output_dir", "out", "--attention_score", "sink_free", "--use_cpu", "true", "--bf16", "false"]
+    )
+    assert args.attention_score == "sink_free"
+
+
+def test_the_docs_groups_are_read_off_the_metadata():
+    from trl_sstoken import config as config_module
+
+    assert config_module.FIELD_GROUPS == {
+        heading: tuple(field.name for field in fields) for heading, fields in config_module.field_groups().items()
+    }
+    for heading, names in config_module.FIELD_GROUPS.items():
+        fields = {field.name: field for field in config_module.sstoken_fields()}
+        assert {fields[name].metadata["group"] for name in names} == {heading}
+
+
 def test_the_docstring_documents_every_field_under_its_group():
     """The `Parameters:` docstring (TRL's layout) and the field declarations follow `FIELD_GROUPS`, in order."""
     from trl_sstoken.config import FIELD_GROUPS, sstoken_fields

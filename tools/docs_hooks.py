@@ -1,8 +1,10 @@
 """MkDocs hooks: pages that are generated from the code, so that nothing is written twice.
 
 - `<!-- sstoken:config-reference -->` becomes the reference of every ssToken field of `SSTokenConfig` (name, type,
-  default, allowed values, and the `help` text of the field's metadata), grouped as `config.FIELD_GROUPS` (and the
-  class docstring) order them.
+  default, allowed values, and the `help` text of the field's metadata), grouped by each field's `group` metadata
+  (`config.field_groups`, the order of the class docstring).
+- `<!-- sstoken:resume-settings -->` becomes the table of the inherited settings a resume must match, with why
+  (`config.SFT_RESUME_MUST_MATCH`).
 - `<!-- sstoken:cli-options COMMAND -->` becomes the table of the options a `trl-sstoken` command adds to TRL's.
 - `<!-- sstoken:demo-defaults -->` becomes the table of the settings `trl-sstoken demo` changes.
 """
@@ -31,12 +33,14 @@ def _options_table(*dataclass_types) -> str:
 
 
 def _replacement(match) -> str:
-    from tools.config_reference import config_reference_markdown
+    from tools.config_reference import config_reference_markdown, resume_settings_markdown
     from trl_sstoken.cli import arguments
 
     kind, argument = match.group(1), match.group(2)
     if kind == "config-reference":
         return config_reference_markdown()
+    if kind == "resume-settings":
+        return resume_settings_markdown()
     if kind == "cli-options":
         return _options_table(
             *{

@@ -3,6 +3,8 @@
 import dataclasses
 import math
 import os
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from datasets import Dataset
@@ -16,6 +18,43 @@ from .selection.methods import METHODS, SELECTION_METHODS, selection_method_help
 
 HISTORY_MODES = ("base", "lagged", "ema")
 LOSS_NORMALIZATIONS = ("selected", "sequence", "all")
+
+# Every ssToken field's metadata says, besides its `help`:
+# - `group`: its documentation group, a heading of the class docstring and of the configuration reference
+#   (`field_groups`); the fields are declared group after group, in this order;
+GROUP_SELECTION = "Parameters that control which tokens are trained on"
+GROUP_HISTORY = "Parameters that control the history model"
+GROUP_BASELINES = "Parameters that control the baselines"
+GROUP_REFERENCE_TRAINING = "Parameters that train the Rho-1 reference from a clean set"
+GROUP_DIVERGENCE = "Parameters that stop a diverging run"
+# - `resume`: what resuming a checkpoint requires of it (`saving/resume.py` records and compares the settings):
+RESUME_MUST_MATCH = "must_match"  # the checkpoint's value: it decides what is selected or what state is saved
+RESUME_WHETHER_SET = "must_match_whether_set"  # only whether it is set (a cache folder may move, not appear)
+RESUME_FREE = "free"  # may change on resume: memory, devices, side passes, when to stop
+RESUME_RULES = (RESUME_MUST_MATCH, RESUME_WHETHER_SET, RESUME_FREE)
+
+# The fields SSTokenConfig inherits (SFTConfig, TrainingArguments) that a resume must match, and why. Any other
+# inherited field may change on resume and takes effect from the resumed step on (max_steps, logging, saving, ...).
+# The examples per optimizer step (per_device_train_batch_size x gradient_accumulation_steps x world size) must
+# match too, as `total_train_batch_size`; how they are split may change (a smaller GPU, more accumulation).
+SFT_RESUME_MUST_MATCH = {
+    "seed": "draws the data order (without data_seed) and the random selection",
+    "data_seed": "draws the data order; the position in the data is part of the checkpoint",
+    "max_length": "truncates the training sequences",
+    "packing": "decides the training sequences",
+    "completion_only_loss": "decides which tokens are trained on",
+    "assistant_only_loss": "decides which tokens are trained on",
+    "learning_rate": "the optimizer and scheduler states come from the checkpoint: a new value would be ignored",
+    "lr_scheduler_type": "the schedule would change in the middle of the run",
+    "lr_scheduler_kwargs": "the schedule would change in the middle of the run",
+    "warmup_steps": "the schedule would change in the middle of the run",
+    "weight_decay": "kept in the optimizer state: a new value would be ignored",
+    "adam_beta1": "kept in the optimizer state: a new value would be ignored",
+    "adam_beta2": "kept in the optimizer state: a new value would be ignored",
+    "adam_epsilon": "kept in the optimizer state: a new value would be ignored",
+    "optim": "the optimizer state belongs to this optimizer",
+    "optim_args": "the optimizer state belongs to this optimizer",
+}
 
 
 @dataclass
@@ -119,19 +158,28 @@ class SSTokenConfig(SFTConfig):
     # Parameters that control which tokens are trained on
     selection_method: str = field(
         default="sstoken",
-        metadata={"help": selection_method_help(), "choices": list(SELECTION_METHODS)},
+        metadata={
+            "help": selection_method_help(),
+            "choices": list(SELECTION_METHODS),
+            "group": GROUP_SELECTION,
+            "resume": RESUME_MUST_MATCH,
+        },
     )
     selection_ratio: float = field(
         default=0.6,
         metadata={
             "help": "Fraction of each sequence's response tokens to train on: ceil(selection_ratio * n) per "
-            "sequence. In (0, 1]."
+            "sequence. In (0, 1].",
+            "group": GROUP_SELECTION,
+            "resume": RESUME_MUST_MATCH,
         },
     )
     selection_gamma: float = field(
         default=0.5,
         metadata={
-            "help": "Weight of the min-max normalised REL in the 'sstoken' score; attention gets 1 - gamma. In [0, 1]."
+            "help": "Weight of the min-max normalised REL in the 'sstoken' score; attention gets 1 - gamma. In [0, 1].",
+            "group": GROUP_SELECTION,
+            "resume": RESUME_MUST_MATCH,
         },
     )
     attention_layer: int = field(
@@ -139,7 +187,9 @@ class SSTokenConfig(SFTConfig):
         metadata={
             "help": "Attention layer whose attention to the context is measured, counting only layers that have "
             "attention (hybrids interleave them with Mamba layers); negative values count from the end (-1 = the "
-            "last attention layer)."
+            "last attention layer).",
+            "group": GROUP_SELECTION,
+            "resume": RESUME_MUST_MATCH,
         },
     )
     attention_score: str = field(
@@ -150,27 +200,35 @@ class SSTokenConfig(SFTConfig):
             "renormalised, pooled over heads) or 'position_corrected' (sink-free mass relative to uniform "
             "attention over the visible keys, m / (m + u)).",
             "choices": list(ATTENTION_SCORES),
+            "group": GROUP_SELECTION,
+            "resume": RESUME_MUST_MATCH,
         },
     )
     attention_warmup_ratio: float = field(
         default=0.2,
         metadata={
             "help": "Fraction of training steps at the start during which 'sstoken' and 'rel' select by attention "
-            "only, because the history still equals the current model. In [0, 1]."
+            "only, because the history still equals the current model. In [0, 1].",
+            "group": GROUP_SELECTION,
+            "resume": RESUME_MUST_MATCH,
         },
     )
     allow_rel_fallback: bool = field(
         default=False,
         metadata={
             "help": "If the model's attention cannot be captured, select by REL alone (warm-up included) instead of "
-            "raising. Only for 'sstoken' and 'rel'."
+            "raising. Only for 'sstoken' and 'rel'.",
+            "group": GROUP_SELECTION,
+            "resume": RESUME_MUST_MATCH,
         },
     )
     attention_chunk_size: int = field(
         default=256,
         metadata={
             "help": "Query rows whose attention is materialised at a time when computing the attention score. "
-            "Bounds its extra memory to (chunk x sequence length) per head. At least 1."
+            "Bounds its extra memory to (chunk x sequence length) per head. At least 1.",
+            "group": GROUP_SELECTION,
+            "resume": RESUME_FREE,
         },
     )
     selection_loss_normalization: str = field(
@@ -179,6 +237,8 @@ class SSTokenConfig(SFTConfig):
             "help": "Loss denominator: 'selected' (kept tokens in the whole accumulation window, split-invariant), "
             "'sequence' (mean per sequence, then over sequences) or 'all' (every response token, as TRL).",
             "choices": list(LOSS_NORMALIZATIONS),
+            "group": GROUP_SELECTION,
+            "resume": RESUME_MUST_MATCH,
         },
     )
     # Parameters that control the history model
@@ -188,17 +248,25 @@ class SSTokenConfig(SFTConfig):
             "help": "History model REL compares against: 'base' (adapter disabled), 'lagged' (adapter copy "
             "refreshed every history_update_steps) or 'ema' (moving average of the adapter).",
             "choices": list(HISTORY_MODES),
+            "group": GROUP_HISTORY,
+            "resume": RESUME_MUST_MATCH,
         },
     )
     history_update_steps: int = field(
         default=50,
-        metadata={"help": "Optimizer steps between two updates of a 'lagged' or 'ema' history. At least 1."},
+        metadata={
+            "help": "Optimizer steps between two updates of a 'lagged' or 'ema' history. At least 1.",
+            "group": GROUP_HISTORY,
+            "resume": RESUME_MUST_MATCH,
+        },
     )
     history_ema_alpha: float = field(
         default=0.5,
         metadata={
             "help": "Weight of the old history in an 'ema' update: history <- alpha * history + (1 - alpha) * "
-            "adapter. In [0, 1)."
+            "adapter. In [0, 1).",
+            "group": GROUP_HISTORY,
+            "resume": RESUME_MUST_MATCH,
         },
     )
 
@@ -206,41 +274,61 @@ class SSTokenConfig(SFTConfig):
         default=None,
         metadata={
             "help": "With history='base': cache the base model's log-probs here in one no-grad pass before training "
-            "and reuse them (this run and later ones), so training runs no history forward."
+            "and reuse them (this run and later ones), so training runs no history forward.",
+            "group": GROUP_HISTORY,
+            "resume": RESUME_WHETHER_SET,
         },
     )
     history_cache_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Batch size of the history caching pass; None uses 2 x per_device_train_batch_size."},
+        metadata={
+            "help": "Batch size of the history caching pass; None uses 2 x per_device_train_batch_size.",
+            "group": GROUP_HISTORY,
+            "resume": RESUME_FREE,
+        },
     )
     history_device: str | None = field(
         default=None,
         metadata={
             "help": "Full fine-tuning only: device of the history model copy, e.g. 'cpu' or 'cuda:1'. None keeps "
-            "it on the model's device."
+            "it on the model's device.",
+            "group": GROUP_HISTORY,
+            "resume": RESUME_FREE,
         },
     )
     history_copy_max_gb: float | None = field(
         default=None,
         metadata={
             "help": "Full fine-tuning only: refuse to build a history model copy larger than this many GiB of "
-            "parameters. None sets no limit."
+            "parameters. None sets no limit.",
+            "group": GROUP_HISTORY,
+            "resume": RESUME_FREE,
         },
     )
 
     # Parameters that control the baselines
     profit_threshold: float = field(
         default=0.1,
-        metadata={"help": "'profit' keeps the response tokens whose current probability is at least this. In (0, 1)."},
+        metadata={
+            "help": "'profit' keeps the response tokens whose current probability is at least this. In (0, 1).",
+            "group": GROUP_BASELINES,
+            "resume": RESUME_MUST_MATCH,
+        },
     )
     reference_model: str | None = field(
         default=None,
-        metadata={"help": "'rho1': hub id or local path of the reference model (same tokenizer), loaded frozen."},
+        metadata={
+            "help": "'rho1': hub id or local path of the reference model (same tokenizer), loaded frozen.",
+            "group": GROUP_BASELINES,
+            "resume": RESUME_MUST_MATCH,
+        },
     )
     reference_adapter: str | None = field(
         default=None,
         metadata={
-            "help": "'rho1': local path of a LoRA adapter loaded as a frozen extra adapter on the trained base."
+            "help": "'rho1': local path of a LoRA adapter loaded as a frozen extra adapter on the trained base.",
+            "group": GROUP_BASELINES,
+            "resume": RESUME_MUST_MATCH,
         },
     )
 
@@ -253,17 +341,25 @@ class SSTokenConfig(SFTConfig):
             "the reference LoRA adapter on it before the main run (full SFT, the main run's recipe, "
             "reference_max_steps steps) and keeps it in output_dir/rho1_reference/, reused when it still matches.",
             "aliases": ["--reference_dataset_name"],
+            "group": GROUP_REFERENCE_TRAINING,
+            "resume": RESUME_MUST_MATCH,
         },
     )
     reference_dataset_split: str = field(
         default="train",
-        metadata={"help": "Split of reference_dataset (for a data file: the name it is loaded under)."},
+        metadata={
+            "help": "Split of reference_dataset (for a data file: the name it is loaded under).",
+            "group": GROUP_REFERENCE_TRAINING,
+            "resume": RESUME_MUST_MATCH,
+        },
     )
     reference_max_steps: int = field(
         default=16,
         metadata={
             "help": "Optimizer steps of the reference adapter trained on reference_dataset (the benchmark's recipe: "
-            "16 steps of batch 8 on 48 clean examples, ~2.7 epochs). At least 1."
+            "16 steps of batch 8 on 48 clean examples, ~2.7 epochs). At least 1.",
+            "group": GROUP_REFERENCE_TRAINING,
+            "resume": RESUME_MUST_MATCH,
         },
     )
 
@@ -273,7 +369,9 @@ class SSTokenConfig(SFTConfig):
         metadata={
             "help": "Stop with TrainingDivergedError after this many optimizer steps in a row in which every "
             "micro-batch had non-finite log-probabilities and was skipped. At least 1; None never stops for skips "
-            "alone (non-finite trained weights always stop the run)."
+            "alone (non-finite trained weights always stop the run).",
+            "group": GROUP_DIVERGENCE,
+            "resume": RESUME_FREE,
         },
     )
 
@@ -393,40 +491,37 @@ class SSTokenConfig(SFTConfig):
         return self.selection_gamma if gamma is None else gamma
 
 
-# The groups of the configuration reference and of the docstring above, in order; a field in none of them still
-# reaches the reference (OTHER_GROUP)
-FIELD_GROUPS = {
-    "Parameters that control which tokens are trained on": (
-        "selection_method",
-        "selection_ratio",
-        "selection_gamma",
-        "attention_layer",
-        "attention_score",
-        "attention_warmup_ratio",
-        "allow_rel_fallback",
-        "attention_chunk_size",
-        "selection_loss_normalization",
-    ),
-    "Parameters that control the history model": (
-        "history",
-        "history_update_steps",
-        "history_ema_alpha",
-        "history_cache_dir",
-        "history_cache_batch_size",
-        "history_device",
-        "history_copy_max_gb",
-    ),
-    "Parameters that control the baselines": ("profit_threshold", "reference_model", "reference_adapter"),
-    "Parameters that train the Rho-1 reference from a clean set": (
-        "reference_dataset",
-        "reference_dataset_split",
-        "reference_max_steps",
-    ),
-    "Parameters that stop a diverging run": ("max_consecutive_skipped_steps",),
-}
-
-
 OTHER_GROUP = "Other ssToken parameters"
+SSTOKEN_METADATA_KEYS = ("group", "resume")
+
+
+class FieldMetadata(Mapping):
+    """The metadata of an ssToken field, readable by key, with `group` and `resume` left out of iteration.
+
+    `HfArgumentParser` (so TRL's `TrlParser`, the CLI and any `trl sft`-style script parsing `SSTokenConfig`) passes
+    every key it iterates (or copies) in a field's metadata to argparse's `add_argument`, which refuses keys it does not know.
+    ssToken's own keys are therefore read by name (`field.metadata["resume"]`, `.get("group")`), and iterating the
+    metadata gives what argparse takes (`help`, `choices`, `aliases`).
+    """
+
+    def __init__(self, values):
+        self._values = dict(values)
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __iter__(self):
+        return (key for key in self._values if key not in SSTOKEN_METADATA_KEYS)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+    def copy(self) -> dict:
+        """What a parser copies (TRL's `HfArgumentParser` calls `field.metadata.copy()`): the argparse keys."""
+        return {key: self._values[key] for key in self}
+
+    def __repr__(self):
+        return f"FieldMetadata({self._values!r})"
 
 
 def sstoken_fields() -> list[dataclasses.Field]:
@@ -436,17 +531,27 @@ def sstoken_fields() -> list[dataclasses.Field]:
 
 
 def field_groups() -> dict[str, list[dataclasses.Field]]:
-    """The ssToken fields under the group headings of `FIELD_GROUPS` ("Parameters that ..."), in order.
+    """The ssToken fields under their `group` headings ("Parameters that ..."), groups and fields in declaration
+    order. A field without a `group` lands in OTHER_GROUP, so it still reaches the reference (and a test fails)."""
+    groups = {}
+    for declared in sstoken_fields():
+        groups.setdefault(declared.metadata.get("group", OTHER_GROUP), []).append(declared)
+    if OTHER_GROUP in groups:
+        groups[OTHER_GROUP] = groups.pop(OTHER_GROUP)
+    return groups
 
-    A field no group lists lands in OTHER_GROUP, so a new field is never left out of the reference.
-    """
-    by_name = {field.name: field for field in sstoken_fields()}
-    groups = {
-        heading: [by_name.pop(name) for name in names if name in by_name] for heading, names in FIELD_GROUPS.items()
-    }
-    if by_name:
-        groups.setdefault(OTHER_GROUP, []).extend(by_name.values())
-    return {name: fields for name, fields in groups.items() if fields}
+
+def resume_rule(declared: dataclasses.Field) -> str:
+    """What a resume requires of a field (RESUME_RULES); one without the metadata must match, the safe side."""
+    return declared.metadata.get("resume", RESUME_MUST_MATCH)
+
+
+for _field in sstoken_fields():
+    _field.metadata = types.MappingProxyType(FieldMetadata(_field.metadata))
+del _field
+
+# The docstring's and the reference's groups, in order: {heading: field names}, read off the metadata
+FIELD_GROUPS = {heading: tuple(field.name for field in fields) for heading, fields in field_groups().items()}
 
 
 def describe_reference_dataset(value) -> str:

@@ -11,7 +11,8 @@ def main(script_args, training_args, model_args, dataset_args, loading_args):
     from trl import get_quantization_config
 
     from ..loading import load_sft_datasets, load_tokenizer, pick_split
-    from ..saving.checkpoints import checkpoint_settings, resolve_resume
+    from ..saving.checkpoints import resolve_resume
+    from ..saving.resume import checkpoint_settings
     from ..trainer import SSTokenTrainer
 
     _require_model(model_args)

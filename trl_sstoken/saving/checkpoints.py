@@ -39,41 +39,17 @@ TRASH_PREFIX = ".sstoken-deleting-"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0", "none", "")
 
-# The SSTokenConfig fields that decide what is selected and what state a checkpoint holds: a resume with any of them
-# changed would continue another experiment from this one's state
-SETTINGS = (
-    "selection_method",
-    "selection_ratio",
-    "selection_gamma",
-    "selection_loss_normalization",
-    "attention_layer",
-    "attention_warmup_ratio",
-    "allow_rel_fallback",
-    "history",
-    "history_update_steps",
-    "history_ema_alpha",
-    "profit_threshold",
-    "reference_model",
-    "reference_adapter",
-)
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: missing, interrupted, damaged, or made with other settings."""
 
 
-def checkpoint_settings(args) -> dict:
-    """The ssToken settings of a run, as recorded in (and compared with) a checkpoint's marker."""
-    settings = {name: getattr(args, name) for name in SETTINGS}
-    settings["history_cached"] = getattr(args, "history_cache_dir", None) is not None
-    return settings
-
-
 # ----- writing -----
 
 
-def save_checkpoint(trainer, write, trial=None) -> str:
-    """Writes `checkpoint-{global_step}` of `trainer` by the protocol above; `write()` is `Trainer._save_checkpoint`."""
+def save_checkpoint(trainer, write, settings: dict, trial=None) -> str:
+    """Writes `checkpoint-{global_step}` of `trainer` by the protocol above; `write()` is `Trainer._save_checkpoint`,
+    `settings` what a resume must match (`resume.checkpoint_settings`)."""
     run_dir = trainer._get_output_dir(trial=trial)
     checkpoint = os.path.join(run_dir, f"checkpoint-{trainer.state.global_step}")
     if trainer.args.should_save:
@@ -83,7 +59,7 @@ def save_checkpoint(trainer, write, trial=None) -> str:
         write()
     trainer.accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
     if trainer.args.should_save:
-        mark_checkpoint_complete(checkpoint, trainer.state.global_step, checkpoint_settings(trainer.args))
+        mark_checkpoint_complete(checkpoint, trainer.state.global_step, settings)
         rotate_checkpoints(
             run_dir, trainer.args.save_total_limit, newest=checkpoint, best=trainer.state.best_model_checkpoint
         )
@@ -298,7 +274,8 @@ def checkpoint_problem(checkpoint: str) -> str | None:
 
 
 def check_settings(checkpoint: str, settings: dict) -> None:
-    """Refuses to resume `checkpoint` with ssToken settings other than those it was made with."""
+    """Refuses to resume `checkpoint` with settings other than those it was made with (`resume.checkpoint_settings`),
+    naming each differing one with its value there and now."""
     marker, problem = _read_marker(os.path.join(checkpoint, CHECKPOINT_MARKER))
     if problem is not None:
         raise CheckpointError(f"Cannot resume from {checkpoint}: {problem}")
@@ -306,11 +283,13 @@ def check_settings(checkpoint: str, settings: dict) -> None:
     differing = [name for name in settings if name in recorded and recorded[name] != settings[name]]
     differing += [name for name in recorded if name not in settings]
     if differing:
-        details = ", ".join(f"{name}={recorded.get(name)!r} there, {settings.get(name)!r} now" for name in differing)
+        details = "; ".join(f"{name}: {recorded.get(name)!r} there, {settings.get(name)!r} now" for name in differing)
         raise CheckpointError(
-            f"Cannot resume from {checkpoint}: it was made with other ssToken settings ({details}). Resuming would "
-            "continue another experiment from this one's state. Resume with the checkpoint's settings, or start a "
-            "new run in another output_dir (its adapter or model can be the starting point)."
+            f"Cannot resume from {checkpoint}: it was made with other settings ({details}). Resuming would continue "
+            "another experiment from this one's state (what is selected, the data and its order, and the optimizer "
+            "and scheduler states are the checkpoint's; a new learning rate, for one, would be ignored). Resume with "
+            "the checkpoint's settings, or start a new run in another output_dir (its adapter or model can be the "
+            "starting point). docs/reliability.md lists what a resume must match."
         )
 
 

@@ -9,14 +9,15 @@
 """
 
 from ..history import is_peft_model
-from .checkpoints import adapters_loaded_in_place, checkpoint_settings, resolve_resume
+from .checkpoints import adapters_loaded_in_place, resolve_resume
 from .checkpoints import save_checkpoint as _save_checkpoint_safely
 from .model_card import write_model_card
+from .resume import checkpoint_settings
 
 
 def save_checkpoint(trainer, write, trial) -> None:
     """`SSTokenTrainer._save_checkpoint`; `write` is `Trainer._save_checkpoint` bound to the trainer and its arguments."""
-    _save_checkpoint_safely(trainer, write, trial)
+    _save_checkpoint_safely(trainer, write, checkpoint_settings(trainer.args), trial)
 
 
 def resolve_resume_checkpoint(trainer, resume_from_checkpoint):
