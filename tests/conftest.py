@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import subprocess
 from importlib import resources
 
 
@@ -16,6 +17,7 @@ from peft import LoraConfig  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
 from trl_sstoken import SSTokenConfig, SSTokenTrainer  # noqa: E402
+from trl_sstoken.saving.temporary_files import _host, _pid_namespace  # noqa: E402
 from trl_sstoken.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 
@@ -189,3 +191,10 @@ def smollm2_dir():
 def gemma3_dir():
     """gemma-3-270m (base) as a plain Hugging Face folder (Gemma3, sliding-window layers, bf16 weights)."""
     return _real_model_dir("gemma3")
+
+
+def dead_writers_temporary_name(prefix):
+    """A temporary name as `temporary_files.temporary_name` gives it, of a process that has exited."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return f"{prefix}.{_host()}.{_pid_namespace()}.{process.pid}-1.0badf00d.tmp"

@@ -1,4 +1,7 @@
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,3 +109,54 @@ def test_full_fine_tuning_with_a_cached_base_needs_no_model_copy(make_trainer, t
     cached.train()
     for (_, keep), (_, expected_keep) in zip(selections, expected, strict=True):
         assert torch.equal(keep, expected_keep)
+
+
+# a history cache write in a child process: killed by SIGTERM after the temporary file is full, before its rename
+# ("kill"), or held there until the test ends ("wait"); the temporary file's name is printed
+CACHE_WRITER = """
+import os, signal, sys, torch
+import trl_sstoken.history.cache as cache
+real_save_file = cache.save_file
+def save_file(tensors, path, metadata):
+    real_save_file(tensors, path, metadata=metadata)
+    print(os.path.basename(path), flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGTERM)
+    sys.stdin.read()
+cache.save_file = save_file
+cache.write_cache(os.path.join(sys.argv[1], cache.CACHE_FILE), {}, [torch.zeros(100_000)])
+"""
+
+
+def start_cache_writer(cache_dir, mode):
+    return subprocess.Popen(
+        [sys.executable, "-c", CACHE_WRITER, str(cache_dir), mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+
+
+def test_a_temporary_file_left_by_a_killed_cache_write_is_removed_by_the_next_build(make_trainer, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    killed = start_cache_writer(cache_dir, "kill")
+    left = killed.stdout.readline().decode().strip()
+    assert killed.wait() == -signal.SIGTERM
+    assert (cache_dir / left).stat().st_size > 400_000  # a full-size leftover
+    writing = start_cache_writer(cache_dir, "wait")  # another run, still writing its cache
+    try:
+        in_progress = writing.stdout.readline().decode().strip()
+        trainer = cached_trainer(make_trainer, cache_dir)
+        trainer._prepare_history_cache()
+        assert sorted(os.listdir(cache_dir)) == sorted([CACHE_FILE, in_progress])
+    finally:
+        writing.kill()
+        writing.wait()
+
+
+def test_temporary_files_of_an_earlier_version_are_named_in_a_warning(make_trainer, tmp_path):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    (cache_dir / ".history_logprobs.12345.0badf00d.tmp").write_bytes(b"x")  # no host in its name: kept, named
+    trainer = cached_trainer(make_trainer, cache_dir)
+    with pytest.warns(UserWarning, match=r"earlier trl_sstoken \(\.history_logprobs\.12345\.0badf00d\.tmp\)"):
+        trainer._prepare_history_cache()
+    assert (cache_dir / ".history_logprobs.12345.0badf00d.tmp").exists()

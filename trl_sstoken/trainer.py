@@ -37,6 +37,7 @@ from .history.reference_training import build_trained_reference
 from .quantized import keep_quantized_weights_unpacked
 from .saving import trainer_hooks
 from .saving.model_card import add_sstoken_section_to_card, card_names
+from .saving.output_lock import check_output_dir_free, run_locked
 from .selection.loss import WindowCounts, selected_loss, window_sums, zero_loss_touching
 from .selection.methods import METHODS, Selection, Signals, StepPlan, step_generator, warmup_steps
 from .selection.metrics import METRIC_PREFIX, log_sft_token_metrics, selection_metrics, selection_sums
@@ -83,6 +84,7 @@ class SSTokenTrainer(SFTTrainer):
         train_dataset = trainer_kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None)
         eval_dataset = trainer_kwargs.get("eval_dataset", trainer_args[2] if len(trainer_args) > 2 else None)
         check_trainer_inputs(args, model, train_dataset, eval_dataset)
+        check_output_dir_free(args, owner=self)  # before any data is loaded or prepared; train() holds the lock
         reference_dataset = reference_dataset_of(args, model, trainer_kwargs.get("peft_config"))
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self._reference_dataset = reference_dataset
@@ -312,15 +314,17 @@ class SSTokenTrainer(SFTTrainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """As `Trainer.train`, but a checkpoint is resumed from only if it verifies (every recorded file unchanged, the
         same ssToken settings); `resume_from_checkpoint=True` (or "true") takes the last one that does. A diverged
-        run raises `TrainingDivergedError` (divergence.py) and saves nothing from its non-finite state."""
-        resume_from_checkpoint = trainer_hooks.resolve_resume_checkpoint(self, resume_from_checkpoint)
-        self._prepare_history_cache()
-        self._prepare_reference()
-        try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
-        except TrainingDivergedError:
-            self._end_diverged_training()
-            raise
+        run raises `TrainingDivergedError` (divergence.py) and saves nothing from its non-finite state. The run holds
+        the lock of its output_dir throughout (`saving/output_lock.py`): a second run training into it is refused."""
+        with run_locked(self.args, owner=self):
+            resume_from_checkpoint = trainer_hooks.resolve_resume_checkpoint(self, resume_from_checkpoint)
+            self._prepare_history_cache()
+            self._prepare_reference()
+            try:
+                return super().train(resume_from_checkpoint, *args, **kwargs)
+            except TrainingDivergedError:
+                self._end_diverged_training()
+                raise
 
     def _end_diverged_training(self):
         """What `Trainer` does at the end of a run that a divergence cut short: NEFTune's hook off the embeddings."""

@@ -14,7 +14,15 @@ BUNDLED_DATASET = "data/quickstart.jsonl"
 
 def run_demo(demo_args, sstoken_args):
     """Fine-tunes with ssToken on the bundled data, writes a report and a figure: a tiny model and tokenizer built on
-    the spot by default, or the causal LM of `--model_name_or_path` with the data in its chat template."""
+    the spot by default, or the causal LM of `--model_name_or_path` with the data in its chat template. The output_dir
+    is locked from the start (`saving/output_lock.py`)."""
+    from ..saving.output_lock import run_locked
+
+    with run_locked(sstoken_args, owner=None):
+        return _demo(demo_args, sstoken_args)
+
+
+def _demo(demo_args, sstoken_args):
     import json
 
     from datasets import Dataset

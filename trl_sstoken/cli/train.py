@@ -7,7 +7,15 @@ from .arguments import PROG
 
 
 def main(script_args, training_args, model_args, dataset_args, loading_args):
-    """`trl sft` with `SSTokenTrainer`: load, train, save the adapter (or model) and a model card."""
+    """`trl sft` with `SSTokenTrainer`: load, train, save the adapter (or model) and a model card. The output_dir is
+    locked before anything is loaded, until the run has saved (and pushed) its results (`saving/output_lock.py`)."""
+    from ..saving.output_lock import run_locked
+
+    with run_locked(training_args, owner=None):
+        return _train(script_args, training_args, model_args, dataset_args, loading_args)
+
+
+def _train(script_args, training_args, model_args, dataset_args, loading_args):
     from trl import get_quantization_config
 
     from ..loading import load_sft_datasets, load_tokenizer, pick_split

@@ -8,7 +8,9 @@ tokenizer (`fingerprints.py`). A later run with the same three reuses the file; 
 the part that differs, and a truncated or corrupt file is detected by its checksum (over the payload and the
 metadata) instead of being read as garbage. The destination is checked when the trainer is built, before the
 caching pass. Files are written to a temporary name (mode 0666 minus the umask) and renamed, so an interrupted pass
-never leaves a half-written cache behind.
+never leaves a half-written cache behind; the temporary name says which process writes it (`saving/temporary_files.py`), and
+every later load or build removes the ones whose writer is dead (a write killed before its rename leaves a file as
+large as the cache).
 
 During training, the collator hook (`trl_sstoken.data.collator`) carries each example's index through TRL's shuffling
 and collation, and `CachedHistory.log_probs` gathers the stored values into the batch's padded layout.
@@ -17,6 +19,8 @@ and collation, and `CachedHistory.log_probs` gathers the stored values into the 
 import hashlib
 import json
 import os
+import re
+import warnings
 
 import torch
 from safetensors import safe_open
@@ -24,10 +28,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..data.collator import EXAMPLE_IDS_KEY, TOKEN_EXAMPLE_KEY, pop_example_index
+from ..saving.temporary_files import remove_stale, temporary_name
 from .base import History
 
 
 CACHE_FILE = "history_logprobs.safetensors"
+TEMPORARY_PREFIX = ".history_logprobs"  # temporary files: `.history_logprobs.{writer}.{random}.tmp`
+# what earlier versions named them, without the host: such a file cannot be told dead or alive
+_UNATTRIBUTED_TEMPORARY = re.compile(r"^\.history_logprobs\.(\d+\.[0-9a-f]{8}\.tmp|probe-\d+)$")
 FORMAT = "trl_sstoken.history_cache/2"  # /2: the checksum covers the metadata too
 IDENTITY_PARTS = ("dataset", "model", "tokenizer")
 
@@ -62,7 +70,7 @@ def check_cache_destination(path: str) -> None:
         )
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".history_logprobs.probe-{os.getpid()}")
+        probe = os.path.join(directory, temporary_name(TEMPORARY_PREFIX))
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         os.remove(probe)
     except OSError as error:
@@ -86,7 +94,7 @@ def write_cache(path: str, identity: dict, per_example: list[torch.Tensor]) -> N
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".history_logprobs.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    temporary = os.path.join(directory, temporary_name(TEMPORARY_PREFIX))
     try:
         save_file({"log_probs": values, "offsets": offsets}, temporary, metadata=metadata)
         os.chmod(temporary, 0o666 & ~_umask())  # safetensors creates its files 0600
@@ -94,6 +102,25 @@ def write_cache(path: str, identity: dict, per_example: list[torch.Tensor]) -> N
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def remove_stale_temporary_files(path: str) -> None:
+    """Removes the temporary files that dead writers left next to the cache `path` (never a live run's), and names in
+    a warning those of an earlier trl_sstoken, whose names do not say which host wrote them."""
+    directory = os.path.dirname(os.path.abspath(path))
+    remove_stale(directory, TEMPORARY_PREFIX)
+    try:
+        unattributed = sorted(name for name in os.listdir(directory) if _UNATTRIBUTED_TEMPORARY.match(name))
+    except OSError:
+        return
+    if unattributed:
+        shown = ", ".join(unattributed[:5]) + (f" and {len(unattributed) - 5} more" if len(unattributed) > 5 else "")
+        warnings.warn(
+            f"{directory} holds temporary files of an interrupted history cache write by an earlier trl_sstoken "
+            f"({shown}); their names do not say which process wrote them, so they are kept. Delete them if no other "
+            "run is writing a cache there.",
+            stacklevel=3,
+        )
 
 
 def _umask() -> int:
@@ -211,6 +238,7 @@ class CachedHistory(History):
 
     def load_or_build(self, model, dataset, collate, batch_size: int, device) -> None:
         check_cache_destination(self.path)  # again: the directory may have changed since the trainer was built
+        remove_stale_temporary_files(self.path)
         if os.path.exists(self.path):
             self.values, self.offsets = read_cache(self.path, self.identity)
             if self.offsets.numel() - 1 != len(dataset):

@@ -8,11 +8,15 @@ Nothing here touches a model or a trainer. The input is what `SSTokenTrainer.pre
     summary = summarize(examples)
     page = render_html(examples, summary, title="...", settings={...})
 
-Every token text is HTML-escaped; nothing from the data reaches the page unescaped.
+Every text is escaped (`_escape`): nothing from the data reaches the page or the picture as markup, and the
+characters that XML 1.0 forbids even escaped (C0 controls but tab, newline and carriage return; DEL and the C1
+controls, invisible anyway; lone surrogates, which cannot even be written as UTF-8; U+FFFE and U+FFFF) are shown as
+the text `\\x01`, `\\ud800`, ..., so the SVG is well-formed XML and the page shows what the token holds.
 """
 
 import html
 import math
+import re
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -320,13 +324,24 @@ def _is_number(text: str) -> bool:
     return True
 
 
+# what XML 1.0 does not allow in a document (even as a character reference), plus the invisible DEL and C1 controls
+_NOT_SHOWABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
 def _escape(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    """HTML/XML-escaped text (quotes too, for attributes), with `_NOT_SHOWABLE` characters written as text: `\\xNN`
+    or `\\uNNNN`."""
+    return html.escape(_NOT_SHOWABLE.sub(_as_code, str(value)), quote=True)
+
+
+def _as_code(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def _display_text(text: str) -> str:
-    """Makes invisible tokens visible: newlines as ↵, tabs as →, an all-space token as ·."""
-    shown = text.replace("\n", "↵").replace("\t", "→")
+    """Makes invisible tokens visible: newlines as ↵, tabs as →, carriage returns as ␍, an all-space token as ·."""
+    shown = text.replace("\n", "↵").replace("\t", "→").replace("\r", "␍")
     return shown if shown.strip() else shown.replace(" ", "·") or "∅"
 
 

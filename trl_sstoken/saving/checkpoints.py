@@ -30,12 +30,15 @@ import uuid
 import warnings
 from contextlib import contextmanager
 
+from .temporary_files import remove_stale, temporary_name
+
 
 CHECKPOINT_MARKER = "sstoken_checkpoint_complete.json"
 WRITING_SENTINEL = "sstoken_checkpoint_writing"
 MARKER_FORMAT = "trl_sstoken.checkpoint/2"
 HASH_MAX_BYTES = 256 * 2**20  # larger files (a full model, its optimizer state) are checked by size only
 TRASH_PREFIX = ".sstoken-deleting-"
+TEMPORARY_PREFIX = ".sstoken-tmp-"  # + the file's name: `_write_atomically`'s temporary files
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0", "none", "")
 
@@ -393,7 +396,7 @@ def _checkpoint_files(checkpoint: str) -> list[str]:
     for folder, _, names in os.walk(checkpoint):
         for name in names:
             relative = os.path.relpath(os.path.join(folder, name), checkpoint)
-            if relative not in (CHECKPOINT_MARKER, WRITING_SENTINEL) and not name.startswith(".sstoken-tmp-"):
+            if relative not in (CHECKPOINT_MARKER, WRITING_SENTINEL) and not name.startswith(TEMPORARY_PREFIX):
                 files.append(relative)
     return sorted(files)
 
@@ -416,8 +419,10 @@ def _describe(path: str, fsync: bool = False, hash_it: bool | None = None) -> di
 
 
 def _write_atomically(path: str, payload: bytes) -> None:
+    """Temporary file (named after its writer, `temporary_files.py`), fsync, rename; then the temporary files that
+    dead writers left for the same name in `folder` are removed."""
     folder, name = os.path.split(path)
-    temporary = os.path.join(folder, f".sstoken-tmp-{name}-{uuid.uuid4().hex[:8]}")
+    temporary = os.path.join(folder, temporary_name(f"{TEMPORARY_PREFIX}{name}"))
     try:
         with open(temporary, "wb") as handle:
             handle.write(payload)
@@ -428,6 +433,7 @@ def _write_atomically(path: str, payload: bytes) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
     _fsync_directory(folder)
+    remove_stale(folder, f"{TEMPORARY_PREFIX}{name}")
 
 
 def _fsync_directory(folder: str) -> None:
