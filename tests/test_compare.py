@@ -2,6 +2,7 @@
 (outputs, resume of a half-finished comparison, a bad metric refused before any training)."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -247,3 +248,16 @@ def test_compare_help_lists_its_flags(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(flag in text for flag in ("--methods", "--seeds", "--eval_dataset_name", "--metric", "--train_sample"))
+
+
+def test_a_record_write_removes_the_temporary_files_killed_writers_left(tmp_path):
+    from conftest import dead_writers_temporary_name
+
+    from trl_sstoken.saving.temporary_files import temporary_name
+
+    dead, live = dead_writers_temporary_name(".record.json"), temporary_name(".record.json")
+    for name in (dead, live):
+        (tmp_path / name).write_text("{")
+    table.write_json(str(tmp_path / "record.json"), {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == sorted(["record.json", live])
+    assert json.loads((tmp_path / "record.json").read_text()) == {"a": 1}

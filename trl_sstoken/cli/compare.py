@@ -15,7 +15,12 @@ def make_parser(prog: str):
 
 
 def main(script_args, training_args, model_args, dataset_args, loading_args, compare_args, argv=()):
-    """Trains every candidate of --methods on every seed and compares them on the evaluation set."""
+    """Trains every candidate of --methods on every seed and compares them on the evaluation set. The output_dir is
+    locked from the start (`saving/output_lock.py`); each run locks its own folder under it."""
     from ..compare.runner import run_comparison
+    from ..saving.output_lock import run_locked
 
-    return run_comparison(script_args, training_args, model_args, dataset_args, loading_args, compare_args, list(argv))
+    with run_locked(training_args, owner=None):
+        return run_comparison(
+            script_args, training_args, model_args, dataset_args, loading_args, compare_args, list(argv)
+        )

@@ -4,6 +4,7 @@ the JSON record (`comparison.json`, every number and the exact commands)."""
 import json
 import os
 
+from ..saving.temporary_files import remove_stale, temporary_name
 from .stats import difference_verdict, mean_std
 
 
@@ -118,8 +119,15 @@ def plot(summary: dict, base_nll: float | None, path: str, title: str) -> str | 
 
 
 def write_json(path: str, record: dict) -> None:
-    """Writes the record to a temporary file and renames it into place: an interrupted write leaves the old one."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as file:
-        json.dump(record, file, indent=1, default=str)
-    os.replace(temporary, path)
+    """Writes the record to a temporary file and renames it into place: an interrupted write leaves the old one. The
+    temporary name says who writes it (`saving/temporary_files.py`); those that killed writers left are removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, temporary_name(f".{name}"))
+    try:
+        with open(temporary, "w") as file:
+            json.dump(record, file, indent=1, default=str)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    remove_stale(folder, f".{name}")
