@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_loss import two_sequences
 
-from trl_sstoken.selection.methods import Selection, StepPlan
+from trl_sstoken.selection.methods import Selection, Signals, StepPlan
 from trl_sstoken.selection.metrics import METRIC_PREFIX, selection_metrics, selection_sums
 
 
@@ -14,7 +14,7 @@ def test_selection_metrics_from_sums():
     regions = two_sequences()
     keep = torch.tensor([[True, False, False, True, True, False]])
     rel = torch.tensor([[1.0, 3.0, 7.0, 0.0, 0.0, 2.0]])  # on response columns 0, 1, 3, 4, 5
-    selection = Selection(keep, regions, StepPlan(None, False, False), rel=rel)
+    selection = Selection(keep, regions, StepPlan(None, False, False), signals=Signals(torch.zeros_like(rel), rel=rel))
     metrics = selection_metrics(selection_sums(selection).tolist(), in_warmup=True)
     values = [1.0, 3.0, 0.0, 0.0, 2.0]
     mean = sum(values) / 5

@@ -7,9 +7,7 @@ import warnings
 from .attention.capture import PACKING_IMPLEMENTATIONS, AttentionCapture, AttentionUnavailableError
 from .config import SSTokenConfig
 from .history import AdapterDisabledHistory, History, build_history, is_peft_model
-from .history.base import eval_mode
 from .history.cache import CACHE_FILE, CachedHistory, UntrainedModelHistory
-from .history.fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
 from .history.reference import ReferenceAdapter, ReferenceModel
 from .history.reference_training import TrainedReference, load_reference_dataset
 from .selection.methods import METHODS
@@ -97,28 +95,16 @@ def make_attention_capture(model, unwrapped_model, args: SSTokenConfig, padding_
     try:
         return AttentionCapture(model, args.attention_layer, args.attention_chunk_size, args.attention_score)
     except AttentionUnavailableError as error:
-        if args.selection_method == "attention" or not args.allow_rel_fallback:
+        if not METHODS[args.selection_method].needs_history or not args.allow_rel_fallback:  # nothing to fall back to
             raise
         warnings.warn(f"{error} Falling back to REL-only selection (allow_rel_fallback=True).", stacklevel=3)
         return None
 
 
 def prepare_history_cache(trainer) -> None:
-    """Loads the trainer's cached base history, or builds it in one no-grad pass over the training set."""
-    history = trainer._history
-    if not isinstance(history, CachedHistory) or history.ready:
-        return
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    base_model = model.get_base_model() if is_peft_model(model) else model
-    history.identity = {
-        "dataset": dataset_fingerprint(trainer.train_dataset),
-        "model": model_fingerprint(base_model),
-        "tokenizer": tokenizer_fingerprint(trainer.processing_class),
-    }
-    batch_size = trainer.args.history_cache_batch_size or 2 * trainer.args.per_device_train_batch_size
-    with eval_mode(model), trainer.accelerator.main_process_first():
-        dataset = trainer._remove_unused_columns(trainer.train_dataset, description="history cache")
-        history.load_or_build(model, dataset, trainer.data_collator, batch_size, trainer.accelerator.device)
+    """Whatever the trainer's history needs before its first use (a cached base history loads or builds its cache)."""
+    if trainer._history is not None:
+        trainer._history.prepare(trainer)
 
 
 def warn_about_dropped_examples(args: SSTokenConfig, original, prepared) -> None:

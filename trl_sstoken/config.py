@@ -11,12 +11,13 @@ from datasets import Dataset
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from .attention.capture import ATTENTION_SCORES
+from .attention.scores import ATTENTION_SCORES
 from .bounded import bounded_repr
-from .selection.methods import METHODS, SELECTION_METHODS, selection_method_help
+from .history.modes import HISTORY_MODES
+from .selection.methods import BUILTIN_METHODS, METHODS, selection_method_help
 
 
-HISTORY_MODES = ("base", "lagged", "ema")
+SELECTION_METHODS = BUILTIN_METHODS  # the shipped methods; validation reads the live registry (METHODS)
 LOSS_NORMALIZATIONS = ("selected", "sequence", "all")
 
 # Every ssToken field's metadata says, besides its `help`:
@@ -160,7 +161,7 @@ class SSTokenConfig(SFTConfig):
         default="sstoken",
         metadata={
             "help": selection_method_help(),
-            "choices": list(SELECTION_METHODS),
+            "choices": METHODS.keys(),  # a live view: methods registered later too
             "group": GROUP_SELECTION,
             "resume": RESUME_MUST_MATCH,
         },
@@ -199,7 +200,7 @@ class SSTokenConfig(SFTConfig):
             "context key, sink included), 'sink_free' (the first token of each sequence removed and the rest "
             "renormalised, pooled over heads) or 'position_corrected' (sink-free mass relative to uniform "
             "attention over the visible keys, m / (m + u)).",
-            "choices": list(ATTENTION_SCORES),
+            "choices": ATTENTION_SCORES.keys(),
             "group": GROUP_SELECTION,
             "resume": RESUME_MUST_MATCH,
         },
@@ -247,7 +248,7 @@ class SSTokenConfig(SFTConfig):
         metadata={
             "help": "History model REL compares against: 'base' (adapter disabled), 'lagged' (adapter copy "
             "refreshed every history_update_steps) or 'ema' (moving average of the adapter).",
-            "choices": list(HISTORY_MODES),
+            "choices": HISTORY_MODES.keys(),
             "group": GROUP_HISTORY,
             "resume": RESUME_MUST_MATCH,
         },
@@ -385,7 +386,7 @@ class SSTokenConfig(SFTConfig):
 
     def _validate_selection_fields(self):
         """Checks the ssToken fields before `SFTConfig` does any work, so a typo fails at once."""
-        _check_choice("selection_method", self.selection_method, SELECTION_METHODS)
+        _check_choice("selection_method", self.selection_method, METHODS)  # the registry now, not at import
         _check_choice("history", self.history, HISTORY_MODES)
         _check_choice("attention_score", self.attention_score, ATTENTION_SCORES)
         _check_choice("selection_loss_normalization", self.selection_loss_normalization, LOSS_NORMALIZATIONS)
@@ -426,7 +427,7 @@ class SSTokenConfig(SFTConfig):
                 "would write the cache into the current directory). Give a directory, or None to compute the history "
                 "on the fly."
             )
-        if self.history_cache_dir is not None and self.history != "base":
+        if self.history_cache_dir is not None and not HISTORY_MODES[self.history].fixed:
             raise ValueError(
                 f"history_cache_dir is only valid with history='base' (got history={self.history!r}): only the base "
                 "model's log-probs stay fixed during training. Unset history_cache_dir or use history='base'."

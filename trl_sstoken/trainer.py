@@ -32,7 +32,6 @@ from .data.inputs import check_prepared_inputs, check_trainer_inputs
 from .divergence import DivergenceGuard, TrainingDivergedError, check_savable
 from .history import HistoryUpdateCallback
 from .history.base import eval_mode
-from .history.cache import CachedHistory
 from .history.reference_training import build_trained_reference
 from .quantized import keep_quantized_weights_unpacked
 from .saving import trainer_hooks
@@ -182,8 +181,7 @@ class SSTokenTrainer(SFTTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         history_logps = None
         if plan.needs_history:
-            if isinstance(self._history, CachedHistory):
-                self._prepare_history_cache()
+            self._history.prepare(self)  # a cached history loads or builds its cache on first use
             history_logps = self._history.log_probs(unwrapped, inputs, example_index)
         if plan.needs_reference:
             self._prepare_reference()
@@ -219,7 +217,7 @@ class SSTokenTrainer(SFTTrainer):
     def _select(self, signals: Signals, regions: Regions, plan: StepPlan) -> Selection:
         """The method's keep mask and score, with the signals they came from."""
         keep, score = self.method.select(signals, regions, plan)
-        return Selection(keep, regions, plan, score, signals.rel, signals.attention, signals.excess_loss)
+        return Selection(keep, regions, plan, score, signals)
 
     def _random_generator(self) -> torch.Generator:
         return step_generator(self.args.seed, self.state.global_step, self._micro_step, self.args.process_index)

@@ -17,6 +17,9 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .scores import ATTENTION_SCORES as ATTENTION_SCORES  # re-exported: the table lives in scores.py
+from .scores import attention_score
+
 
 CAPTURE_ATTRIBUTE = "_sstoken_attention_capture"
 PACKING_IMPLEMENTATIONS = (
@@ -35,8 +38,7 @@ class AttentionUnavailableError(ValueError):
 
 IMPLEMENTATION_PREFIX = "sstoken_"
 
-# The attention scores `context_attention_mass` can compute (`SSTokenConfig.attention_score`), see its docstring.
-ATTENTION_SCORES = ("context_mass", "sink_free", "position_corrected")
+# The attention scores (`SSTokenConfig.attention_score`) are a name -> function table, scores.py
 
 
 def context_attention_mass(
@@ -71,27 +73,16 @@ def context_attention_mass(
             are skipped and read 0; with None every query is computed.
         chunk_size: query rows per block.
         softcap: attention logit soft-capping (Gemma 2 style), if the layer uses it.
-        score: which statistic, with p_hij the softmax weight of head h, query i, key j (one of ATTENTION_SCORES):
-            - "context_mass" (the paper's): mean_h sum_{j in C} p_hij, C the context keys query i may see.
-            - "sink_free": the context mass with the sink keys S removed and the rest renormalised, pooled over heads:
-              sum_h sum_{j in C - S} p_hij / sum_h sum_{j not in S} p_hij. Pooling (rather than renormalising each
-              head and then averaging) weights each head by the mass it puts off the sink, so a head that parks
-              nearly all of its attention on the sink (a "dormant" head) does not get a full vote for the few
-              percent it has left. In [0, 1].
-            - "position_corrected": the sink-free mass m relative to what uniform attention over the visible non-sink
-              keys would give, u = |C - S visible| / |visible - S|: r = m / u (1 = uniform), reported as
-              r / (1 + r) = m / (m + u), in [0, 1) with 0.5 meaning "as much as uniform attention". A late response
-              token sees more response keys than an early one, so its raw context mass shrinks even at the same
-              preference for the context; the ratio removes that dilution.
-            Without sink keys (sink None or all False), "sink_free" equals "context_mass" up to rounding.
-        sink: (B, Tk) bool, the sink keys (see `sink_keys`); needed by "sink_free" and "position_corrected".
+        score: which statistic, a name in `ATTENTION_SCORES` (scores.py, where each is defined): "context_mass" (the
+            paper's), "sink_free", "position_corrected". Without sink keys (sink None or all False), "sink_free"
+            equals "context_mass" up to rounding.
+        sink: (B, Tk) bool, the sink keys (see `sink_keys`); needed by the scores with `needs_sink`.
 
     A padding query (key_valid False at its own position) gets 0, and so does a query that sees no non-sink key
     (for the sink-free scores) or no non-sink context key ("position_corrected").
     """
-    if score not in ATTENTION_SCORES:
-        raise ValueError(f"attention_score={score!r} is not supported; allowed values: {ATTENTION_SCORES}.")
-    if score != "context_mass" and sink is None:
+    reduce = attention_score(score).reduce
+    if attention_score(score).needs_sink and sink is None:
         raise ValueError(f"attention score {score!r} needs the sink keys (sink=...), see sink_keys().")
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
@@ -101,11 +92,6 @@ def context_attention_mass(
     key_t = key.float().transpose(-1, -2).unsqueeze(2)  # (B, H_kv, 1, d, Tk)
     model_allowed = _mask_to_allowed(attention_mask)
     key_positions = torch.arange(k_len, device=query.device)
-    if score == "context_mass":
-        context_weights = context.float()[:, None, None, None, :]  # (B, 1, 1, 1, Tk)
-    else:
-        context_weights = (context & ~sink).float()[:, None, None, None, :]
-        non_sink_weights = (~sink).float()[:, None, None, None, :]
     needed_rows = None if query_needed is None else query_needed.any(dim=0).tolist()  # one host sync per call
     masses = []
     for start in range(0, q_len, chunk_size):
@@ -124,19 +110,8 @@ def context_attention_mass(
             allowed = allowed & _chunk_rows(model_allowed, start, stop)[..., :stop]
         if sequence_ids is not None:
             allowed = allowed & (sequence_ids[:, start:stop, None] == sequence_ids[:, None, :stop])
-        allowed = allowed[:, None, None]  # (B, 1, 1, c, stop)
-        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-        on_context = (probs * context_weights[..., :stop]).sum(dim=-1)  # (B, H_kv, G, c)
-        if score == "context_mass":
-            masses.append(on_context.mean(dim=(1, 2)))  # (B, c)
-            continue
-        off_sink = (probs * non_sink_weights[..., :stop]).sum(dim=-1).sum(dim=(1, 2))  # (B, c)
-        mass = torch.where(off_sink > 0, on_context.sum(dim=(1, 2)) / off_sink.clamp_min(1e-30), 0.0)
-        if score == "position_corrected":
-            visible = allowed[:, 0, 0] & ~sink[:, None, :stop]  # (B, c, stop)
-            uniform = (visible & context[:, None, :stop]).sum(-1) / visible.sum(-1).clamp_min(1)  # (B, c)
-            mass = torch.where(uniform > 0, mass / (mass + uniform).clamp_min(1e-30), 0.0)
-        masses.append(mass)
+        probs = torch.softmax(logits.masked_fill(~allowed[:, None, None], float("-inf")), dim=-1).nan_to_num(0.0)
+        masses.append(reduce(probs, allowed, context[:, :stop], None if sink is None else sink[:, :stop]))  # (B, c)
     # Query i is key i: a padding query gets 0, whatever it could attend to
     return torch.cat(masses, dim=-1) * key_valid[:, :q_len]
 
@@ -195,8 +170,7 @@ class AttentionCapture:
     """
 
     def __init__(self, model: torch.nn.Module, layer: int, chunk_size: int = 256, score: str = "context_mass"):
-        if score not in ATTENTION_SCORES:
-            raise ValueError(f"attention_score={score!r} is not supported; allowed values: {ATTENTION_SCORES}.")
+        attention_score(score)  # a known name, or a ValueError naming the allowed ones
         self.score = score
         self.base_model = _underlying_pretrained_model(model)
         modules = attention_modules(self.base_model)
@@ -243,7 +217,7 @@ class AttentionCapture:
         self._armed = None
         key_valid = key_valid.to(query.device)
         sequence_ids = None if sequence_ids is None else sequence_ids.to(query.device)
-        sink = None if self.score == "context_mass" else sink_keys(key_valid, sequence_ids)
+        sink = sink_keys(key_valid, sequence_ids) if attention_score(self.score).needs_sink else None
         with torch.no_grad():
             self._result = context_attention_mass(
                 query.detach(),

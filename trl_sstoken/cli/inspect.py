@@ -76,10 +76,10 @@ def run_inspect(script_args, sstoken_args, model_args, dataset_args, loading_arg
 
 def _history_weights(sstoken_args, adapter_path):
     """The saved history adapter a lagged/ema inspection needs: `<adapter_path>/history/` of a checkpoint."""
-    from ..history import HISTORY_ADAPTER
-    from ..selection.methods import REL_METHODS
+    from ..history import HISTORY_ADAPTER, history_mode
+    from ..selection.methods import METHODS
 
-    if sstoken_args.selection_method not in REL_METHODS or sstoken_args.history == "base":
+    if not METHODS[sstoken_args.selection_method].needs_history or history_mode(sstoken_args.history).fixed:
         return None
     folder = os.path.join(adapter_path, HISTORY_ADAPTER)
     weights = os.path.join(folder, "adapter_model.safetensors")
@@ -110,9 +110,9 @@ def _load_history_adapter(peft_model, weights_path):
 
 def _check_rel_has_adapter(method: str, has_adapter: bool, flag: str):
     """`inspect` of REL without an adapter would compare the model with itself: every REL would be 0."""
-    from ..selection.methods import REL_METHODS
+    from ..selection.methods import METHODS
 
-    if method in REL_METHODS and not has_adapter:
+    if METHODS[method].needs_history and not has_adapter:
         raise ValueError(
             f"--selection_method {method} needs a LoRA adapter, because REL compares the model with an earlier state "
             f"of its adapter: add {flag}, or choose --selection_method attention, random or full."

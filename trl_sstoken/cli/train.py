@@ -77,31 +77,10 @@ def _train(script_args, training_args, model_args, dataset_args, loading_args):
 
 def describe_history(trainer) -> str:
     """One line: which history model REL compares with, and what it costs (a model copy without --use_peft)."""
-    from ..history.adapter import AdapterDisabledHistory, AdapterHistory
-    from ..history.cache import CachedHistory
-    from ..history.model_copy import ModelCopyHistory
-
     args, history = trainer.args, trainer._history
     if history is None:
         return f"no history model (--selection_method {args.selection_method} does not use REL)."
-    if isinstance(history, CachedHistory):
-        return f"history: the base model's log-probs, cached in {args.history_cache_dir} (no history forward while training)."
-    if isinstance(history, AdapterDisabledHistory):
-        return "history: the base weights with the LoRA adapter disabled (no copy)."
-    schedule = {
-        "base": "frozen at the start",
-        "lagged": f"updated every {args.history_update_steps} optimizer steps",
-        "ema": f"an EMA with alpha {args.history_ema_alpha}",
-    }[args.history]
-    if isinstance(history, AdapterHistory):
-        return f"history: the base weights plus a {args.history} copy of the LoRA adapter, {schedule}."
-    if isinstance(history, ModelCopyHistory):
-        size = f"{history.parameter_bytes / 2**30:.2f} GiB"
-        return (
-            f"history: a {args.history} copy of the whole model ({size}), {schedule}: full fine-tuning, because "
-            "--use_peft is not set (with --use_peft the history costs no copy)."
-        )
-    return f"history: {type(history).__name__}."
+    return history.describe(args)
 
 
 def make_parser():

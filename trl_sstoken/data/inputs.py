@@ -17,6 +17,7 @@ import os
 import datasets
 import torch
 
+from ..selection.methods import METHODS
 from .collator import EXAMPLE_ID_COLUMN
 
 
@@ -26,7 +27,7 @@ TEXT_COLUMNS = ("prompt", "completion", "text", "messages")
 def check_trainer_inputs(args, model, train_dataset, eval_dataset=None) -> None:
     args.validate()
     check_history_device(args.history_device)
-    if args.selection_method == "rho1":
+    if METHODS[args.selection_method].needs_reference:  # the method's declared needs, not its name
         check_reference_model(args.reference_model)
     if train_dataset is not None:
         check_dataset(train_dataset, "train_dataset")

@@ -3,6 +3,9 @@
 Every history is a `History` (`base.py`), so the trainer never needs to know which one it holds. Which one is built
 depends on `history` and on how the model is held:
 
+The modes and their update rules are one table, `modes.py` (`HISTORY_MODES`): a fixed mode (no rule) is the
+weights before training, a moving mode applies its rule to a copy every `history_update_steps` steps.
+
 | `history` | PEFT adapter (LoRA, QLoRA)            | full fine-tuning                        |
 |-----------|---------------------------------------|-----------------------------------------|
 | `base`    | `AdapterDisabledHistory` (no weights) | `ModelCopyHistory(mode="base")` (a copy) |
@@ -20,6 +23,7 @@ from transformers import TrainerCallback
 from .adapter import HISTORY_ADAPTER, AdapterDisabledHistory, AdapterHistory
 from .base import History
 from .model_copy import ModelCopyHistory
+from .modes import HISTORY_MODES, HistoryMode, history_mode
 
 
 def is_peft_model(model) -> bool:
@@ -32,7 +36,7 @@ def build_history(model, mode: str, update_steps: int, ema_alpha: float, device=
         return ModelCopyHistory(model, mode, update_steps, ema_alpha, device=device, max_copy_gb=max_copy_gb)
     if model.peft_config[model.active_adapter].is_prompt_learning:
         raise ValueError("ssToken's history needs an adapter on the model's layers (e.g. LoRA), not prompt learning.")
-    if mode == "base":
+    if history_mode(mode).fixed:
         return AdapterDisabledHistory(model)
     return AdapterHistory(model, mode, update_steps, ema_alpha)
 
@@ -49,11 +53,14 @@ class HistoryUpdateCallback(TrainerCallback):
 
 __all__ = [
     "HISTORY_ADAPTER",
+    "HISTORY_MODES",
     "AdapterDisabledHistory",
     "AdapterHistory",
     "History",
+    "HistoryMode",
     "HistoryUpdateCallback",
     "ModelCopyHistory",
     "build_history",
+    "history_mode",
     "is_peft_model",
 ]

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from .base import History, adapter_activated, all_finite, parameter_bytes, skip_refresh_warning
+from .modes import history_mode
 
 
 HISTORY_ADAPTER = "history"
@@ -31,13 +32,17 @@ class AdapterDisabledHistory(History):
     def active(self):
         return self.peft_model.disable_adapter()
 
+    def describe(self, args) -> str:
+        return "history: the base weights with the LoRA adapter disabled (no copy)."
+
 
 class AdapterHistory(History):
     """`lagged` or `ema`: a frozen second adapter that follows the trained one every `update_steps` steps."""
 
     def __init__(self, peft_model, mode: str, update_steps: int, ema_alpha: float):
-        if mode not in ("lagged", "ema"):
-            raise ValueError(f"AdapterHistory mode must be 'lagged' or 'ema', got {mode!r}.")
+        self.rule = history_mode(mode).update
+        if self.rule is None:
+            raise ValueError(f"AdapterHistory needs a moving history mode (one with an update rule), got {mode!r}.")
         self.peft_model = peft_model
         self.mode = mode
         self.update_steps = update_steps
@@ -83,20 +88,21 @@ class AdapterHistory(History):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """lagged: history <- adapter. ema: history <- alpha * history + (1 - alpha) * adapter. Never from a
-        non-finite adapter: the history keeps its last good state instead."""
+        """The mode's update rule (modes.py) on the adapter, one fused call. Never from a non-finite adapter: the
+        history keeps its last good state instead."""
         trained = [p.detach() for p in self.trained_params]
         if not all_finite(trained):
             skip_refresh_warning(self.mode)
             return
-        if self.mode == "lagged":
-            torch._foreach_copy_(self.history_params, trained)
-        else:
-            torch._foreach_lerp_(self.history_params, trained, 1.0 - self.ema_alpha)
+        self.rule(self.history_params, trained, self.ema_alpha)
 
     def on_optimizer_step(self, global_step: int) -> None:
         if global_step % self.update_steps == 0:
             self.refresh()
+
+    def describe(self, args) -> str:
+        schedule = history_mode(self.mode).schedule(args)
+        return f"history: the base weights plus a {self.mode} copy of the LoRA adapter, {schedule}."
 
     # save_checkpoint / load_checkpoint: nothing to do. PEFT saves every adapter in a checkpoint, the history one
     # under `history/`, and `Trainer._load_from_checkpoint` restores them all

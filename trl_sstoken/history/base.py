@@ -54,7 +54,9 @@ class History:
       training set the batch holds and where; only a cached history reads it.
     - `on_optimizer_step(global_step)`: move forward on its schedule (fixed histories do nothing);
     - `save_checkpoint(directory)` / `load_checkpoint(directory)`: state that PEFT's own checkpointing does not cover;
-    - `parameter_bytes`: the memory it adds.
+    - `parameter_bytes`: the memory it adds;
+    - `prepare(trainer)`: work due before its first use inside `train()` (a cached history loads or builds its
+      cache); `describe(args)`: one line for the run's log. Callers ask these instead of testing the class.
 
     The default `log_probs` runs the trained model itself under `active()`, the context in which the model computes
     the history's predictions (an adapter disabled or swapped); subclasses that hold their own weights override it.
@@ -78,6 +80,13 @@ class History:
 
     def load_checkpoint(self, directory: str) -> None:
         """Nothing to load beyond what `Trainer` and PEFT restore."""
+
+    def prepare(self, trainer) -> None:
+        """Nothing to do before the first use."""
+
+    def describe(self, args) -> str:
+        """One line for the run's log: what the history is and what it costs."""
+        return f"history: {type(self).__name__}."
 
 
 def parameter_bytes(params) -> int:

@@ -236,6 +236,31 @@ class CachedHistory(History):
     def ready(self) -> bool:
         return self.values is not None
 
+    def prepare(self, trainer) -> None:
+        """Loads the cache, or builds it in one no-grad pass over the trainer's training set (once)."""
+        if self.ready:
+            return
+        from .base import eval_mode
+        from .fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.identity = {
+            "dataset": dataset_fingerprint(trainer.train_dataset),
+            "model": model_fingerprint(base_model),
+            "tokenizer": tokenizer_fingerprint(trainer.processing_class),
+        }
+        batch_size = trainer.args.history_cache_batch_size or 2 * trainer.args.per_device_train_batch_size
+        with eval_mode(model), trainer.accelerator.main_process_first():
+            dataset = trainer._remove_unused_columns(trainer.train_dataset, description="history cache")
+            self.load_or_build(model, dataset, trainer.data_collator, batch_size, trainer.accelerator.device)
+
+    def describe(self, args) -> str:
+        return (
+            f"history: the base model's log-probs, cached in {args.history_cache_dir} (no history forward while "
+            "training)."
+        )
+
     def load_or_build(self, model, dataset, collate, batch_size: int, device) -> None:
         check_cache_destination(self.path)  # again: the directory may have changed since the trainer was built
         remove_stale_temporary_files(self.path)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .base import History, all_finite, fused_log_probs, parameter_bytes, skip_refresh_warning
+from .modes import history_mode
 
 
 CHECKPOINT_FILE = "sstoken_history_model.safetensors"
@@ -32,6 +33,7 @@ class ModelCopyHistory(History):
                 "adapter on it (QLoRA: pass peft_config), whose history costs only adapter weights."
             )
         self.mode = mode
+        self.rule = history_mode(mode).update  # None: a fixed copy
         self.update_steps = update_steps
         self.ema_alpha = ema_alpha
         self.parameter_bytes = parameter_bytes(model.parameters())
@@ -56,31 +58,35 @@ class ModelCopyHistory(History):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """lagged: copy <- weights. ema: copy <- alpha * copy + (1 - alpha) * weights. One tensor at a time across
-        devices, so the update never holds a second full copy in transit. Never from non-finite weights."""
+        """The mode's update rule (modes.py), one tensor at a time across devices, so the update never holds a
+        second full copy in transit. Never from non-finite weights."""
         if not all_finite(p.detach() for p in self.trained_params):
             skip_refresh_warning(self.mode)
             return
         for copy_param, param in zip(self.copy_params, self.trained_params, strict=True):
             source = param.detach().to(device=copy_param.device, dtype=copy_param.dtype)
-            if self.mode == "lagged":
-                copy_param.copy_(source)
-            else:
-                copy_param.lerp_(source, 1.0 - self.ema_alpha)
+            self.rule([copy_param], [source], self.ema_alpha)
 
     def on_optimizer_step(self, global_step: int) -> None:
-        if self.mode != "base" and global_step % self.update_steps == 0:
+        if self.rule is not None and global_step % self.update_steps == 0:
             self.refresh()
+
+    def describe(self, args) -> str:
+        size = f"{self.parameter_bytes / 2**30:.2f} GiB"
+        return (
+            f"history: a {self.mode} copy of the whole model ({size}), {history_mode(self.mode).schedule(args)}: full "
+            "fine-tuning, because --use_peft is not set (with --use_peft the history costs no copy)."
+        )
 
     def save_checkpoint(self, directory: str) -> None:
         """A moving copy is part of the training state; a `base` copy is rebuilt from the model on resume."""
-        if self.mode != "base":
+        if self.rule is not None:
             state = {name: tensor.contiguous() for name, tensor in self.model.state_dict().items()}
             save_file(_untie(state), os.path.join(directory, CHECKPOINT_FILE))
 
     def load_checkpoint(self, directory: str) -> None:
         path = os.path.join(directory, CHECKPOINT_FILE)
-        if self.mode == "base":
+        if self.rule is None:
             return
         if not os.path.exists(path):
             raise FileNotFoundError(

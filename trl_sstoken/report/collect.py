@@ -11,7 +11,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from ..selection.methods import REL_METHODS, Selection
+from ..selection.methods import METHODS, Selection
 from ..trainer import SSTokenTrainer
 from .visualize import ExampleView, examples_from_selection, render_html, render_svg, summarize
 
@@ -86,7 +86,7 @@ def report_settings(trainer: SSTokenTrainer, **extra) -> dict[str, object]:
         selection_ratio=args.selection_ratio,
         selection_gamma=args.effective_gamma,
         attention_layer=args.attention_layer,
-        history=args.history if args.selection_method in REL_METHODS else "(not used)",
+        history=args.history if METHODS[args.selection_method].needs_history else "(not used)",
         max_length=args.max_length,
         optimizer_step=trainer.state.global_step,
     )

@@ -6,7 +6,10 @@ method but `profit`), which tokens it keeps, and the weight of each kept token's
 a method only says which of it applies. Per-sequence methods work on one row per original sequence
 (`Regions.to_sequences`), so padded, padding-free and packed batches are selected alike, and map the result back.
 
-Adding a method: one subclass of `SelectionMethod` under `@register`, and its tests.
+Adding a method: one subclass of `SelectionMethod` under `@register` (in or out of the package), and its tests. The
+registry is read at use time: config validation, the `selection_method` choices, the trainer, the report and the
+model card all look the name up in `METHODS` when they need it, so a method registered by user code is a method like
+any other. `register` checks the class when it is registered (PEFT's `register_peft_method` style).
 """
 
 import hashlib
@@ -59,9 +62,19 @@ class Selection:
     regions: Regions
     plan: StepPlan
     score: torch.Tensor | None = None  # the combined ssToken score the step ranked by; None for other methods
-    rel: torch.Tensor | None = None
-    attention: torch.Tensor | None = None
-    excess_loss: torch.Tensor | None = None
+    signals: Signals | None = None  # what the step's forwards produced (REL, attention, excess loss)
+
+    @property
+    def rel(self) -> torch.Tensor | None:
+        return None if self.signals is None else self.signals.rel
+
+    @property
+    def attention(self) -> torch.Tensor | None:
+        return None if self.signals is None else self.signals.attention
+
+    @property
+    def excess_loss(self) -> torch.Tensor | None:
+        return None if self.signals is None else self.signals.excess_loss
 
 
 class SelectionMethod:
@@ -102,11 +115,40 @@ class SelectionMethod:
 
 
 METHODS: dict[str, type[SelectionMethod]] = {}
+_FLAGS = ("needs_history", "needs_attention", "needs_reference", "draws_at_random", "kept_count_known")
 
 
 def register(method: type[SelectionMethod]) -> type[SelectionMethod]:
-    METHODS[method.name] = method
+    """Adds `method` to `METHODS` under its `name`, after checking it: a `SelectionMethod` subclass with a new
+    identifier-like `name`, a one-line `description`, boolean flags, and its own `select`. Usable as a decorator."""
+    if not (isinstance(method, type) and issubclass(method, SelectionMethod)):
+        raise TypeError(f"register() takes a SelectionMethod subclass, got {method!r}.")
+    name = method.__dict__.get("name")
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(
+            f"{method.__qualname__} needs its own class attribute `name`, a non-empty identifier such as 'my_method' "
+            f"(got {name!r})."
+        )
+    if name in METHODS and METHODS[name] is not method:
+        raise ValueError(
+            f"selection method {name!r} is already registered by {METHODS[name].__module__}."
+            f"{METHODS[name].__qualname__}; choose another name."
+        )
+    description = getattr(method, "description", None)
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError(f"{method.__qualname__} needs a class attribute `description` (one line for the help).")
+    for flag in _FLAGS:
+        if not isinstance(getattr(method, flag), bool):
+            raise ValueError(f"{method.__qualname__}.{flag} must be True or False, got {getattr(method, flag)!r}.")
+    if method.select is SelectionMethod.select:
+        raise ValueError(f"{method.__qualname__} must define select(signals, regions, plan).")
+    METHODS[name] = method
     return method
+
+
+def method_names() -> tuple[str, ...]:
+    """The names of the registered methods, now (the registry is open: read it at use time)."""
+    return tuple(METHODS)
 
 
 class PerSequenceTopK(SelectionMethod):
@@ -285,10 +327,8 @@ class DFT(Full):
         return "every response token, each token's NLL weighted by its detached probability (DFT)"
 
 
-SELECTION_METHODS = tuple(METHODS)
-REL_METHODS = tuple(name for name, method in METHODS.items() if method.needs_history)
-ATTENTION_METHODS = tuple(name for name, method in METHODS.items() if method.needs_attention)
-REFERENCE_METHODS = tuple(name for name, method in METHODS.items() if method.needs_reference)
+# The methods the package ships (a method registered later is in METHODS, not here: never validate against this)
+BUILTIN_METHODS = tuple(METHODS)
 
 
 def warmup_steps(ratio: float, max_steps: int) -> int:
