@@ -1,8 +1,8 @@
-"""Tiny, offline models and tokenizers for the quickstart, the tests and the benchmarks.
+"""The tiny model and tokenizer of `trl-sstoken demo`, built in memory so the demo runs with nothing to download.
 
-No machine this project runs on reaches a model hub, so everything that needs "a model" builds one here: a
-word-level tokenizer over a given vocabulary, with a ChatML-style chat template whose assistant turns are marked
-with `{% generation %}` (so TRL's `assistant_only_loss` works), and a randomly initialised Qwen2 or Llama model.
+A word-level tokenizer over a given vocabulary, with a ChatML-style chat template whose assistant turns are marked
+with `{% generation %}` (so TRL's `assistant_only_loss` works), and a randomly initialised Qwen2 or Llama model. The
+tests and the benchmarks' toy scales use them too.
 """
 
 import torch

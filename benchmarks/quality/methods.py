@@ -1,14 +1,12 @@
 """Methods and ablations, each nothing but a set of `SSTokenConfig` overrides on top of the shared settings.
 
 Every run of the benchmark trains with the same LoRA, steps, batch size and learning rate (`scales.py`); a method or
-an ablation only changes the fields below. A method whose `selection_method` value the installed `SSTokenConfig`
-does not accept is skipped with a printed message and recorded as "skipped (not available)".
+an ablation only changes the fields below. A method whose `selection_method` is not registered in the installed
+package (`trl_sstoken.selection.methods.METHODS`) is skipped with a printed message and recorded as "skipped (not
+available)".
 """
 
-import dataclasses
-import tempfile
-
-from trl_sstoken import SSTokenConfig
+from trl_sstoken.selection.methods import METHODS as SELECTION_REGISTRY
 
 
 # The selection settings every selecting method shares unless a method or an ablation changes them. Written out here
@@ -116,31 +114,14 @@ ABLATION_BASELINE_LABELS = {
 }
 
 
-def accepted_selection_methods() -> tuple[str, ...] | None:
-    """The `selection_method` values the installed package declares, or None if it does not declare them."""
-    try:
-        from trl_sstoken import config as config_module
-
-        return tuple(config_module.SELECTION_METHODS)
-    except (ImportError, AttributeError):
-        return None
-
-
 def availability(method: str, table: dict = METHODS) -> tuple[bool, str]:
-    """(available, reason) for a method, from what the installed SSTokenConfig accepts."""
+    """(available, reason) for a method: whether its `selection_method` is registered in the installed package."""
     value = table[method]["selection_method"]
-    declared = accepted_selection_methods()
-    if declared is not None and value not in declared:
-        return False, f"selection_method={value!r} is not accepted by the installed SSTokenConfig ({declared})"
-    if declared is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                SSTokenConfig(output_dir=tmp, selection_method=value, report_to="none", use_cpu=True, bf16=False)
-            except ValueError as error:
-                if "selection_method" in str(error) and "not supported" in str(error):
-                    return False, str(error)
-    if method == "rho1" and "reference_dataset" not in {field.name for field in dataclasses.fields(SSTokenConfig)}:
-        return False, "selection_method='rho1' is accepted but SSTokenConfig has no reference_dataset field"
+    if value not in SELECTION_REGISTRY:
+        return (
+            False,
+            f"selection_method={value!r} is not registered in the installed trl_sstoken ({tuple(SELECTION_REGISTRY)})",
+        )
     return True, ""
 
 

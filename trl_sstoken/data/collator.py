@@ -77,11 +77,17 @@ def pop_example_index(inputs: dict) -> dict:
     return {key: inputs.pop(key) for key in EXAMPLE_INDEX_KEYS if key in inputs}
 
 
-def add_example_ids(dataset):
-    """The dataset with a column holding each row's index, the key of per-example state such as a history cache."""
-    if EXAMPLE_ID_COLUMN in (dataset.column_names or []):
+def check_reserved_column(dataset) -> None:
+    """The training set must not already have the column `add_example_ids` writes. Checked when the trainer is
+    built (data/inputs.py, before tokenizing) and again here, on the prepared set."""
+    if EXAMPLE_ID_COLUMN in (getattr(dataset, "column_names", None) or []):
         raise ValueError(
             f"The training set has a column named {EXAMPLE_ID_COLUMN!r}, a name SSTokenTrainer reserves for the index "
             "it gives every example (a history cache is keyed by it). Rename or remove that column."
         )
+
+
+def add_example_ids(dataset):
+    """The dataset with a column holding each row's index, the key of per-example state such as a history cache."""
+    check_reserved_column(dataset)
     return dataset.map(lambda _, index: {EXAMPLE_ID_COLUMN: index}, with_indices=True)

@@ -18,7 +18,7 @@ import datasets
 import torch
 
 from ..selection.methods import METHODS
-from .collator import EXAMPLE_ID_COLUMN
+from .collator import check_reserved_column
 
 
 TEXT_COLUMNS = ("prompt", "completion", "text", "messages")
@@ -117,14 +117,6 @@ def check_dataset(dataset, name: str) -> None:
                     f"{column}: fill or drop those rows, e.g. dataset.filter(lambda row: row[{column!r}] is not None)."
                 )
         start += batch.num_rows
-
-
-def check_reserved_column(dataset) -> None:
-    if EXAMPLE_ID_COLUMN in (getattr(dataset, "column_names", None) or []):
-        raise ValueError(
-            f"The training set has a column named {EXAMPLE_ID_COLUMN!r}, a name SSTokenTrainer reserves for the index "
-            "it gives every example (a history cache is keyed by it). Rename or remove that column."
-        )
 
 
 @torch.no_grad()

@@ -11,18 +11,9 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from ..selection.methods import METHODS, Selection
+from ..selection.methods import METHODS
 from ..trainer import SSTokenTrainer
 from .visualize import ExampleView, examples_from_selection, render_html, render_svg, summarize
-
-
-def selection_scores(selection: Selection) -> torch.Tensor | None:
-    """The combined score the selection ranked by, (B, T-1); None for methods without one (random, full, baselines).
-
-    It is the score the step itself computed, per original sequence (with each sequence's REL weight) and mapped back
-    to the batch's rows, so packed and padding-free rows show what was ranked.
-    """
-    return selection.score
 
 
 def token_texts(tokenizer, input_ids: torch.Tensor) -> list[list[str]]:
@@ -68,7 +59,7 @@ def collect_examples(
                 selection.regions.valid.cpu(),
                 selection.regions.response.cpu(),
                 selection.keep.cpu(),
-                score=_cpu(selection_scores(selection)),
+                score=_cpu(selection.score),  # what the step ranked by, per original sequence, mapped back
                 rel=_cpu(selection.rel),
                 attention=_cpu(selection.attention),
                 first_index=len(examples),
