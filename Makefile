@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.trl-sstoken-installed
 
-.PHONY: demo test install docs clean-venv
+.PHONY: demo test install docs clean-venv lint test-fast
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/trl-sstoken demo $(ARGS)
@@ -45,3 +45,12 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 
 clean-venv:
 	rm -rf $(VENV)
+
+# For contributors: `make test-fast` runs the fast unit tier (tests/conftest.py, TIERS; about 2 minutes on 2 cores),
+# `make test` stays the full suite; `make lint` is what CI and the pre-commit hook check (ruff, .ci/constraints.txt).
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 TRL_SSTOKEN_SKIP_REAL_MODELS=1 $(BIN)/python -m pytest -q -m unit $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .

@@ -24,6 +24,62 @@ from trl_sstoken.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E40
 torch.set_num_threads(1)
 
 
+# ----- test tiers (pytest markers), so a contributor can run the fast ones first: `make test-fast` = `-m unit` -----
+# Every test gets exactly one tier. A test may set its own (`@pytest.mark.reliability`); otherwise its file's tier
+# below applies; otherwise a test that builds a trainer through `make_trainer` is `trainer`, and the rest is `unit`.
+TIERS = {
+    "unit": "fast unit tests: pure functions and small objects, no training run (make test-fast)",
+    "trainer": "trains tiny models through SSTokenTrainer or runs the CLI on them",
+    "reliability": "interruption, resume, corruption, divergence and bad-input behaviour (docs/reliability.md)",
+    "real_model": "runs a real pretrained model (SmolLM2-135M, gemma-3-270m); skip with TRL_SSTOKEN_SKIP_REAL_MODELS=1",
+    "benchmark": "the benchmarks' harnesses and the GPU check's CPU dry run, at toy scale",
+    "distributed": "two-process runs of DDP, FSDP and DeepSpeed on the CPU",
+}
+FILE_TIERS = {
+    "trainer": (
+        "test_attention_architectures", "test_baselines", "test_cache", "test_cli", "test_collator",
+        "test_data_shapes", "test_docs", "test_examples", "test_full_finetuning", "test_integration",
+        "test_out_of_tree_method", "test_prompt_learning", "test_qlora", "test_readme", "test_reference_training",
+        "test_trainer", "test_compare",
+    ),
+    "reliability": (
+        "test_bad_input", "test_cache_integrity", "test_checkpoints", "test_cli_resume", "test_config_file",
+        "test_deterministic_history", "test_divergence", "test_faults", "test_resume", "test_resume_qlora",
+        "test_trust",
+    ),
+    "real_model": ("test_quality_real", "test_real_model_demo", "test_real_models"),
+    "benchmark": ("test_defaults_rule", "test_gpu_check", "test_perf_benchmark", "test_quality_benchmark"),
+    "distributed": ("test_distributed",),
+}  # fmt: skip
+_TIER_OF_FILE = {name: tier for tier, names in FILE_TIERS.items() for name in names}
+
+
+def pytest_configure(config):
+    for tier, description in TIERS.items():
+        config.addinivalue_line("markers", f"{tier}: {description}")
+
+
+def tier_of(item) -> str:
+    own = [tier for tier in TIERS if item.get_closest_marker(tier) is not None and tier != "real_model"]
+    if item.get_closest_marker("real_model") is not None:  # a real model dominates: it is the slow part
+        return "real_model"
+    if own:
+        return own[0]
+    module = item.path.stem
+    if "distributed" in item.path.parts[:-1]:
+        return "distributed"
+    if module in _TIER_OF_FILE:
+        return _TIER_OF_FILE[module]
+    return "trainer" if "make_trainer" in getattr(item, "fixturenames", ()) else "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = tier_of(item)
+        if item.get_closest_marker(tier) is None:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
 def _quickstart_rows():
     text = resources.files("trl_sstoken").joinpath("data/quickstart.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]

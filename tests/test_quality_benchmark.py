@@ -69,6 +69,17 @@ def test_tokens_line_up_with_word_kinds(instances):
         assert sum(k >= 0 for k in row["kinds"]) == len(response_ids)
 
 
+def assert_match_rates(result):
+    """Match rates are fractions of the eval prompts: the overall rate is a mean of the families' (so between their
+    lowest and highest), and a strict match is also an exact match, per family."""
+    for name in ("exact_match", "strict_match"):
+        families = [value for family, value in result[name].items() if family != "overall"]
+        assert families and all(0 <= value <= 1 for value in families), result[name]
+        assert min(families) <= result[name]["overall"] <= max(families), result[name]
+    for family, value in result["strict_match"].items():
+        assert value <= result["exact_match"][family], (family, result)
+
+
 def test_exact_match_scoring():
     instance = tasks.Instance(
         "reverse", "reverse the list : ant cat fox", ("fox", "cat", "ant"), "ant cat fox backwards is"
@@ -105,7 +116,7 @@ def test_pipeline_tiny_scale(tmp_path):
     assert results["seeds"] == [0] and results["scale"]["sft_steps"] > 0
     assert results["design"]["noise_rates"]["corrupt_per_answer_word"] == noise.CORRUPT_RATE
     assert results["data"]["eval_prompts_in_train"] == 0
-    assert 0 <= results["base_model"]["chat_eval_before_sft"]["exact_match"]["overall"] <= 1
+    assert_match_rates(results["base_model"]["chat_eval_before_sft"])
     assert set(results["base_model"]["raw_form_exact_match"]) == {"overall", *tasks.FAMILIES}
     assert results["base_model"]["recipe_hash"] and not results["base_model"]["cached"]
 
@@ -125,7 +136,7 @@ def test_pipeline_tiny_scale(tmp_path):
     for run in runs:
         result = run["result"]
         assert set(result["exact_match"]) == {"overall", *tasks.FAMILIES}
-        assert 0 <= result["exact_match"]["overall"] <= 1 and 0 <= result["strict_match"]["overall"] <= 1
+        assert_match_rates(result)
         assert result["selection"]["unmatched_rows"] == 0
         assert run["overrides"]["selection_method"] == methods.METHODS[run["name"]]["selection_method"]
         assert run["overrides"]["selection_ratio"] == methods.SHARED["selection_ratio"]

@@ -89,8 +89,11 @@ def test_greedy_generation_gives_the_head_a_contiguous_input_and_the_same_text(
     assert texts == unpatched
 
 
-def test_pipeline_tiny_scale_smollm2(tmp_path):
+def test_pipeline_tiny_scale_smollm2(smollm2_dir, tmp_path):
+    """Takes `smollm2_dir` although the harness finds the model itself: the fixture is what honours
+    TRL_SSTOKEN_SKIP_REAL_MODELS (before, this test fetched SmolLM2 regardless)."""
     from benchmarks.quality.run import main
+    from test_quality_benchmark import assert_match_rates
 
     output = tmp_path / "quality-real-tiny.json"
     main(["--model", "smollm2", "--quick", "--workers", "1", "--output", str(output), "--cache-dir",
@@ -103,7 +106,8 @@ def test_pipeline_tiny_scale_smollm2(tmp_path):
     assert run["status"] == "ok" and run["overrides"]["attention_score"] == "sink_free"
     result = run["result"]
     assert result["selection"]["unmatched_rows"] == 0
-    assert 0 <= result["exact_match"]["overall"] <= 1 and result["answer_nll"] > 0
+    assert_match_rates(result)
+    assert result["answer_nll"] > 0
     assert len(result["selection"]["kept_fraction_by_position_decile"]) == 10
     assert 0 < result["attention"]["sink_share_of_context_mass"] < 1
     cell = results["summary"]["main"]["sstoken[sink_free]"]["noisy"]

@@ -15,7 +15,7 @@ from trl_sstoken.selection.scoring import (
 
 
 def reference_select(current, history, attention, mask, ratio, gamma):
-    """A plain per-row loop of METHOD.md's definition, for comparison with the vectorised code."""
+    """A plain per-row loop of the definition (docs/method.md, "One training step"), for comparison with the vectorised code."""
     keep = torch.zeros_like(mask)
     for b in range(mask.size(0)):
         positions = [j for j in range(mask.size(1)) if mask[b, j]]

@@ -1,7 +1,7 @@
 """Property tests (hypothesis) for the pure scoring functions of `trl_sstoken.selection.scoring`.
 
 Every input is a batch of rows in prediction space, (B, T-1) in the module's terms, here (B, T). The properties are
-those of METHOD.md's selection rule, which must hold for any scores, not just the hand-built cases of
+those of the selection rule (docs/method.md, "One training step"), which must hold for any scores, not just the hand-built cases of
 test_scoring.py:
 - each row keeps exactly k = ceil(ratio * n) of its n response tokens (after the module's rounding of ratio * n to
   6 decimals), never more than n;

@@ -3,9 +3,9 @@ report drawn by headless Chromium (Debian's `chromium` package), whole.
 
     python -m tools.report_screenshot         # rewrites docs/assets/selection-report-smollm2.png (about a minute)
 
-`tests/test_docs_screenshot.py` runs the same three steps (`run_smollm2_demo`, `screenshot`, `check_screenshot`) and
-fails if the picture does not show the report: blank, or without the background colours of its kept and dropped
-tokens.
+`tests/test_real_model_demo.py::test_a_real_browser_draws_the_real_model_report` runs the same three steps
+(`run_smollm2_demo`, `screenshot`, `check_screenshot`) and fails if the picture does not show the report: blank, or
+without the background colours of its kept and dropped tokens.
 """
 
 import os

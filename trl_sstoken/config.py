@@ -67,13 +67,10 @@ class SSTokenConfig(SFTConfig):
         > Parameters that control which tokens are trained on
 
         selection_method (`str`, *optional*, defaults to `"sstoken"`):
-            How response tokens are chosen. `"sstoken"`: `gamma * minmax(REL) + (1 - gamma) * attention`; `"rel"`:
-            REL only (gamma = 1); `"attention"`: attention only (gamma = 0, no history forward); `"random"`: a uniform
-            random subset of the same size; `"full"`: every response token (plain SFT on the same code path).
-            Baselines: `"rho1"`: Rho-1's excess loss `L_cur - L_ref` against `reference_model` or `reference_adapter`,
-            top `selection_ratio` of the micro-batch's response tokens; `"profit"`: tokens whose current probability is
-            at least `profit_threshold`; `"dft"`: every token, its NLL weighted by its detached probability. One class
-            each in `trl_sstoken.selection.methods`.
+            How response tokens are chosen: the name of a registered selection method
+            (`trl_sstoken.selection.methods.METHODS`: the ssToken family, the controls and the baselines the package
+            ships, and any registered with `register`). Each method's one-line description is in the field's help
+            (`trl-sstoken train --help`) and in docs/configuration.md, read from the registry.
         selection_ratio (`float`, *optional*, defaults to `0.6`):
             Fraction of each sequence's response tokens that is trained on: `ceil(selection_ratio * n)` per sequence.
         selection_gamma (`float`, *optional*, defaults to `0.5`):

@@ -3,7 +3,7 @@
 `selected` divides by the kept tokens of the whole gradient-accumulation window (and of every process), which is
 known before the window's first forward because every method that allows it keeps a number of tokens that follows
 from the labels alone (`SelectionMethod.kept_count`). The loss is then exactly invariant to how a batch is split
-into micro-batches (METHOD.md, "Loss normalisation").
+into micro-batches (docs/method.md, "Loss normalisation").
 """
 
 from dataclasses import dataclass

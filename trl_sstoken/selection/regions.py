@@ -1,4 +1,5 @@
-"""Which positions of a batch are response and which are context, per original sequence (METHOD.md, "Regions").
+"""Which positions of a batch are response and which are context, per original sequence (docs/method.md, "One
+training step", 1. Regions).
 
 Token space is (B, T), one entry per input position; prediction space is (B, T - 1), one entry per predicted token,
 aligned with TRL's shifted log-probs (column j scores token j + 1).
