@@ -1,6 +1,13 @@
 """model_card.py: the card names the base model and the dataset, links only hub ids, and never says "None"."""
 
-from trl_sstoken.saving.model_card import is_hub_id
+import html as htmllib
+import re
+
+import pytest
+from conftest import config
+
+from trl_sstoken.config import sstoken_fields
+from trl_sstoken.saving.model_card import is_hub_id, model_card_section
 
 
 def card_of(trainer, **kwargs):
@@ -81,3 +88,102 @@ def test_the_card_states_what_each_method_ranked_by(tmp_path):
             assert phrase in text, (method, phrase, text)
         assert ("minmax(REL)" in text) == (method == "sstoken"), (method, text)
         assert ("REL" in text) == (method in ("sstoken", "rel")), (method, text)
+
+
+# ----- escaping: nothing from a name or a setting becomes markup, a link or a broken table -----
+
+HOSTILE_NAMES = [
+    "<script>alert(1)</script>",
+    "x](javascript:alert(1))",
+    "javascript:alert(1)",
+    "<img src=x onerror=alert(1)>",
+    "a|b`c``d",
+    "Qwen/Qwen2.5-0.5B\n\n<script>alert(2)</script>",
+    "owner/name) [click](javascript:alert(3)",
+]
+
+
+def rendered(markdown_text):
+    """The HTML of `markdown_text` by two renderers: python-markdown (tables) and markdown-it (CommonMark + GFM
+    tables), both with raw HTML allowed, as a hub page renders a card before sanitising it."""
+    import markdown
+    from markdown_it import MarkdownIt
+
+    return [
+        markdown.markdown(markdown_text, extensions=["tables"]),
+        MarkdownIt("commonmark").enable("table").render(markdown_text),
+    ]
+
+
+def front_matter_and_body(card):
+    import yaml
+
+    _, front, body = card.split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+def assert_inert(html):
+    lowered = html.lower()
+    assert "<script" not in lowered and "<img" not in lowered
+    assert "javascript:" not in "".join(re.findall(r'href="([^"]*)"', lowered))
+
+
+def test_what_counts_as_a_hub_id_is_strict(tmp_path):
+    for name in ("Qwen/Qwen2.5-0.5B", "gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "trl-lib/Capybara", "a_b/c.d"):
+        assert is_hub_id(name), name
+    for name in [
+        *HOSTILE_NAMES,
+        "a b",
+        "org/na me",
+        "a--b",
+        "a..b/c",
+        "a/b.git",
+        "-a/b",
+        "a/b-",
+        "ö/x",
+        "a/" + "b" * 97,
+    ]:
+        assert not is_hub_id(name), name
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a_hostile_base_model_or_dataset_name_is_shown_as_text(make_trainer, name):
+    trainer = make_trainer()
+    trainer.model.config._name_or_path = name
+    card = card_of(trainer, model_name=name, dataset_name=name)
+    front, body = front_matter_and_body(card)
+    assert "base_model" not in front and "datasets" not in front  # no hub metadata for a name that is no hub id
+    assert "<script" not in card.lower() and "<img" not in card.lower()  # not even in the markdown source
+    for html in rendered(body):
+        assert_inert(html)
+        assert "huggingface.co/" + name.split("\n")[0] not in html
+        title = re.search(r"<h1>(.*?)</h1>", html).group(1)
+        assert htmllib.unescape(title) == "Model Card for " + name.replace("\n", "\\n")
+        sentence = re.search(r"This model is a fine-tuned version of (.*?)\.\n", html, re.S).group(1)
+        shown = htmllib.unescape(re.sub(r"<[^>]+>", "", sentence))
+        assert shown.count(name.replace("\n", "\\n")) == 2  # the model and the dataset, each as written
+
+
+def test_backticks_and_pipes_in_a_setting_keep_the_table(tmp_path):
+    value = str(tmp_path / "a|b`c``d|<script>x</script>")
+    args = config(tmp_path, history_cache_dir=value, history="base")
+    section = model_card_section(args)
+    assert "<script" not in section
+    fields = [field.name for field in sstoken_fields()]
+    for html in rendered(section):
+        rows = re.findall(r"<tr>(.*?)</tr>", html, re.S)[1:]  # after the header
+        cells = [
+            [htmllib.unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<td>(.*?)</td>", r, re.S)] for r in rows
+        ]
+        assert [row[0] for row in cells] == fields and all(len(row) == 2 for row in cells)
+        assert dict(cells)["history_cache_dir"] == repr(value)
+        assert_inert(html)
+
+
+def test_a_hostile_reference_name_in_the_methods_sentence_is_text(tmp_path):
+    name = "ref`x|<script>alert(1)</script>"
+    prose = _section(tmp_path, "rho1", reference_model=name)
+    assert "<script" not in prose
+    for html in rendered(prose):
+        assert_inert(html)
+        assert f"the reference model {name}" in htmllib.unescape(re.sub(r"<[^>]+>", "", html))

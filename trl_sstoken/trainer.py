@@ -339,7 +339,7 @@ class SSTokenTrainer(SFTTrainer):
         only and the output folder's name as title by default, plus a section that records the method and every
         ssToken setting of this run."""
         names = card_names(self, model_name, dataset_name)
-        super().create_model_card(model_name=names.model_name, dataset_name=names.hub_dataset, tags=tags)
+        super().create_model_card(model_name=names.trl_model_name, dataset_name=names.hub_dataset, tags=tags)
         add_sstoken_section_to_card(self, names)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):

@@ -8,10 +8,16 @@ hub ids.
 TRL's card template links `https://huggingface.co/{base_model}` and `.../datasets/{dataset_name}` whatever they
 are, and writes `None` where a name is missing: "Model Card for None" without `model_name`, "a fine-tuned version of
 [None](https://huggingface.co/None)" for a model loaded from a local folder, `model="None"` in the quick start
-without a hub id. `card_names` works out the names; `name_base_model_and_dataset` rewrites those two lines of the
-rendered card.
+without a hub id. `card_names` works out the names; `name_base_model_and_dataset` rewrites the title, the sentence
+and the quick start of the rendered card, and drops `base_model` from its metadata when it is no hub id.
+
+Names and settings come from the user, and TRL renders them raw. So only a strict hub id (`owner/name` of letters,
+digits, `-`, `_`, `.`) is linked; anything else is shown as escaped text (`markdown_escape.py`): no `<script>`, no
+`javascript:` link, and a backtick or `|` in a setting keeps its code span and its table cell.
 """
 
+import html
+import json
 import os
 import re
 import shutil
@@ -20,6 +26,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ..config import SSTokenConfig, sstoken_fields
 from ..loading import looks_like_a_path
+from ..markdown_escape import markdown_code, markdown_text, visible_text
 from ..selection.methods import METHODS
 
 
@@ -37,9 +44,30 @@ class CardNames:
         """The dataset name to give TRL, which links whatever it gets to the hub."""
         return self.dataset if self.dataset_is_hub else None
 
+    @property
+    def trl_model_name(self) -> str:
+        """The title to give TRL, which renders it raw (in the title and the metadata): on one line, HTML-escaped. The
+        title line is then rewritten with markdown escaping too."""
+        return html.escape(visible_text(self.model_name), quote=False)
+
+
+# a hub repository id as the hub allows it, ASCII only: [owner/]name, each part up to 96 letters, digits, "-", "_",
+# "." that starts and ends with a letter, digit or "_" (no "--" or "..", no ".git" at the end: checked apart)
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
+
 
 def is_hub_id(name: str | None) -> bool:
-    return bool(name) and not os.path.exists(name) and not looks_like_a_path(name)
+    """Whether `name` is a hub repository id (and no local path): only those are linked to the hub."""
+    return (
+        bool(name)
+        and _HUB_ID.match(name) is not None
+        and "--" not in name
+        and ".." not in name
+        and not name.endswith(".git")
+        and not os.path.exists(name)
+        and not looks_like_a_path(name)
+    )
 
 
 def card_names(trainer, model_name: str | None = None, dataset_name: str | None = None) -> CardNames:
@@ -56,26 +84,54 @@ def card_names(trainer, model_name: str | None = None, dataset_name: str | None 
 
 
 def name_base_model_and_dataset(card: str, names: CardNames) -> str:
-    """The card with its "fine-tuned version of" sentence and its quick-start model id stated from `names`."""
+    """The card with its title, its "fine-tuned version of" sentence and its quick-start model id stated from
+    `names`, escaped, and no `base_model` in its metadata unless that is a hub id."""
     if names.base_is_hub:
-        base = f"[{names.base_model}](https://huggingface.co/{names.base_model})"
+        base = f"[{markdown_text(names.base_model)}](https://huggingface.co/{names.base_model})"
     elif names.base_model:
-        base = f"`{names.base_model}` (a local folder)"
+        where = "a local folder" if os.path.exists(names.base_model) else "not a hub id"
+        base = f"{markdown_code(names.base_model)} ({where})"
     else:
         base = "a model built in memory (it has no hub id or path)"
     if names.dataset is None:
         dataset = ""
     elif names.dataset_is_hub:
-        dataset = f" on the [{names.dataset}](https://huggingface.co/datasets/{names.dataset}) dataset"
+        dataset = f" on the [{markdown_text(names.dataset)}](https://huggingface.co/datasets/{names.dataset}) dataset"
+    elif os.path.exists(names.dataset):
+        dataset = f" on the local dataset {markdown_code(names.dataset)}"
     else:
-        dataset = f" on the local dataset `{names.dataset}`"
+        dataset = f" on the dataset {markdown_code(names.dataset)} (not a hub id)"
     sentence = f"This model is a fine-tuned version of {base}{dataset}."
-    card = re.sub(r"^This model is a fine-tuned version of .*$", lambda _: sentence, card, count=1, flags=re.M)
-    return card.replace('model="None"', f'model="{names.usage_id}"')
+    # TRL's sentence holds the raw name, which may run over several lines: up to the template's next sentence
+    card, replaced = re.subn(
+        r"^This model is a fine-tuned version of .*?\n(?=It has been trained using )",
+        lambda _: sentence + "\n",
+        card,
+        count=1,
+        flags=re.M | re.S,
+    )
+    if not replaced:
+        card = re.sub(r"^This model is a fine-tuned version of .*$", lambda _: sentence, card, count=1, flags=re.M)
+    title = f"# Model Card for {markdown_text(names.model_name)}"
+    card = re.sub(r"^# Model Card for .*$", lambda _: title, card, count=1, flags=re.M)
+    usage = json.dumps(names.usage_id, ensure_ascii=not names.usage_id.isprintable())  # a Python string literal
+    card = card.replace('model="None"', f"model={usage}")
+    return card if names.base_is_hub else _without_base_model(card)
+
+
+def _without_base_model(card: str) -> str:
+    """The card without `base_model` in its metadata (TRL puts any name that is no local folder there)."""
+    from huggingface_hub import ModelCard
+
+    parsed = ModelCard(card)
+    if getattr(parsed.data, "base_model", None) is None:
+        return card
+    parsed.data.base_model = None
+    return str(parsed)
 
 
 def _card_value(value) -> str:
-    return "not set" if value is None else f"`{value!r}`"
+    return "not set" if value is None else markdown_code(repr(value))
 
 
 def model_card_section(args: SSTokenConfig) -> str:

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from ..markdown_escape import markdown_code
 from .regions import Regions
 from .scoring import (
     combine_scores,
@@ -291,9 +292,9 @@ class Rho1(SelectionMethod):
     def describe(self) -> str:
         args = self.args
         if args.reference_model is not None:
-            reference = f"the reference model `{args.reference_model}`"
+            reference = f"the reference model {markdown_code(args.reference_model)}"
         elif args.reference_adapter is not None:
-            reference = f"the reference adapter `{args.reference_adapter}`"
+            reference = f"the reference adapter {markdown_code(args.reference_adapter)}"
         else:
             reference = "a reference adapter trained on `reference_dataset` first"
         return (
