@@ -11,7 +11,7 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= dev,qlora,bench
+EXTRAS ?= dev,qlora,bench,dist
 TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=

@@ -55,7 +55,7 @@ def test_make_sets_up_a_missing_venv_then_runs(tmp_path):
         assert "python3 -m venv .venv" in plan
         assert 'import torch" 2>/dev/null' in plan and "pip install -q torch==2.13.0" in plan
         assert "grep -v '^torch==' .ci/constraints.txt" in plan
-        assert '-e ".[dev,qlora,bench]"' in plan
+        assert '-e ".[dev,qlora,bench,dist]"' in plan
         assert plan.strip().splitlines()[-1].endswith(runs)
     # once set up (the stamp newer than pyproject.toml and the constraints), nothing is installed again
     (copy / ".venv").mkdir()
