@@ -30,6 +30,7 @@ from .config import as_sstoken_config
 from .data.collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_example_index
 from .data.inputs import check_prepared_inputs, check_trainer_inputs
 from .divergence import DivergenceGuard, TrainingDivergedError, check_savable
+from .engines import check_history, engine_of
 from .history import HistoryUpdateCallback
 from .history.base import eval_mode
 from .history.reference_training import build_trained_reference
@@ -101,9 +102,13 @@ class SSTokenTrainer(SFTTrainer):
             self.train_dataset = add_example_ids(self.train_dataset)
         unwrapped = self.accelerator.unwrap_model(self.model)
         self._history = self._reference = self._attention = None
+        self._engine = engine_of(self)  # DDP, FSDP1/2, ZeRO-2/3: what the history needs from it (engines.py)
         if self.method.needs_history:
+            check_history(self._engine, args)
             self._history = make_history(self.model, args, self.is_fsdp_enabled or self.is_deepspeed_enabled)
             self.add_callback(HistoryUpdateCallback(self._history))
+            if self._engine.name in ("zero2", "fsdp2") and hasattr(self._history, "restore_from_adapter_folder"):
+                self.add_callback(trainer_hooks.HistoryRestoredAfterEngineLoad(self))
         if self.method.needs_reference:
             self._reference = make_reference(self.model, unwrapped, args, self.processing_class)
         if self.method.needs_attention:
@@ -178,7 +183,8 @@ class SSTokenTrainer(SFTTrainer):
         if regions is None or regions.response.device != inputs["labels"].device:
             regions = regions_from_batch({**inputs, **example_index})
         plan = self._plan_step(regions)
-        unwrapped = self.accelerator.unwrap_model(model)
+        # FSDP1's unwrapped model holds flat 1-D shards: it must be called through its wrapper
+        unwrapped = model if self._engine.calls_through_wrapper else self.accelerator.unwrap_model(model)
         history_logps = None
         if plan.needs_history:
             self._history.prepare(self)  # a cached history loads or builds its cache on first use
@@ -316,6 +322,7 @@ class SSTokenTrainer(SFTTrainer):
         the lock of its output_dir throughout (`saving/output_lock.py`): a second run training into it is refused."""
         with run_locked(self.args, owner=self):
             resume_from_checkpoint = trainer_hooks.resolve_resume_checkpoint(self, resume_from_checkpoint)
+            self._resumed_from = resume_from_checkpoint
             self._prepare_history_cache()
             self._prepare_reference()
             try:

@@ -47,6 +47,9 @@ class HistoryUpdateCallback(TrainerCallback):
     def __init__(self, history: History):
         self.history = history
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.history.on_train_begin()
+
     def on_step_end(self, args, state, control, **kwargs):
         self.history.on_optimizer_step(state.global_step)
 

@@ -10,10 +10,12 @@ restores it.
 """
 
 import copy
+import os
 import warnings
 from contextlib import contextmanager
 
 import torch
+from safetensors.torch import load_file
 
 from .base import History, adapter_activated, all_finite, parameter_bytes, skip_refresh_warning
 from .modes import history_mode
@@ -90,11 +92,12 @@ class AdapterHistory(History):
     def refresh(self) -> None:
         """The mode's update rule (modes.py) on the adapter, one fused call. Never from a non-finite adapter: the
         history keeps its last good state instead."""
-        trained = [p.detach() for p in self.trained_params]
+        # Under FSDP2 both adapters are DTensors sharded alike: the update runs on each process's own shards
+        trained = [_local(p).detach() for p in self.trained_params]
         if not all_finite(trained):
             skip_refresh_warning(self.mode)
             return
-        self.rule(self.history_params, trained, self.ema_alpha)
+        self.rule([_local(p) for p in self.history_params], trained, self.ema_alpha)
 
     def on_optimizer_step(self, global_step: int) -> None:
         if global_step % self.update_steps == 0:
@@ -104,8 +107,49 @@ class AdapterHistory(History):
         schedule = history_mode(self.mode).schedule(args)
         return f"history: the base weights plus a {self.mode} copy of the LoRA adapter, {schedule}."
 
+    def on_train_begin(self) -> None:
+        """Pairs the adapters again as the prepared model holds them: FSDP2's `fully_shard` replaces every parameter
+        by a sharded one when the trainer prepares the model, after this history was built, and a refresh of the
+        old pairs would update orphaned tensors (the history would silently stay the initial adapter)."""
+        self.history_params, self.trained_params = _pair_adapter_parameters(
+            self.peft_model, HISTORY_ADAPTER, self.trained_adapter
+        )
+
+    def restore_from_adapter_folder(self, checkpoint: str) -> None:
+        """Loads the history adapter from `checkpoint/history/` into its parameters, in place.
+
+        For engines whose resume leaves it out: DeepSpeed's checkpoint excludes frozen parameters, and FSDP's adapter
+        load (`load_fsdp_model(adapter_only=True)`) restores the active adapter only; either way the history would
+        resume as it was when the trainer was built. Under FSDP2 each process writes its own shard of each tensor."""
+        path = os.path.join(checkpoint, HISTORY_ADAPTER, "adapter_model.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Resuming a history={self.mode!r} run needs the history adapter {path}, but it is missing: the "
+                "checkpoint was not written by SSTokenTrainer with this history mode."
+            )
+        state = load_file(path)
+        marker = f".{HISTORY_ADAPTER}."
+        targets = {name.replace(marker, "."): p for name, p in self.peft_model.named_parameters() if marker in name}
+        missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} is not this model's history adapter: {len(missing)} tensor(s) missing (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unknown (e.g. {unexpected[:2]}). Resume with the model and adapter configuration "
+                "the checkpoint was made with."
+            )
+        with torch.no_grad():
+            for key, param in targets.items():
+                value = state[key].to(device=_local(param).device, dtype=param.dtype)
+                if hasattr(param, "device_mesh"):  # a DTensor: this process's shard, cut locally (no communication)
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                    value = value.to_local()
+                _local(param).copy_(value)
+
     # save_checkpoint / load_checkpoint: nothing to do. PEFT saves every adapter in a checkpoint, the history one
-    # under `history/`, and `Trainer._load_from_checkpoint` restores them all
+    # under `history/`, and `Trainer._load_from_checkpoint` restores them all (DeepSpeed excepted:
+    # `restore_from_adapter_folder`)
 
 
 def _pair_adapter_parameters(peft_model, history_name: str, trained_name: str):
@@ -124,6 +168,11 @@ def _pair_adapter_parameters(peft_model, history_name: str, trained_name: str):
     if not history_params:
         raise RuntimeError("The history adapter has no parameters; is the trained adapter a LoRA-style tuner?")
     return history_params, trained_params
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: writing it writes the parameter), or the tensor itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def _is_full_module_copy(name: str) -> bool:

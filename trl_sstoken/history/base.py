@@ -75,6 +75,9 @@ class History:
     def on_optimizer_step(self, global_step: int) -> None:
         """A fixed history never changes."""
 
+    def on_train_begin(self) -> None:
+        """Called once the trainer has prepared (wrapped, sharded) the model, before the first step."""
+
     def save_checkpoint(self, directory: str) -> None:
         """Nothing to save beyond what `Trainer` and PEFT save."""
 

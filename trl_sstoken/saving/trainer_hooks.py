@@ -8,6 +8,11 @@
   with an ssToken section that records the method and its settings (`model_card.py`).
 """
 
+import os
+import warnings
+
+from transformers import TrainerCallback
+
 from ..history import is_peft_model
 from .checkpoints import adapters_loaded_in_place, resolve_resume
 from .checkpoints import save_checkpoint as _save_checkpoint_safely
@@ -36,6 +41,21 @@ def load_checkpoint(trainer, load, resume_from_checkpoint: str, model=None) -> N
         trainer._history.load_checkpoint(resume_from_checkpoint)
 
 
+class HistoryRestoredAfterEngineLoad(TrainerCallback):
+    """Under DeepSpeed, `Trainer` resumes through the engine's own `load_checkpoint` (and never calls
+    `_load_from_checkpoint`), whose checkpoint leaves frozen parameters out; under FSDP it loads the active adapter
+    only. Either way a lagged or EMA history adapter would resume as it was when the trainer was built. When training
+    begins (after the engine loaded), the history adapter is read from the checkpoint's `history/` folder instead."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        checkpoint = getattr(self.trainer, "_resumed_from", None)
+        if checkpoint is not None:
+            self.trainer._history.restore_from_adapter_folder(checkpoint)
+
+
 def save_model(trainer, save, output_dir: str | None, _internal_call: bool) -> None:
     """`SSTokenTrainer.save_model`; `save` is `Trainer.save_model` bound to the trainer.
 
@@ -57,6 +77,15 @@ def save_model(trainer, save, output_dir: str | None, _internal_call: bool) -> N
             del peft_model.save_pretrained
     else:
         save(output_dir, _internal_call)
+    if not os.path.isdir(output_dir):  # FSDP with SHARDED_STATE_DICT: Trainer.save_model writes no model
+        if trainer.is_world_process_zero():
+            warnings.warn(
+                f"save_model wrote nothing to {output_dir}: under FSDP with fsdp_state_dict_type SHARDED_STATE_DICT, "
+                "Trainer saves no final model (the weights are in the checkpoints' sharded pytorch_model_fsdp_*/ "
+                "folders). Set fsdp_state_dict_type: FULL_STATE_DICT to get the trained adapter (or model) here.",
+                stacklevel=3,
+            )
+        return
     write_model_card(trainer, output_dir)
 
 
