@@ -9,7 +9,8 @@ protocol (`save_checkpoint`):
    created with a `sstoken_checkpoint_writing` sentinel: a folder with it and no marker was interrupted;
 2. `Trainer` writes everything, with its own rotation held back;
 3. every file is flushed to disk, and the marker `sstoken_checkpoint_complete.json` is written atomically (temporary
-   file, fsync, rename). It records each file's size (and SHA-256 for files up to `HASH_MAX_BYTES`) and the ssToken
+   file, fsync, rename). It records each file's size and SHA-256 (safetensors files over `HASH_MAX_BYTES` by size
+   only: every file an engine may unpickle is hashed, whatever its size) and the ssToken
    settings the run was made with; then the sentinel is removed;
 4. only then are older checkpoints deleted: each is first renamed to a hidden `.sstoken-deleting-*` folder (one
    atomic step), then removed. The checkpoint just marked and the best one are never deleted.
@@ -36,7 +37,7 @@ from .temporary_files import remove_stale, temporary_name
 CHECKPOINT_MARKER = "sstoken_checkpoint_complete.json"
 WRITING_SENTINEL = "sstoken_checkpoint_writing"
 MARKER_FORMAT = "trl_sstoken.checkpoint/2"
-HASH_MAX_BYTES = 256 * 2**20  # larger files (a full model, its optimizer state) are checked by size only
+HASH_MAX_BYTES = 256 * 2**20  # larger safetensors files (a full model) are checked by size only
 TRASH_PREFIX = ".sstoken-deleting-"
 TEMPORARY_PREFIX = ".sstoken-tmp-"  # + the file's name: `_write_atomically`'s temporary files
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -255,6 +256,13 @@ def checkpoint_problem(checkpoint: str) -> str | None:
     if problem is not None:
         return problem
     files = marker["files"]
+    unrecorded = sorted(set(_checkpoint_files(checkpoint)) - set(files))
+    if unrecorded:  # an engine may load it (DeepSpeed and FSDP read their folders by name), unverified
+        return (
+            f"the file {unrecorded[0]} was added after the checkpoint was written (the marker does not record it"
+            f"{f', nor {len(unrecorded) - 1} other(s)' if len(unrecorded) > 1 else ''}). Resume from another "
+            "checkpoint, or remove the files you added."
+        )
     for relative, expected in sorted(files.items()):
         path = os.path.join(checkpoint, relative)
         if not os.path.isfile(path):
@@ -404,8 +412,8 @@ def _checkpoint_files(checkpoint: str) -> list[str]:
 def _describe(path: str, fsync: bool = False, hash_it: bool | None = None) -> dict:
     size = os.path.getsize(path)
     description = {"size": size}
-    if hash_it is None:
-        hash_it = size <= HASH_MAX_BYTES
+    if hash_it is None:  # whatever is not safetensors may be unpickled on resume: always hashed, whatever its size
+        hash_it = size <= HASH_MAX_BYTES or not path.endswith(".safetensors")
     if hash_it or fsync:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
