@@ -30,7 +30,7 @@ from .config import as_sstoken_config
 from .data.collator import EXAMPLE_ID_COLUMN, SelectionCollator, add_example_ids, pop_example_index
 from .data.inputs import check_prepared_inputs, check_trainer_inputs
 from .divergence import DivergenceGuard, TrainingDivergedError, check_savable
-from .engines import check_history, engine_of
+from .engines import check_history, check_resume, engine_of
 from .history import HistoryUpdateCallback
 from .history.base import eval_mode
 from .history.reference_training import build_trained_reference
@@ -323,6 +323,8 @@ class SSTokenTrainer(SFTTrainer):
         with run_locked(self.args, owner=self):
             resume_from_checkpoint = trainer_hooks.resolve_resume_checkpoint(self, resume_from_checkpoint)
             self._resumed_from = resume_from_checkpoint
+            if resume_from_checkpoint is not None:
+                check_resume(self._engine, self.accelerator.unwrap_model(self.model))
             self._prepare_history_cache()
             self._prepare_reference()
             try:

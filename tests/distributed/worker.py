@@ -80,6 +80,14 @@ ENGINES = {
         fsdp="full_shard auto_wrap",
         fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]},
     ),
+    "fsdp2sharded": dict(
+        fsdp="full_shard auto_wrap",
+        fsdp_config={
+            "fsdp_version": 2,
+            "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"],
+            "state_dict_type": "SHARDED_STATE_DICT",
+        },
+    ),
     "zero2": dict(deepspeed={**_DEEPSPEED, "zero_optimization": {"stage": 2}}),
     "zero3": dict(
         deepspeed={
@@ -122,7 +130,7 @@ def settings(engine: str, scenario: str, out_dir: str, world_size: int) -> dict:
         max_grad_norm=1e9,  # no clipping: its norm would be another cross-process reduction to compare
         **ENGINES.get(engine, {}),
     )
-    if scenario == "sft":
+    if history == "sft":
         return values
     values.update(attention_warmup_ratio=0.0, history_update_steps=2, history_ema_alpha=0.5)
     if scenario == "full":
@@ -148,7 +156,7 @@ class AbortAt(TrainerCallback):
 def build(engine, scenario, out_dir, data, tokenizer, world_size):
     model = build_tiny_model(tokenizer)
     values = settings(engine, scenario, out_dir, world_size)
-    plain = scenario == "sft"
+    plain = scenario.split("-")[-1] == "sft"
     trainer = (SFTTrainer if plain else SSTokenTrainer)(
         model=model,
         args=(SFTConfig if plain else SSTokenConfig)(**values),
