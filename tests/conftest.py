@@ -44,8 +44,8 @@ FILE_TIERS = {
     ),
     "reliability": (
         "test_bad_input", "test_cache_integrity", "test_checkpoints", "test_cli_resume", "test_config_file",
-        "test_deterministic_history", "test_divergence", "test_faults", "test_resume", "test_resume_qlora",
-        "test_trust",
+        "test_deterministic_history", "test_divergence", "test_faults", "test_output_lock", "test_resume",
+        "test_resume_qlora", "test_temporary_files", "test_trust",
     ),
     "real_model": ("test_quality_real", "test_real_model_demo", "test_real_models"),
     "benchmark": ("test_defaults_rule", "test_gpu_check", "test_perf_benchmark", "test_quality_benchmark"),
