@@ -249,6 +249,24 @@ def test_bad_values_from_the_yaml_are_caught_too(tmp_path, capsys):
     assert "history='old' is not supported; allowed values: 'base', 'lagged', 'ema'" in capsys.readouterr().err
 
 
+def test_an_output_dir_that_cannot_be_written_is_refused_before_loading(
+    tmp_path, tiny_model_dir, jsonl_file, random_adapter, capsys, nothing_loaded
+):
+    """A path under a regular file was a raw NotADirectoryError from Trainer.__init__, after the data and the model
+    were loaded (a file in the way stops root too; a read-only folder is tested in test_inputs.py)."""
+    (tmp_path / "a-file").write_text("x")
+    config = write_yaml(tmp_path / "run.yaml", train_settings(tiny_model_dir, jsonl_file, tmp_path / "a-file" / "out"))
+    assert cli.main(["train", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert (
+        f"--output_dir='{tmp_path / 'a-file' / 'out'}' cannot be created: '{tmp_path / 'a-file'}' is a file" in error
+    )
+    inspect = ["inspect", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(jsonl_file)]
+    report = tmp_path / "a-file" / "report.html"
+    assert cli.main([*inspect, "--adapter_path", str(random_adapter), "--report_path", str(report), "--use_cpu"]) == 2
+    assert "--report_path's folder=" in capsys.readouterr().err  # was found after scoring every example
+
+
 # ----- loading by path -----
 
 
@@ -288,6 +306,30 @@ def test_saved_datasets_and_bad_paths(tmp_path):
         UsageError, match=r"--dataset_test_split 'test' is not a split of the dataset; its splits are: train"
     ):
         pick_split(load_sft_datasets(str(tmp_path / "saved")), "test", "--dataset_test_split")
+
+
+def test_a_model_folder_or_unreadable_data_as_dataset_name_is_a_usage_error(tmp_path, tiny_model_dir):
+    """Each was a raw datasets error: DatasetGenerationError ("An error occurred while generating the dataset") for
+    a model folder (its JSON files read as rows) and a malformed .jsonl, EmptyDatasetError for a folder without data."""
+    with pytest.raises(
+        UsageError, match=r"--dataset_name '.*' is a saved model, not a dataset \(it holds config.json"
+    ):
+        load_sft_datasets(str(tiny_model_dir))
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    with pytest.raises(UsageError, match=r"broken.jsonl' could not be read as a dataset: ArrowInvalid: JSON parse"):
+        load_sft_datasets(str(tmp_path / "broken.jsonl"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"--dataset_name '.*empty': .*doesn't contain any data files"):
+        load_sft_datasets(str(tmp_path / "empty"))
+
+
+def test_the_cli_refuses_a_model_folder_as_dataset_before_loading_the_model(
+    tmp_path, tiny_model_dir, jsonl_file, capsys, monkeypatch
+):
+    monkeypatch.setattr("trl_sstoken.loading.load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
+    config = write_yaml(tmp_path / "run.yaml", train_settings(tiny_model_dir, tiny_model_dir, tmp_path / "out"))
+    assert cli.main(["train", "--config", str(config)]) == 2
+    assert "is a saved model, not a dataset" in capsys.readouterr().err
 
 
 # ----- inspect -----

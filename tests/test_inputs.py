@@ -1,5 +1,8 @@
 """Inputs refused when the trainer is built (trl_sstoken/data/inputs.py), with errors that name the field or column."""
 
+import errno
+import os
+
 import pytest
 import torch
 from conftest import QUICKSTART_ROWS, config, lora_config
@@ -7,6 +10,7 @@ from datasets import Dataset, IterableDataset
 
 from trl_sstoken import SSTokenTrainer
 from trl_sstoken.data.collator import EXAMPLE_ID_COLUMN
+from trl_sstoken.saving import writable
 from trl_sstoken.tiny import build_tiny_model
 
 
@@ -101,3 +105,37 @@ def test_an_empty_streaming_dataset_is_refused(tmp_path, tokenizer):
     empty = Dataset.from_list(QUICKSTART_ROWS[:2]).to_iterable_dataset().filter(lambda row: False)
     with pytest.raises(ValueError, match=r"train_dataset is empty \(it yields no rows\)"):
         build(tmp_path, tokenizer, rows=empty, max_steps=2)
+
+
+def test_an_output_dir_under_a_file_is_refused_before_anything_is_prepared(tmp_path, tokenizer):
+    """Was a raw NotADirectoryError from Trainer.__init__ (with a model given by name: after loading it)."""
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match=r"^output_dir='.*a-file/out' cannot be created: '.*a-file' is a file, not"):
+        build(tmp_path, tokenizer, output_dir=str(tmp_path / "a-file" / "out"), save_strategy="steps")
+
+
+def test_a_read_only_output_dir_is_refused_when_checkpoints_will_be_written(tmp_path, tokenizer, monkeypatch):
+    """Was found at the first checkpoint, after `save_steps` steps. A folder without write permission refuses a
+    regular user; root writes through permission bits, so there the write is refused as a read-only mount refuses
+    root (EROFS from the probe's file creation)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root
+
+        def read_only_mount(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(writable.tempfile, "mkstemp", read_only_mount)
+    try:
+        with pytest.raises(ValueError, match=r"^output_dir='.*read-only' is not writable: "):
+            build(tmp_path, tokenizer, output_dir=str(folder), save_strategy="steps", save_steps=2)
+        build(tmp_path, tokenizer, output_dir=str(folder), save_strategy="no")  # nothing is written there
+    finally:
+        folder.chmod(0o755)
+    assert os.listdir(folder) == []  # the probe leaves nothing behind
+
+
+def test_a_missing_output_dir_is_created_and_the_probe_leaves_nothing(tmp_path):
+    writable.check_writable_dir(tmp_path / "new" / "deeper", "output_dir")
+    assert os.listdir(tmp_path / "new" / "deeper") == []

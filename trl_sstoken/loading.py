@@ -8,7 +8,10 @@ import json
 import os
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .bounded import bounded_repr, bounded_text
 
 
 LOCAL_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -35,8 +38,8 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
         return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as error:
         raise UsageError(
-            f"No tokenizer could be loaded from {name_or_path!r} (--tokenizer_name_or_path, which defaults to "
-            f"--model_name_or_path): {error}. Pass a hub id or a local folder that holds tokenizer files."
+            f"No tokenizer could be loaded from {bounded_repr(name_or_path)} (--tokenizer_name_or_path, which defaults to "
+            f"--model_name_or_path): {bounded_text(error, 500)}. Pass a hub id or a local folder that holds tokenizer files."
         ) from error
 
 
@@ -88,27 +91,72 @@ def load_sft_datasets(
         extension = _data_extension(dataset_name)
         if extension not in LOCAL_DATA_FORMATS:
             raise UsageError(
-                f"--dataset_name {dataset_name!r} is a file of an unsupported type {extension or '(none)'!r}; allowed "
+                f"--dataset_name {bounded_repr(dataset_name)} is a file of an unsupported type {bounded_repr(extension or '(none)')}; allowed "
                 f"file types: {', '.join(LOCAL_DATA_FORMATS)}."
             )
-        return load_dataset(LOCAL_DATA_FORMATS[extension], data_files={train_split: dataset_name}, streaming=streaming)
+        return _load_local(
+            dataset_name, LOCAL_DATA_FORMATS[extension], data_files={train_split: dataset_name}, streaming=streaming
+        )
     if os.path.isdir(dataset_name):
+        model_files = _model_files_in(dataset_name)
+        if model_files:
+            raise UsageError(
+                f"--dataset_name {bounded_repr(dataset_name)} is a saved model, not a dataset (it holds "
+                f"{', '.join(model_files)}). Pass the model as --model_name_or_path, and as --dataset_name a hub "
+                f"dataset id, a {', '.join(LOCAL_DATA_FORMATS)} file, or a folder of data files."
+            )
         if any(os.path.exists(os.path.join(dataset_name, name)) for name in ("dataset_dict.json", "state.json")):
             loaded = load_from_disk(dataset_name)
             return loaded if isinstance(loaded, DatasetDict) else DatasetDict({train_split: loaded})
-        return load_dataset(dataset_name, name=dataset_config, streaming=streaming)
+        return _load_local(dataset_name, dataset_name, name=dataset_config, streaming=streaming)
     if looks_like_a_path(dataset_name):
         raise UsageError(
-            f"--dataset_name {dataset_name!r} looks like a local path, but no such file or folder exists. Pass an "
+            f"--dataset_name {bounded_repr(dataset_name)} looks like a local path, but no such file or folder exists. Pass an "
             f"existing {', '.join(LOCAL_DATA_FORMATS)} file, a folder, or a hub id such as 'trl-lib/Capybara'."
         )
     return load_dataset(dataset_name, name=dataset_config, streaming=streaming)
 
 
+# A folder with one of these and weights or tokenizer files is a saved model (or adapter), not data: `load_dataset`
+# read its JSON files as rows and failed with a raw DatasetGenerationError
+MODEL_CONFIG_FILES = ("config.json", "adapter_config.json")
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _model_files_in(folder: str) -> list[str]:
+    """The files that show `folder` to be a saved model or adapter (a config and weights or a tokenizer), or []."""
+    names = set(os.listdir(folder))
+    configs = [name for name in MODEL_CONFIG_FILES if name in names]
+    others = sorted(name for name in names if name.endswith(MODEL_FILE_SUFFIXES) or name in TOKENIZER_FILES)
+    return configs + others[:2] if configs and others else []
+
+
+def _load_local(dataset_name: str, *args, **kwargs):
+    """`load_dataset` of a local file or folder, with what could not be read as an error naming --dataset_name
+    (datasets raises a DatasetGenerationError that says only "An error occurred while generating the dataset")."""
+    try:
+        return load_dataset(*args, **kwargs)
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        raise UsageError(
+            f"--dataset_name {bounded_repr(dataset_name)} could not be read as a dataset: "
+            f"{bounded_text(f'{type(cause).__name__}: {cause}', 500)}. Check the file's format, or pass a hub "
+            f"dataset id, a {', '.join(LOCAL_DATA_FORMATS)} file, or a folder of data files."
+        ) from error
+    except FileNotFoundError as error:  # datasets' EmptyDatasetError, DataFilesNotFoundError: no data files there
+        raise UsageError(
+            f"--dataset_name {bounded_repr(dataset_name)}: {bounded_text(error, 500)}. A folder must hold "
+            f"{', '.join(LOCAL_DATA_FORMATS)} files (or be written by Dataset.save_to_disk)."
+        ) from error
+
+
 def pick_split(datasets, split: str, flag: str) -> Dataset | IterableDataset:
     """`datasets[split]`, or an error naming `flag` and the splits there are."""
     if split not in datasets:
-        raise UsageError(f"{flag} {split!r} is not a split of the dataset; its splits are: {', '.join(datasets)}.")
+        raise UsageError(
+            f"{flag} {bounded_repr(split)} is not a split of the dataset; its splits are: {', '.join(datasets)}."
+        )
     return datasets[split]
 
 

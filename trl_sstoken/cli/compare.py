@@ -19,7 +19,9 @@ def main(script_args, training_args, model_args, dataset_args, loading_args, com
     locked from the start (`saving/output_lock.py`); each run locks its own folder under it."""
     from ..compare.runner import run_comparison
     from ..saving.output_lock import run_locked
+    from ..saving.writable import check_writable_dir
 
+    check_writable_dir(training_args.output_dir, "--output_dir")
     with run_locked(training_args, owner=None):
         return run_comparison(
             script_args, training_args, model_args, dataset_args, loading_args, compare_args, list(argv)

@@ -17,7 +17,9 @@ def run_demo(demo_args, sstoken_args):
     the spot by default, or the causal LM of `--model_name_or_path` with the data in its chat template. The output_dir
     is locked from the start (`saving/output_lock.py`)."""
     from ..saving.output_lock import run_locked
+    from ..saving.writable import check_writable_dir
 
+    check_writable_dir(sstoken_args.output_dir, "--output_dir")
     with run_locked(sstoken_args, owner=None):
         return _demo(demo_args, sstoken_args)
 

@@ -3,6 +3,7 @@
 import os
 import tempfile
 
+from ..bounded import bounded_repr
 from .arguments import _check_at_least
 from .train import _model_init_kwargs, _require_model
 
@@ -14,6 +15,7 @@ def run_inspect(script_args, sstoken_args, model_args, dataset_args, loading_arg
 
     from ..loading import load_sft_datasets, load_tokenizer, pick_split
     from ..report.collect import collect_examples, report_settings, special_tokens_of, write_report
+    from ..saving.writable import check_writable_dir
     from ..trainer import SSTokenTrainer
 
     _require_model(model_args)
@@ -23,10 +25,12 @@ def run_inspect(script_args, sstoken_args, model_args, dataset_args, loading_arg
         os.path.join(inspect_args.adapter_path, "adapter_config.json")
     ):
         raise ValueError(
-            f"--adapter_path {inspect_args.adapter_path!r} holds no adapter_config.json; pass the folder a PEFT "
+            f"--adapter_path {bounded_repr(inspect_args.adapter_path)} holds no adapter_config.json; pass the folder a PEFT "
             "adapter was saved to (the output_dir of `trl-sstoken train`, or one of its checkpoint-N folders)."
         )
     history_weights = _history_weights(sstoken_args, inspect_args.adapter_path)
+    report_folder = os.path.dirname(os.path.abspath(inspect_args.report_path))
+    check_writable_dir(report_folder, "--report_path's folder", "the report is written there after scoring")
 
     datasets = load_sft_datasets(
         script_args.dataset_name,

@@ -3,6 +3,7 @@
 
 import os
 
+from ..bounded import bounded_repr
 from .arguments import PROG
 
 
@@ -10,7 +11,9 @@ def main(script_args, training_args, model_args, dataset_args, loading_args):
     """`trl sft` with `SSTokenTrainer`: load, train, save the adapter (or model) and a model card. The output_dir is
     locked before anything is loaded, until the run has saved (and pushed) its results (`saving/output_lock.py`)."""
     from ..saving.output_lock import run_locked
+    from ..saving.writable import check_writable_dir
 
+    check_writable_dir(training_args.output_dir, "--output_dir")  # the trained model is saved there at the end
     with run_locked(training_args, owner=None):
         return _train(script_args, training_args, model_args, dataset_args, loading_args)
 
@@ -125,13 +128,13 @@ def _require_model(model_args):
 
     if not os.path.exists(path) and looks_like_a_path(path):
         raise ValueError(
-            f"--model_name_or_path {path!r} looks like a local path, but no such folder exists. Pass a folder written "
+            f"--model_name_or_path {bounded_repr(path)} looks like a local path, but no such folder exists. Pass a folder written "
             "by save_pretrained, or a hub id such as Qwen/Qwen2.5-0.5B."
         )
     if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
         os.path.join(path, "config.json")
     ):
         raise ValueError(
-            f"--model_name_or_path {path!r} holds a PEFT adapter, not a model. Pass the base model as "
+            f"--model_name_or_path {bounded_repr(path)} holds a PEFT adapter, not a model. Pass the base model as "
             "--model_name_or_path and the adapter folder as --adapter_path (inspect)."
         )

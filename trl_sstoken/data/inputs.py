@@ -2,9 +2,9 @@
 
 Two calls from the trainer's constructor:
 - `check_trainer_inputs`, before `SFTTrainer` prepares anything (tokenizing a large dataset takes minutes): the
-  config again (an `SSTokenConfig` can be edited after it was built), `history_device`, `reference_model`, an empty
-  training set, None values in the text columns, the reserved example-id column, and the model's weights when the
-  model is given as an object;
+  config again (an `SSTokenConfig` can be edited after it was built), a writable `output_dir` when checkpoints will
+  be written there, `history_device`, `reference_model`, an empty training set, None values in the text columns,
+  the reserved example-id column, and the model's weights when the model is given as an object;
 - `check_prepared_inputs`, after it: a training set that preparation emptied (every example truncated away by
   `max_length`), and the weights of a model `SFTTrainer` loaded from a name.
 
@@ -17,6 +17,7 @@ import os
 import datasets
 import torch
 
+from ..saving.writable import check_writable_dir
 from ..selection.methods import METHODS
 from .collator import check_reserved_column
 
@@ -26,6 +27,8 @@ TEXT_COLUMNS = ("prompt", "completion", "text", "messages")
 
 def check_trainer_inputs(args, model, train_dataset, eval_dataset=None) -> None:
     args.validate()
+    if args.should_save and (args.save_strategy != "no" or args.push_to_hub):
+        check_writable_dir(args.output_dir, "output_dir")  # Trainer creates it here too, but writes only later
     check_history_device(args.history_device)
     if METHODS[args.selection_method].needs_reference:  # the method's declared needs, not its name
         check_reference_model(args.reference_model)
