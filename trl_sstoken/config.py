@@ -575,7 +575,7 @@ def as_sstoken_config(model, args) -> SSTokenConfig:
 
 
 def _check_choice(name, value, allowed):
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:  # a list is no choice (and `in` a dict would raise)
         raise ValueError(
             f"{name}={bounded_repr(value)} is not supported; allowed values: {', '.join(map(repr, allowed))}."
         )
