@@ -43,6 +43,12 @@ class Run:
     folder: str
 
     @property
+    def args_need_reference(self) -> bool:
+        from ..selection.methods import METHODS
+
+        return METHODS[self.candidate.method].needs_reference
+
+    @property
     def name(self) -> str:
         return f"{self.candidate.label} (seed {self.seed})"
 
@@ -51,13 +57,14 @@ def plan_runs(training_args, candidates: list[Candidate], seeds: list[int]) -> l
     """Every run's config, an `SSTokenConfig` built and validated now (seed-major: a finished seed completes a
     table)."""
     from ..config import SSTokenConfig
+    from ..selection.methods import METHODS
 
     runs = []
     for seed in seeds:
         for candidate in candidates:
             folder = os.path.join(training_args.output_dir, "runs", f"{candidate.slug}-seed{seed}")
             changes = dict(candidate.overrides, seed=seed, output_dir=folder)
-            if candidate.method != "rho1":  # a reference only goes with rho1 (the config refuses it otherwise)
+            if not METHODS[candidate.method].needs_reference:  # a reference goes with rho1 only (else refused)
                 changes.update({name: None for name in REFERENCE_FIELDS if getattr(training_args, name) is not None})
             values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(SSTokenConfig) if f.init}
             try:
@@ -101,7 +108,7 @@ def train_command(argv: list[str], run: Run) -> str:
         if item.startswith("--"):
             name = item.split("=", 1)[0]
             skipping = name in COMPARE_FLAGS or name in ("--output_dir", "--seed", "--selection_method")
-            skipping = skipping or (run.candidate.method != "rho1" and name in REFERENCE_FLAGS)
+            skipping = skipping or (not run.args_need_reference and name in REFERENCE_FLAGS)
             if skipping:
                 continue
         elif skipping:

@@ -34,23 +34,24 @@ class Candidate:
 def parse_candidates(specs: list[str]) -> list[Candidate]:
     """The candidates of `--methods`, in order; an error names the entry and says what is allowed."""
     from ..config import SSTokenConfig
-    from ..selection.methods import SELECTION_METHODS
+    from ..selection.methods import method_names
 
     if not specs:
         raise ValueError("--methods needs at least one candidate, e.g. --methods full sstoken rho1.")
     fields = {f.name: f for f in dataclasses.fields(SSTokenConfig) if f.init}
     hints = typing.get_type_hints(SSTokenConfig)
+    allowed = method_names()  # the live registry: a method registered outside the package is a candidate too
     candidates, labels = [], set()
     for spec in specs:
         text = str(spec).strip()
         method, _, rest = text.partition(":")
         method = method.strip()
-        if method not in SELECTION_METHODS:
-            close = difflib.get_close_matches(method, SELECTION_METHODS, n=1)
+        if method not in allowed:
+            close = difflib.get_close_matches(method, allowed, n=1)
             raise ValueError(
                 f"--methods {text[:80]!r}: unknown selection method {method[:40]!r}"
                 + (f" (did you mean {close[0]!r}?)" if close else "")
-                + f"; allowed: {', '.join(SELECTION_METHODS)}, each optionally with ':field=value,...'."
+                + f"; allowed: {', '.join(allowed)}, each optionally with ':field=value,...'."
             )
         settings = {}
         for item in filter(None, (part.strip() for part in rest.split(","))) if rest else []:
