@@ -138,3 +138,18 @@ def test_a_long_value_makes_a_short_error(tmp_path, capsys):
     assert cli.main(["train", "--config", str(config)]) == 2
     error = capsys.readouterr().err
     assert "history='bbbb" in error and "(500000 characters)" in error and len(error) < 1000
+
+
+def test_long_paths_in_loading_and_trainer_checks_are_echoed_in_short():
+    from trl_sstoken.data.inputs import check_history_device, check_reference_model
+    from trl_sstoken.loading import UsageError, load_sft_datasets
+
+    checks = [
+        (UsageError, lambda: load_sft_datasets("./" + "d" * 100_000 + ".jsonl"), "--dataset_name './ddd"),
+        (ValueError, lambda: check_reference_model("./" + "r" * 100_000), "reference_model='./rrr"),
+        (ValueError, lambda: check_history_device("cuda:" + "7" * 100_000), "history_device='cuda:777"),
+    ]
+    for error_type, check, start in checks:
+        with pytest.raises(error_type) as error:
+            check()
+        assert start in str(error.value) and len(str(error.value)) < 1000

@@ -38,8 +38,9 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
         return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as error:
         raise UsageError(
-            f"No tokenizer could be loaded from {bounded_repr(name_or_path)} (--tokenizer_name_or_path, which defaults to "
-            f"--model_name_or_path): {bounded_text(error, 500)}. Pass a hub id or a local folder that holds tokenizer files."
+            f"No tokenizer could be loaded from {bounded_repr(name_or_path)} (--tokenizer_name_or_path, which "
+            f"defaults to --model_name_or_path): {bounded_text(error, 500)}. Pass a hub id or a local folder that "
+            "holds tokenizer files."
         ) from error
 
 
@@ -91,8 +92,8 @@ def load_sft_datasets(
         extension = _data_extension(dataset_name)
         if extension not in LOCAL_DATA_FORMATS:
             raise UsageError(
-                f"--dataset_name {bounded_repr(dataset_name)} is a file of an unsupported type {bounded_repr(extension or '(none)')}; allowed "
-                f"file types: {', '.join(LOCAL_DATA_FORMATS)}."
+                f"--dataset_name {bounded_repr(dataset_name)} is a file of an unsupported type "
+                f"{bounded_repr(extension or '(none)')}; allowed file types: {', '.join(LOCAL_DATA_FORMATS)}."
             )
         return _load_local(
             dataset_name, LOCAL_DATA_FORMATS[extension], data_files={train_split: dataset_name}, streaming=streaming
@@ -111,8 +112,9 @@ def load_sft_datasets(
         return _load_local(dataset_name, dataset_name, name=dataset_config, streaming=streaming)
     if looks_like_a_path(dataset_name):
         raise UsageError(
-            f"--dataset_name {bounded_repr(dataset_name)} looks like a local path, but no such file or folder exists. Pass an "
-            f"existing {', '.join(LOCAL_DATA_FORMATS)} file, a folder, or a hub id such as 'trl-lib/Capybara'."
+            f"--dataset_name {bounded_repr(dataset_name)} looks like a local path, but no such file or folder "
+            f"exists. Pass an existing {', '.join(LOCAL_DATA_FORMATS)} file, a folder, or a hub id such as "
+            "'trl-lib/Capybara'."
         )
     return load_dataset(dataset_name, name=dataset_config, streaming=streaming)
 

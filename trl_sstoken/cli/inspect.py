@@ -25,8 +25,9 @@ def run_inspect(script_args, sstoken_args, model_args, dataset_args, loading_arg
         os.path.join(inspect_args.adapter_path, "adapter_config.json")
     ):
         raise ValueError(
-            f"--adapter_path {bounded_repr(inspect_args.adapter_path)} holds no adapter_config.json; pass the folder a PEFT "
-            "adapter was saved to (the output_dir of `trl-sstoken train`, or one of its checkpoint-N folders)."
+            f"--adapter_path {bounded_repr(inspect_args.adapter_path)} holds no adapter_config.json; pass the "
+            "folder a PEFT adapter was saved to (the output_dir of `trl-sstoken train`, or one of its checkpoint-N "
+            "folders)."
         )
     history_weights = _history_weights(sstoken_args, inspect_args.adapter_path)
     report_folder = os.path.dirname(os.path.abspath(inspect_args.report_path))

@@ -128,8 +128,8 @@ def _require_model(model_args):
 
     if not os.path.exists(path) and looks_like_a_path(path):
         raise ValueError(
-            f"--model_name_or_path {bounded_repr(path)} looks like a local path, but no such folder exists. Pass a folder written "
-            "by save_pretrained, or a hub id such as Qwen/Qwen2.5-0.5B."
+            f"--model_name_or_path {bounded_repr(path)} looks like a local path, but no such folder exists. Pass a "
+            "folder written by save_pretrained, or a hub id such as Qwen/Qwen2.5-0.5B."
         )
     if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
         os.path.join(path, "config.json")

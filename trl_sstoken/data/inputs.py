@@ -17,6 +17,7 @@ import os
 import datasets
 import torch
 
+from ..bounded import bounded_repr, bounded_text
 from ..saving.writable import check_writable_dir
 from ..selection.methods import METHODS
 from .collator import check_reserved_column
@@ -37,7 +38,7 @@ def check_trainer_inputs(args, model, train_dataset, eval_dataset=None) -> None:
         check_reserved_column(train_dataset)
     if eval_dataset is not None:
         for name, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("", eval_dataset)]:
-            check_dataset(dataset, f"eval_dataset[{name!r}]" if name else "eval_dataset")
+            check_dataset(dataset, f"eval_dataset[{bounded_repr(name)}]" if name else "eval_dataset")
     if isinstance(model, torch.nn.Module):
         check_finite_weights(model)
 
@@ -62,7 +63,10 @@ def check_history_device(value) -> None:
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError, ValueError) as error:
-        raise ValueError(f"history_device={value!r} is not a device ({error}). Use e.g. 'cpu' or 'cuda:1'.") from None
+        raise ValueError(
+            f"history_device={bounded_repr(value)} is not a device ({bounded_text(error, 300)}). Use e.g. 'cpu' or "
+            "'cuda:1'."
+        ) from None
     if device.type == "cpu":
         return
     backend = getattr(torch, device.type, None)
@@ -70,7 +74,7 @@ def check_history_device(value) -> None:
     count = (backend.device_count() if hasattr(backend, "device_count") else 1) if available else 0
     if not available or (device.index is not None and device.index >= count):
         raise ValueError(
-            f"history_device={value!r}, but this machine has {count} {device.type} device(s)"
+            f"history_device={bounded_repr(value)}, but this machine has {count} {device.type} device(s)"
             f"{f' (indices 0 to {count - 1})' if count else ''}. Use 'cpu', another device, or None (the model's "
             "device)."
         )
@@ -81,7 +85,7 @@ def check_reference_model(value) -> None:
     if value is None or os.path.isdir(value):
         return
     if os.path.exists(value):
-        raise ValueError(f"reference_model={value!r} is a file; it must be a model folder or a hub id.")
+        raise ValueError(f"reference_model={bounded_repr(value)} is a file; it must be a model folder or a hub id.")
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -89,13 +93,13 @@ def check_reference_model(value) -> None:
         validate_repo_id(value)
     except HFValidationError:
         raise ValueError(
-            f"reference_model={value!r} does not exist: there is no such local folder (and it is not a hub id). "
-            "Check the path."
+            f"reference_model={bounded_repr(value)} does not exist: there is no such local folder (and it is not a "
+            "hub id). Check the path."
         ) from None
     if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(value, "config.json"), str):
         raise ValueError(
-            f"reference_model={value!r} is neither a local folder nor in the hub cache, and HF_HUB_OFFLINE is set, so "
-            "it cannot be downloaded. Check the path, or download the model first."
+            f"reference_model={bounded_repr(value)} is neither a local folder nor in the hub cache, and "
+            "HF_HUB_OFFLINE is set, so it cannot be downloaded. Check the path, or download the model first."
         )
 
 
