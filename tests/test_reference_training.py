@@ -166,3 +166,21 @@ def test_the_command_line_trains_the_reference_from_a_data_file(tmp_path, tiny_m
     record = json.loads((tmp_path / "out" / REFERENCE_FOLDER / IDENTITY_FILE).read_text())
     assert record["recipe"]["max_steps"] == 2
     assert not (tmp_path / "out" / REFERENCE_ADAPTER).exists()  # the final artefact holds the trained adapter only
+
+
+def test_a_resumed_run_reuses_its_reference(make_trainer, tmp_path, monkeypatch):
+    first = rho1_trainer(make_trainer, max_steps=4, save_strategy="steps", save_steps=2)
+    first.train()
+    stamp = os.stat(tmp_path / "out" / REFERENCE_FOLDER / WEIGHTS_FILE).st_mtime_ns
+    trained, train = [], SSTokenTrainer.train
+
+    def counted(self, *args, **kwargs):
+        trained.append(self.args.output_dir)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SSTokenTrainer, "train", counted)
+    resumed = rho1_trainer(make_trainer, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert trained == [str(tmp_path / "out")]  # no second training of the reference
+    assert os.stat(tmp_path / "out" / REFERENCE_FOLDER / WEIGHTS_FILE).st_mtime_ns == stamp
+    assert resumed.state.global_step == 4
