@@ -26,7 +26,7 @@ from trl_sstoken.saving.checkpoints import (
     resolve_resume,
     rotate_checkpoints,
 )
-from trl_sstoken.saving.resume import TOTAL_BATCH, checkpoint_settings
+from trl_sstoken.saving.resume import DATA_SETTINGS, TOTAL_BATCH, checkpoint_settings, essential_files, run_settings
 from trl_sstoken.saving.temporary_files import temporary_name
 from trl_sstoken.tiny import build_tiny_model
 
@@ -95,7 +95,9 @@ def test_a_checkpoint_missing_a_file_is_refused_naming_it(copy, tmp_path, tokeni
     with pytest.raises(CheckpointError, match=f"the file {name} is missing"):
         trainer.train(resume_from_checkpoint=str(copy / "checkpoint-4"))
     with pytest.warns(UserWarning, match=f"Skipping the checkpoint .*checkpoint-4: the file {name} is missing"):
-        assert resolve_resume(True, str(copy), checkpoint_settings(trainer.args)) == str(copy / "checkpoint-2")
+        assert resolve_resume(True, str(copy), run_settings(trainer), essential_files(trainer)) == str(
+            copy / "checkpoint-2"
+        )
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage-json"])
@@ -194,9 +196,9 @@ def test_every_must_match_setting_is_refused_when_changed(run, setting):
     changed = copy_module.copy(args)
     setattr(changed, name, value)  # no validation: what a resume compares, not whether the value trains
     assert checkpoint_settings(changed)[setting] != checkpoint_settings(args)[setting]
-    resolve_resume(str(run / "checkpoint-4"), str(run), checkpoint_settings(args))  # the same settings resume
+    resolve_resume(str(run / "checkpoint-4"), str(run), checkpoint_settings(args), pending=DATA_SETTINGS)
     with pytest.raises(CheckpointError, match=f"other settings \\({setting}: .* there, .* now\\)"):
-        resolve_resume(str(run / "checkpoint-4"), str(run), checkpoint_settings(changed))
+        resolve_resume(str(run / "checkpoint-4"), str(run), checkpoint_settings(changed), pending=DATA_SETTINGS)
 
 
 def test_the_must_match_settings_are_read_off_the_field_metadata(monkeypatch):
@@ -215,7 +217,8 @@ def test_how_the_batch_is_split_may_change(run):
     args = config(run.parent, **SETTINGS)
     split = copy_module.copy(args)
     split.per_device_train_batch_size, split.gradient_accumulation_steps = 2, 2
-    assert resolve_resume(str(run / "checkpoint-4"), str(run), checkpoint_settings(split)) == str(run / "checkpoint-4")
+    resumed = resolve_resume(str(run / "checkpoint-4"), str(run), checkpoint_settings(split), pending=DATA_SETTINGS)
+    assert resumed == str(run / "checkpoint-4")
 
 
 @pytest.mark.parametrize("value", ["true", "True", "TRUE", "yes"])

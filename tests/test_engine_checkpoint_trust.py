@@ -24,9 +24,8 @@ ENGINE_FILES = {
 
 
 @pytest.fixture
-def checkpoint(tmp_path, monkeypatch):
-    """A marked checkpoint folder with the engines' files, every one larger than the hashing limit."""
-    monkeypatch.setattr(checkpoints, "HASH_MAX_BYTES", 8)
+def checkpoint(tmp_path):
+    """A marked checkpoint folder with the engines' files."""
     folder = tmp_path / "checkpoint-3"
     for relative, payload in ENGINE_FILES.items():
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -60,10 +59,11 @@ def test_an_engine_file_changed_after_the_marker_is_refused_whatever_its_size(ch
         checkpoints.resolve_resume(str(checkpoint), str(checkpoint.parent), {"history": "lagged"})
 
 
-def test_a_large_safetensors_file_is_still_checked_by_size_only(checkpoint):
+def test_every_file_is_hashed_safetensors_included(checkpoint):
+    """Every file, whatever its size and kind (issue 23: a size-only check let a same-size change pass;
+    test_resume_checks.py tries it on a 257 MiB file)."""
     marker = checkpoints._read_marker(str(checkpoint / checkpoints.CHECKPOINT_MARKER))[0]
-    assert "sha256" not in marker["files"]["adapter_model.safetensors"]  # plain data, hashing it costs a full read
-    assert all("sha256" in marker["files"][name] for name in ENGINE_FILES if not name.endswith(".safetensors"))
+    assert all(len(marker["files"][name]["sha256"]) == 64 for name in ENGINE_FILES)
 
 
 @pytest.mark.parametrize("relative", ["pytorch_model_fsdp_0/__0_0.distcp", "global_step3/extra_states.pt"])

@@ -23,13 +23,17 @@ def _train(script_args, training_args, model_args, dataset_args, loading_args):
 
     from ..loading import load_sft_datasets, load_tokenizer, pick_split
     from ..saving.checkpoints import resolve_resume
-    from ..saving.resume import checkpoint_settings
+    from ..saving.resume import DATA_SETTINGS, checkpoint_settings
     from ..trainer import SSTokenTrainer
 
     _require_model(model_args)
     # --resume_from_checkpoint arrives as a string: "true"/"false" or a path, checked before anything is loaded
+    # (the training set's identity and the files the trainer needs are checked again by train(), with the data)
     resume = resolve_resume(
-        training_args.resume_from_checkpoint, training_args.output_dir, checkpoint_settings(training_args)
+        training_args.resume_from_checkpoint,
+        training_args.output_dir,
+        checkpoint_settings(training_args),
+        pending=DATA_SETTINGS,
     )
     training_args.model_init_kwargs = {
         **_model_init_kwargs(model_args, training_args),

@@ -151,6 +151,9 @@ class AdapterHistory(History):
     # under `history/`, and `Trainer._load_from_checkpoint` restores them all (DeepSpeed excepted:
     # `restore_from_adapter_folder`)
 
+    def checkpoint_files(self) -> list[tuple[str, ...]]:
+        return [(f"{HISTORY_ADAPTER}/adapter_model.safetensors", f"{HISTORY_ADAPTER}/adapter_model.bin")]
+
 
 def _pair_adapter_parameters(peft_model, history_name: str, trained_name: str):
     """(history params, trained params), paired by name once, so every sync is one fused foreach call."""

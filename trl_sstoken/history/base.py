@@ -54,6 +54,7 @@ class History:
       training set the batch holds and where; only a cached history reads it.
     - `on_optimizer_step(global_step)`: move forward on its schedule (fixed histories do nothing);
     - `save_checkpoint(directory)` / `load_checkpoint(directory)`: state that PEFT's own checkpointing does not cover;
+      `checkpoint_files()`: the files that state is in, which a resume requires;
     - `parameter_bytes`: the memory it adds;
     - `prepare(trainer)`: work due before its first use inside `train()` (a cached history loads or builds its
       cache); `describe(args)`: one line for the run's log. Callers ask these instead of testing the class.
@@ -90,6 +91,11 @@ class History:
     def describe(self, args) -> str:
         """One line for the run's log: what the history is and what it costs."""
         return f"history: {type(self).__name__}."
+
+    def checkpoint_files(self) -> list[tuple[str, ...]]:
+        """The files of a checkpoint that hold this history's state, each as its alternatives: a resume refuses a
+        checkpoint whose marker records none of them. A fixed history has none."""
+        return []
 
 
 def parameter_bytes(params) -> int:

@@ -81,6 +81,30 @@ def dataset_fingerprint(dataset, columns=("input_ids", "labels", "seq_lengths"))
             f"IterableDataset or {type(dataset).__name__} cannot be indexed. Unset history_cache_dir to compute the "
             "base history on the fly."
         )
+    return f"{len(dataset)} rows, sha256 {_rows_digest(dataset, columns)}"
+
+
+def dataset_sample_fingerprint(
+    dataset, sample_rows: int = 1024, columns=("input_ids", "labels", "seq_lengths")
+) -> str:
+    """The prepared training set's identity for a resume check: its length and a SHA-256 over up to `sample_rows`
+    evenly spaced rows (the first and the last included), in order.
+
+    A resume continues at a position in the data, so another order or other content would train on other examples
+    than the checkpoint's run. Hashing a sample keeps this cheap at any size; another
+    order, length or content is caught unless it only moves or edits rows between the sampled ones (a training set
+    of up to `sample_rows` rows is hashed whole). An iterable dataset has no rows to sample; it is described by type.
+    """
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "select"):
+        return f"{type(dataset).__name__} (not fingerprinted: it cannot be indexed)"
+    total = len(dataset)
+    count = min(total, sample_rows)
+    rows = sorted({i * (total - 1) // (count - 1) for i in range(count)}) if count > 1 else list(range(total))
+    return f"{total} rows, sha256 of {len(rows)} rows {_rows_digest(dataset.select(rows), columns)}"
+
+
+def _rows_digest(dataset, columns) -> str:
+    """SHA-256 over the integer `columns` (those the dataset has) of every row, in order."""
     digest = hashlib.sha256()
     columns = [c for c in columns if c in dataset.column_names]
     for batch in dataset.select_columns(columns).with_format("numpy").iter(batch_size=1024):
@@ -89,7 +113,7 @@ def dataset_fingerprint(dataset, columns=("input_ids", "labels", "seq_lengths"))
                 array = np.asarray(row, dtype=np.int64)
                 digest.update(np.int64(array.size).tobytes())
                 digest.update(array.tobytes())
-    return f"{len(dataset)} rows, sha256 {digest.hexdigest()}"
+    return digest.hexdigest()
 
 
 def _strip_peft_prefix(name: str) -> str:

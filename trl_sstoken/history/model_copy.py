@@ -84,6 +84,9 @@ class ModelCopyHistory(History):
             state = {name: tensor.contiguous() for name, tensor in self.model.state_dict().items()}
             save_file(_untie(state), os.path.join(directory, CHECKPOINT_FILE))
 
+    def checkpoint_files(self) -> list[tuple[str, ...]]:
+        return [] if self.mode == "base" else [(CHECKPOINT_FILE,)]
+
     def load_checkpoint(self, directory: str) -> None:
         path = os.path.join(directory, CHECKPOINT_FILE)
         if self.rule is None:

@@ -9,15 +9,16 @@ protocol (`save_checkpoint`):
    created with a `sstoken_checkpoint_writing` sentinel: a folder with it and no marker was interrupted;
 2. `Trainer` writes everything, with its own rotation held back;
 3. every file is flushed to disk, and the marker `sstoken_checkpoint_complete.json` is written atomically (temporary
-   file, fsync, rename). It records each file's size and SHA-256 (safetensors files over `HASH_MAX_BYTES` by size
-   only: every file an engine may unpickle is hashed, whatever its size) and the ssToken
-   settings the run was made with; then the sentinel is removed;
+   file, fsync, rename). It records each file's size and SHA-256 (every file, whatever its size, read in 1 MiB
+   blocks), the settings a resume must match (`resume.py`) and whether the checkpoint was saved with
+   `save_only_model`; then the sentinel is removed;
 4. only then are older checkpoints deleted: each is first renamed to a hidden `.sstoken-deleting-*` folder (one
    atomic step), then removed. The checkpoint just marked and the best one are never deleted.
 
 Resuming (`resolve_resume`) verifies a checkpoint against its marker (every recorded file present with its size and
-hash) and the run's settings against the recorded ones, and refuses, naming the file or the setting and what to do,
-instead of loading something partial. `resume_from_checkpoint=True` (or the CLI's `"true"`) takes the newest
+hash, every file the run needs recorded, no link leading out of the checkpoint, not a `save_only_model` one) and the
+run's settings against the recorded ones (each of them recorded), and refuses, naming the file or the setting and
+what to do, instead of loading something partial. `resume_from_checkpoint=True` (or the CLI's `"true"`) takes the newest
 checkpoint that verifies.
 """
 
@@ -36,8 +37,8 @@ from .temporary_files import remove_stale, temporary_name
 
 CHECKPOINT_MARKER = "sstoken_checkpoint_complete.json"
 WRITING_SENTINEL = "sstoken_checkpoint_writing"
-MARKER_FORMAT = "trl_sstoken.checkpoint/2"
-HASH_MAX_BYTES = 256 * 2**20  # larger safetensors files (a full model) are checked by size only
+MARKER_FORMAT = "trl_sstoken.checkpoint/3"  # 3: every file hashed, the settings of resume.py, save_only_model
+HASH_BLOCK_BYTES = 1 << 20
 TRASH_PREFIX = ".sstoken-deleting-"
 TEMPORARY_PREFIX = ".sstoken-tmp-"  # + the file's name: `_write_atomically`'s temporary files
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -63,7 +64,9 @@ def save_checkpoint(trainer, write, settings: dict, trial=None) -> str:
         write()
     trainer.accelerator.wait_for_everyone()  # every process has written its part (e.g. its RNG state)
     if trainer.args.should_save:
-        mark_checkpoint_complete(checkpoint, trainer.state.global_step, settings)
+        mark_checkpoint_complete(
+            checkpoint, trainer.state.global_step, settings, save_only_model=trainer.args.save_only_model
+        )
         rotate_checkpoints(
             run_dir, trainer.args.save_total_limit, newest=checkpoint, best=trainer.state.best_model_checkpoint
         )
@@ -98,15 +101,22 @@ def rotation_deferred():
         hf_trainer.rotate_checkpoints = original
 
 
-def mark_checkpoint_complete(checkpoint: str, global_step: int, settings: dict) -> None:
-    """Flushes every file of `checkpoint` to disk, then records them and `settings` in the marker (atomically)."""
+def mark_checkpoint_complete(checkpoint: str, global_step: int, settings: dict, save_only_model: bool = False) -> None:
+    """Flushes every file of `checkpoint` to disk, then records them (size and SHA-256), `settings` and whether it
+    holds only the model (`save_only_model`) in the marker, atomically."""
     files = {}
     for relative in _checkpoint_files(checkpoint):
         path = os.path.join(checkpoint, relative)
         files[relative] = _describe(path, fsync=True)
     for folder in {os.path.dirname(os.path.join(checkpoint, r)) for r in files} | {checkpoint}:
         _fsync_directory(folder)
-    marker = {"format": MARKER_FORMAT, "global_step": global_step, "settings": settings, "files": files}
+    marker = {
+        "format": MARKER_FORMAT,
+        "global_step": global_step,
+        "save_only_model": bool(save_only_model),
+        "settings": settings,
+        "files": files,
+    }
     _write_atomically(os.path.join(checkpoint, CHECKPOINT_MARKER), json.dumps(marker, indent=1).encode())
     sentinel = os.path.join(checkpoint, WRITING_SENTINEL)
     if os.path.exists(sentinel):
@@ -190,24 +200,30 @@ def parse_resume_argument(value):
     return value
 
 
-def resolve_resume(value, output_dir: str, settings: dict):
+def resolve_resume(value, output_dir: str, settings: dict, essential_files=(), pending=()):
     """The verified checkpoint path to resume from, or None for a fresh run. Raises `CheckpointError` naming the
-    problem and the way forward."""
+    problem and the way forward.
+
+    `essential_files`: the files every checkpoint of the run holds (`resume.essential_files`), each a tuple of
+    alternatives, one of which the marker must record. `pending`: recorded settings the caller checks later (the
+    CLI checks the training set's identity once the data is loaded).
+    """
     value = parse_resume_argument(value)
     if value is None:
         return None
     if value is True:
-        return last_complete_checkpoint(output_dir, settings)
-    problem = checkpoint_problem(value)
+        return last_complete_checkpoint(output_dir, settings, essential_files, pending)
+    problem = checkpoint_problem(value, essential_files)
     if problem is not None:
         raise CheckpointError(f"Cannot resume from {value}: {problem}")
-    check_settings(value, settings)
+    check_settings(value, settings, pending)
     return value
 
 
-def last_complete_checkpoint(output_dir: str, settings: dict | None = None) -> str:
-    """The highest-step `checkpoint-N` of `output_dir` that verifies against its marker; others are skipped with a
-    warning that says why. With `settings`, the chosen one must also have been made with them."""
+def last_complete_checkpoint(output_dir: str, settings: dict | None = None, essential_files=(), pending=()) -> str:
+    """The highest-step `checkpoint-N` of `output_dir` that verifies against its marker (and holds every one of
+    `essential_files`); others are skipped with a warning that says why. With `settings`, the chosen one must also
+    have been made with them."""
     if not os.path.isdir(output_dir):
         raise CheckpointError(
             f"resume_from_checkpoint=True, but the output directory {output_dir} does not exist, so there is no "
@@ -215,10 +231,10 @@ def last_complete_checkpoint(output_dir: str, settings: dict | None = None) -> s
         )
     skipped = []
     for _, path in reversed(numbered_checkpoints(output_dir)):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, essential_files)
         if problem is None:
             if settings is not None:
-                check_settings(path, settings)
+                check_settings(path, settings, pending)
             return path
         skipped.append(f"{os.path.basename(path)}: {problem}")
         warnings.warn(f"Skipping the checkpoint {path}: {problem}", stacklevel=3)
@@ -229,8 +245,10 @@ def last_complete_checkpoint(output_dir: str, settings: dict | None = None) -> s
     )
 
 
-def checkpoint_problem(checkpoint: str) -> str | None:
-    """Why `checkpoint` cannot be resumed from, or None if every file its marker records is there, unchanged."""
+def checkpoint_problem(checkpoint: str, essential_files=()) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None if it was saved to be resumed (not `save_only_model`), no
+    link in it leads out of it, its marker records each of `essential_files` (one of each tuple of alternatives) and
+    every shard a recorded index names, and every file the marker records is there, unchanged."""
     if not os.path.exists(checkpoint):
         return "the path does not exist. Check for a typo, or pass resume_from_checkpoint=True to take the last complete checkpoint of output_dir."
     if not os.path.isdir(checkpoint):
@@ -255,7 +273,27 @@ def checkpoint_problem(checkpoint: str) -> str | None:
     marker, problem = _read_marker(marker_path)
     if problem is not None:
         return problem
+    if marker["save_only_model"]:
+        return (
+            "it was saved with save_only_model=True: it holds the weights but not the optimizer, scheduler and RNG "
+            "states, so the run cannot be resumed exactly from it. Start a new run from its weights (load its "
+            "adapter or model), or train with save_only_model=False to write checkpoints that resume."
+        )
+    link = _link_out_of(checkpoint)
+    if link is not None:
+        return (
+            f"{link[0]} is a link to {link[1]}, outside the checkpoint: what it points to is not part of the "
+            "checkpoint and can change without the marker noticing. Copy the files into the checkpoint instead of "
+            "linking them, or resume from another checkpoint."
+        )
     files = marker["files"]
+    for alternatives in [*essential_files, *_index_shards(checkpoint, files)]:
+        if not any(name in files for name in alternatives):
+            named = " or ".join(alternatives)
+            return (
+                f"the file {named} is not recorded in its marker, but every checkpoint of this run holds it (a "
+                "marker written without it, or edited). Resume from another checkpoint."
+            )
     unrecorded = sorted(set(_checkpoint_files(checkpoint)) - set(files))
     if unrecorded:  # an engine may load it (DeepSpeed and FSDP read their folders by name), unverified
         return (
@@ -270,13 +308,13 @@ def checkpoint_problem(checkpoint: str) -> str | None:
                 f"the file {relative} is missing (the marker records it as part of the checkpoint; a crash while an "
                 "older checkpoint was being deleted, or a manual deletion). Resume from another checkpoint."
             )
-        actual = _describe(path, hash_it="sha256" in expected)
+        actual = _describe(path)
         if actual["size"] != expected.get("size"):
             return (
                 f"the file {relative} has {actual['size']} bytes, the marker records {expected.get('size')} "
                 "(truncated or replaced). Resume from another checkpoint."
             )
-        if "sha256" in expected and actual["sha256"] != expected["sha256"]:
+        if actual["sha256"] != expected["sha256"]:
             return (
                 f"the file {relative} changed after the checkpoint was written (its SHA-256 differs from the "
                 "marker's). Resume from another checkpoint."
@@ -284,15 +322,23 @@ def checkpoint_problem(checkpoint: str) -> str | None:
     return None
 
 
-def check_settings(checkpoint: str, settings: dict) -> None:
+def check_settings(checkpoint: str, settings: dict, pending=()) -> None:
     """Refuses to resume `checkpoint` with settings other than those it was made with (`resume.checkpoint_settings`),
-    naming each differing one with its value there and now."""
+    naming each differing one with its value there and now; every one of `settings` must be recorded. `pending`:
+    recorded settings the caller checks later, not yet known."""
     marker, problem = _read_marker(os.path.join(checkpoint, CHECKPOINT_MARKER))
     if problem is not None:
         raise CheckpointError(f"Cannot resume from {checkpoint}: {problem}")
     recorded = marker["settings"]
-    differing = [name for name in settings if name in recorded and recorded[name] != settings[name]]
-    differing += [name for name in recorded if name not in settings]
+    unrecorded = [name for name in settings if name not in recorded]
+    if unrecorded:
+        raise CheckpointError(
+            f"Cannot resume from {checkpoint}: its {CHECKPOINT_MARKER} does not record the settings "
+            f"{', '.join(unrecorded)}, so whether this run matches them cannot be checked (a marker written by other "
+            "code, or edited). Resume from another checkpoint, or start a new run."
+        )
+    differing = [name for name in settings if recorded[name] != settings[name]]
+    differing += [name for name in recorded if name not in settings and name not in pending]
     if differing:
         details = "; ".join(f"{name}: {recorded.get(name)!r} there, {settings.get(name)!r} now" for name in differing)
         raise CheckpointError(
@@ -374,6 +420,12 @@ def _read_marker(path: str) -> tuple[dict | None, str | None]:
             f"its {CHECKPOINT_MARKER} was written by an older trl_sstoken that did not record the checkpoint's files "
             "and settings, so it cannot be verified. Resume it with that version, or start a new run."
         )
+    if marker["format"] == "trl_sstoken.checkpoint/2":
+        return None, (
+            f"its {CHECKPOINT_MARKER} was written by an older trl_sstoken (format 2), which hashed only files up to "
+            "256 MiB and recorded fewer of the settings a resume must match, so it cannot be verified. Resume it "
+            "with that version, or start a new run from its weights."
+        )
     if marker["format"] != MARKER_FORMAT:
         return (
             None,
@@ -383,16 +435,60 @@ def _read_marker(path: str) -> tuple[dict | None, str | None]:
     if (
         not isinstance(files, dict)
         or not isinstance(settings, dict)
-        or not all(
-            isinstance(entry, dict) and not os.path.isabs(name) and ".." not in name.split(os.sep)
-            for name, entry in files.items()
-        )
+        or not isinstance(marker.get("save_only_model"), bool)
+        or not all(_is_file_entry(name, entry) for name, entry in files.items())
     ):
         return (
             None,
             f"its {CHECKPOINT_MARKER} is damaged (no record of files or settings). Resume from another checkpoint.",
         )
     return marker, None
+
+
+def _is_file_entry(name: str, entry) -> bool:
+    """A relative path inside the checkpoint, with an integer size and a SHA-256."""
+    return (
+        isinstance(entry, dict)
+        and not os.path.isabs(name)
+        and ".." not in name.split(os.sep)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
+        and len(entry["sha256"]) == 64
+    )
+
+
+def _link_out_of(checkpoint: str) -> tuple[str, str] | None:
+    """(relative path, target) of the first symbolic link in `checkpoint` that resolves outside it, or None.
+
+    The walk does not follow links, so what a linked folder holds would otherwise never be recorded, and a linked
+    file's content could change elsewhere. Links that stay inside the checkpoint are harmless: their targets are
+    recorded and verified themselves.
+    """
+    root = os.path.realpath(checkpoint)
+    for folder, folders, names in os.walk(checkpoint):
+        for name in sorted(folders + names):
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if os.path.commonpath([root, target]) != root:
+                    return os.path.relpath(path, checkpoint), target
+    return None
+
+
+def _index_shards(checkpoint: str, files: dict) -> list[tuple[str]]:
+    """The shards each recorded weights index (`*.index.json`) names: a checkpoint holds every one of them."""
+    shards = []
+    for name in sorted(files):
+        if not name.endswith(".index.json"):
+            continue
+        try:
+            with open(os.path.join(checkpoint, name), encoding="utf-8") as handle:
+                weight_map = json.load(handle).get("weight_map", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # missing or damaged: the file check names it
+        folder = os.path.dirname(name)
+        shards += [(os.path.join(folder, shard),) for shard in sorted(set(map(str, weight_map.values())))]
+    return shards
 
 
 def _has_marker(checkpoint: str) -> bool:
@@ -409,21 +505,16 @@ def _checkpoint_files(checkpoint: str) -> list[str]:
     return sorted(files)
 
 
-def _describe(path: str, fsync: bool = False, hash_it: bool | None = None) -> dict:
-    size = os.path.getsize(path)
-    description = {"size": size}
-    if hash_it is None:  # whatever is not safetensors may be unpickled on resume: always hashed, whatever its size
-        hash_it = size <= HASH_MAX_BYTES or not path.endswith(".safetensors")
-    if hash_it or fsync:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            if hash_it:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-                description["sha256"] = digest.hexdigest()
-            if fsync:
-                os.fsync(handle.fileno())
-    return description
+def _describe(path: str, fsync: bool = False) -> dict:
+    """Size and SHA-256 of a file, read in blocks, whatever its size (a 336 MB adapter: 0.3-0.7 s at the 0.5-1.1 GB/s
+    measured in docs/reliability.md); with `fsync`, flushed to disk too."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
+            digest.update(block)
+        if fsync:
+            os.fsync(handle.fileno())
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
 def _write_atomically(path: str, payload: bytes) -> None:

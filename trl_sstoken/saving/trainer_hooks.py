@@ -17,18 +17,21 @@ from ..history import is_peft_model
 from .checkpoints import adapters_loaded_in_place, resolve_resume
 from .checkpoints import save_checkpoint as _save_checkpoint_safely
 from .model_card import write_model_card
-from .resume import checkpoint_settings
+from .resume import essential_files, run_settings
 
 
 def save_checkpoint(trainer, write, trial) -> None:
     """`SSTokenTrainer._save_checkpoint`; `write` is `Trainer._save_checkpoint` bound to the trainer and its arguments."""
-    _save_checkpoint_safely(trainer, write, checkpoint_settings(trainer.args), trial)
+    _save_checkpoint_safely(trainer, write, run_settings(trainer), trial)
 
 
 def resolve_resume_checkpoint(trainer, resume_from_checkpoint):
     """The verified checkpoint to resume from, or None: `True` (or "true") -> the last checkpoint of `output_dir`
-    that verifies; a path must verify; the ssToken settings must be the checkpoint's (`checkpoints.resolve_resume`)."""
-    return resolve_resume(resume_from_checkpoint, trainer.args.output_dir, checkpoint_settings(trainer.args))
+    that verifies; a path must verify, hold every file the run needs, and the run's settings (its training set
+    included) must be the checkpoint's (`checkpoints.resolve_resume`, `resume.py`)."""
+    return resolve_resume(
+        resume_from_checkpoint, trainer.args.output_dir, run_settings(trainer), essential_files(trainer)
+    )
 
 
 def load_checkpoint(trainer, load, resume_from_checkpoint: str, model=None) -> None:
