@@ -221,5 +221,5 @@ def test_accelerate_configs_load(config):
 
     loaded = load_config_from_file(str(config))
     assert loaded.num_processes >= 2 and loaded.mixed_precision == "bf16"
-    assert str(loaded.distributed_type).split(".")[-1] in ("MULTI_GPU", "DEEPSPEED")
+    assert str(loaded.distributed_type).split(".")[-1] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
     assert yaml.safe_load(config.read_text())["use_cpu"] is False

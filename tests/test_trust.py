@@ -89,6 +89,14 @@ def audit_source(source: str, filename: str = "<source>") -> list[str]:
         parts.append(aliases.get(node.id, node.id))
         return ".".join(reversed(parts))
 
+    # Loader classes defined in this file on top of a SafeLoader (e.g. one that bounds aliases) are safe too
+    safe_loaders = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(
+            dotted(base).endswith("SafeLoader") or dotted(base) in safe_loaders for base in node.bases
+        ):
+            safe_loaders.add(node.name)
+
     findings = []
 
     def flag(node, what):
@@ -110,9 +118,10 @@ def audit_source(source: str, filename: str = "<source>") -> list[str]:
                 flag(node, f"calls {name}() without weights_only=True (unpickles arbitrary objects)")
             elif name in UNSAFE_CALLS:
                 flag(node, f"calls {name}(): {UNSAFE_CALLS[name]}")
-            elif name in ("yaml.load", "yaml.load_all") and not dotted(
-                keywords.get("Loader", ast.Constant(None))
-            ).endswith("SafeLoader"):
+            elif name in ("yaml.load", "yaml.load_all") and not (
+                dotted(keywords.get("Loader", ast.Constant(None))).endswith("SafeLoader")
+                or dotted(keywords.get("Loader", ast.Constant(None))) in safe_loaders
+            ):
                 flag(node, f"calls {name}() without a SafeLoader")
             if "allow_pickle" in keywords and not (
                 isinstance(keywords["allow_pickle"], ast.Constant) and keywords["allow_pickle"].value is False
@@ -167,6 +176,8 @@ def audited_files() -> list[Path]:
         "import pandas as pd\npd.read_pickle('a.pkl')",
         "import yaml\nyaml.load(text, Loader=yaml.Loader)",
         "import yaml\nyaml.unsafe_load(text)",
+        "import yaml\nclass L(yaml.Loader):\n    pass\nyaml.load(text, Loader=L)",
+        "import yaml\nclass L(yaml.FullLoader):\n    pass\nyaml.load(text, Loader=L)",
         "AutoModel.from_pretrained(name, trust_remote_code=True)",
         "kwargs = {'trust_remote_code': True}",
         "kwargs['trust_remote_code'] = True",
@@ -194,6 +205,7 @@ def test_the_audit_flags_each_unsafe_pattern(snippet):
         "import json\njson.loads(line)",
         "import yaml\nyaml.safe_load(text)",
         "import yaml\nyaml.load(text, Loader=yaml.SafeLoader)",
+        "import yaml\nclass L(yaml.SafeLoader):\n    pass\nclass M(L):\n    pass\nyaml.load(text, Loader=M)",
         "from safetensors.torch import load_file\nload_file('a.safetensors')",
         "import numpy as np\nnp.load('a.npy')",
     ],
