@@ -115,6 +115,7 @@ def test_model_mask_narrows_but_never_widens():
     assert narrowed[0, 0] == 1 and narrowed[0, 1] > 0 and (narrowed[0, 2:] == 0).all()
 
 
+@pytest.mark.smoke
 def test_logits_and_gradients_are_unchanged(tokenizer):
     model = build_tiny_model(tokenizer, num_layers=2)
     input_ids, attention_mask, context = batch_with_padding(len(tokenizer), "right")

@@ -539,6 +539,7 @@ def test_demo_rejects_bad_values(capsys):
 # ----- the console script -----
 
 
+@pytest.mark.smoke
 def test_console_script_is_declared_and_runs_as_a_module():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, function = scripts["trl-sstoken"].split(":")

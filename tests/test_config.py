@@ -25,6 +25,7 @@ def make(tmp_path, **overrides):
     return SSTokenConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, **overrides)
 
 
+@pytest.mark.smoke
 def test_defaults(tmp_path):
     config = make(tmp_path)
     assert isinstance(config, SFTConfig)
@@ -40,6 +41,7 @@ def test_every_field_is_documented():
         assert f"{name} (" in SSTokenConfig.__doc__, name
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     ("field", "value", "allowed"),
     [
@@ -140,6 +142,7 @@ def test_the_edges_of_the_training_field_ranges_are_accepted(tmp_path):
     assert make(tmp_path, max_length=1, per_device_train_batch_size=1).max_length == 1
 
 
+@pytest.mark.smoke
 def test_plain_sft_config_is_converted(tmp_path, tokenizer, dataset):
     from trl_sstoken.tiny import build_tiny_model
 

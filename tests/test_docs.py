@@ -30,6 +30,7 @@ def site(tmp_path_factory):
     return folder
 
 
+@pytest.mark.smoke
 def test_docs_build_strictly_with_every_page(site):
     for page in (
         "concepts",

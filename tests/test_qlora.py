@@ -73,6 +73,7 @@ def test_qlora_training_with_each_history(tmp_path, tokenizer, dataset, model_di
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.smoke
 def test_qlora_through_sft_trainers_own_model_loading(tmp_path, tokenizer, dataset, model_dir):
     trainer = SSTokenTrainer(
         model=str(model_dir),

@@ -41,8 +41,9 @@ def test_make_sets_up_a_missing_venv_then_runs(tmp_path):
     copy.mkdir()
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy(REPO / name, copy / name)
-    (copy / ".ci").mkdir()
-    shutil.copy(REPO / ".ci/constraints.txt", copy / ".ci/constraints.txt")
+    for name in (".ci/constraints.txt", "tools/check_python.py"):
+        (copy / name).parent.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, copy / name)
     # a clean make, not a sub-make of `make test VENV=...` (which would pass its variables and directory messages)
     env = {key: value for key, value in os.environ.items() if key not in MAKE_VARIABLES}
 

@@ -67,6 +67,7 @@ def test_missing_signal_with_nonzero_weight_is_an_error():
         select_tokens(torch.rand(1, 3), torch.rand(1, 3), None, mask, 0.5, 0.5)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (5, 33), (4, 128)])
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 0.6, 1.0])
 def test_matches_a_plain_loop_reference(shape, ratio):
@@ -148,6 +149,7 @@ def test_per_row_gamma():
     assert keep.tolist() == [[False, True], [True, False]]
 
 
+@pytest.mark.smoke
 def test_combined_score_formula():
     rel = torch.tensor([[0.0, 2.0, 4.0]])
     attention = torch.tensor([[0.5, 0.25, 0.0]])

@@ -33,6 +33,7 @@ def logged(trainer, key):
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
+@pytest.mark.smoke
 def test_lora_training_run(make_trainer):
     trainer = make_trainer(history="lagged", history_update_steps=3, max_steps=9, attention_warmup_ratio=0.2)
     model = trainer.model
