@@ -57,8 +57,8 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 	    echo "keeping the torch already in $(VENV): $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	else \
-	    echo "installing $(TORCH) into $(VENV) $(TORCH_PIP_ARGS)"; $(BIN)/python -m pip install -q $(TORCH) $(TORCH_PIP_ARGS) \
-	    && echo "installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	    echo "installing $(TORCH) into $(VENV)$(if $(TORCH_PIP_ARGS), ($(TORCH_PIP_ARGS)))"; $(BIN)/python -m pip install -q $(TORCH) $(TORCH_PIP_ARGS) \
+	    && echo "installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)' 2>/dev/null)"; \
 	fi
 	@grep -v '^torch==' .ci/constraints.txt > $(VENV)/constraints-without-torch.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints-without-torch.txt -e ".[$(EXTRAS)]"
