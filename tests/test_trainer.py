@@ -213,7 +213,7 @@ def test_alignment_attention_selects_the_token_it_scores(make_trainer):
     base.set_attn_implementation("eager")
     with torch.no_grad():
         out = model(input_ids=input_ids, output_attentions=True)
-    base.set_attn_implementation("sstoken_sdpa")
+    base.set_attn_implementation("sdpa")  # as it came: the trainer installs its capture per armed forward
     attention_by_query = (out.attentions[-1][0].double() * context.double()).sum(-1).mean(0)  # (T,)
     current = logp_of_each_token(out.logits, input_ids)
     response = labels[0, 1:] != -100

@@ -113,6 +113,9 @@ class SSTokenTrainer(SFTTrainer):
             self._reference = make_reference(self.model, unwrapped, args, self.processing_class)
         if self.method.needs_attention:
             self._attention = make_attention_capture(self.model, unwrapped, args, self.padding_free)
+        if self._attention is not None:
+            # checked and registered now; on the model only during train() and armed forwards (preview_selection)
+            self._attention.remove()
         warn_about_dropped_examples(
             args,
             trainer_kwargs.get("train_dataset", trainer_args[1] if len(trainer_args) > 1 else None),
@@ -319,7 +322,9 @@ class SSTokenTrainer(SFTTrainer):
         """As `Trainer.train`, but a checkpoint is resumed from only if it verifies (every recorded file unchanged, the
         same ssToken settings); `resume_from_checkpoint=True` (or "true") takes the last one that does. A diverged
         run raises `TrainingDivergedError` (divergence.py) and saves nothing from its non-finite state. The run holds
-        the lock of its output_dir throughout (`saving/output_lock.py`): a second run training into it is refused."""
+        the lock of its output_dir throughout (`saving/output_lock.py`): a second run training into it is refused.
+        The model runs the attention capture's implementation (`sstoken_sdpa`, ...) only during the call and has
+        its own back after, also when training fails."""
         with run_locked(self.args, owner=self):
             resume_from_checkpoint = trainer_hooks.resolve_resume_checkpoint(self, resume_from_checkpoint)
             self._resumed_from = resume_from_checkpoint
@@ -327,8 +332,12 @@ class SSTokenTrainer(SFTTrainer):
                 check_resume(self._engine, self.accelerator.unwrap_model(self.model))
             self._prepare_history_cache()
             self._prepare_reference()
+            # the attention capture's implementation for the whole run (gradient-checkpointing recomputes
+            # included), and the model's own back when it ends, however it ends
+            capture = self._attention.installed() if self._attention is not None else nullcontext()
             try:
-                return super().train(resume_from_checkpoint, *args, **kwargs)
+                with capture:
+                    return super().train(resume_from_checkpoint, *args, **kwargs)
             except TrainingDivergedError:
                 self._end_diverged_training()
                 raise

@@ -167,6 +167,11 @@ class AttentionCapture:
 
     It fires once per arming: under gradient checkpointing the layer runs again in the backward recompute, and that
     second call must neither recompute nor overwrite the statistic.
+
+    The capturing implementation is on the model only while installed: from construction until `remove()`, or for
+    the block of `installed()` / `armed()` (each installs it if it is not on already, and restores what was there
+    after, also on errors). `SSTokenTrainer` removes it right after building the capture and installs it for
+    `train()` and each armed forward, so the model leaves the trainer with the implementation it came with.
     """
 
     def __init__(self, model: torch.nn.Module, layer: int, chunk_size: int = 256, score: str = "context_mass"):
@@ -185,20 +190,57 @@ class AttentionCapture:
         self.num_computations = 0
         self._armed = None
         self._result = None
-        self._original_implementation = self.base_model.config._attn_implementation
-        self.base_model.set_attn_implementation(_register_capturing_implementation(self._original_implementation))
+        self._saved_implementations = None  # while installed: every config's implementation from before
+        self.install()
+
+    @property
+    def is_installed(self) -> bool:
+        return self._saved_implementations is not None
+
+    def install(self):
+        """Puts the capturing implementation of the model's current one on the model (a no-op while installed)."""
+        if self.is_installed:
+            return
+        saved = _attention_implementations(self.base_model)
+        self.base_model.set_attn_implementation(
+            _register_capturing_implementation(self.base_model.config._attn_implementation)
+        )
+        self._saved_implementations = saved
         setattr(self.module, CAPTURE_ATTRIBUTE, self)
 
+    def remove(self):
+        """Gives every config of the model back the attention implementation it had before `install` (a no-op when
+        not installed)."""
+        if getattr(self.module, CAPTURE_ATTRIBUTE, None) is self:
+            delattr(self.module, CAPTURE_ATTRIBUTE)
+        if self._saved_implementations is not None:
+            saved, self._saved_implementations = self._saved_implementations, None
+            for config, implementation in saved:
+                config._attn_implementation_internal = implementation
+
     @contextmanager
-    def armed(self, context, key_valid, sequence_ids=None, query_needed=None):
-        """Arms the capture for the forward run inside the block. context, key_valid: (B, T) bool; sequence_ids:
-        (B, T) long for packed or padding-free batches; query_needed: (B, T) bool, the queries to compute."""
-        self._armed = (context, key_valid, sequence_ids, query_needed)
-        self._result = None
+    def installed(self):
+        """The capturing implementation on the model for the block; afterwards the model has what it had before."""
+        was_installed = self.is_installed
+        self.install()
         try:
             yield self
         finally:
-            self._armed = None
+            if not was_installed:
+                self.remove()
+
+    @contextmanager
+    def armed(self, context, key_valid, sequence_ids=None, query_needed=None):
+        """Arms the capture for the forward run inside the block (installed for it if it is not). context,
+        key_valid: (B, T) bool; sequence_ids: (B, T) long for packed or padding-free batches; query_needed: (B, T)
+        bool, the queries to compute."""
+        with self.installed():
+            self._armed = (context, key_valid, sequence_ids, query_needed)
+            self._result = None
+            try:
+                yield self
+            finally:
+                self._armed = None
 
     def take(self) -> torch.Tensor:
         """The statistic of the last armed forward, (B, T) float32; it can be taken once."""
@@ -235,12 +277,6 @@ class AttentionCapture:
             )
         self.num_computations += 1
 
-    def remove(self):
-        """Restores the model's original attention implementation."""
-        if getattr(self.module, CAPTURE_ATTRIBUTE, None) is self:
-            delattr(self.module, CAPTURE_ATTRIBUTE)
-        self.base_model.set_attn_implementation(self._original_implementation)
-
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The causal self-attention modules of the model, in depth order: those the capture can see.
@@ -275,6 +311,22 @@ def _calls_attention_interface(module_class: type) -> bool:
     except (OSError, TypeError):  # no source available (compiled or dynamically created)
         return False
     return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def _attention_implementations(model: PreTrainedModel) -> list[tuple]:
+    """(config, implementation) for every config whose implementation `set_attn_implementation` may change: each
+    submodel's config and, at any depth, their sub-configs (a multimodal model's text and vision configs). Restoring
+    these values exactly gives back mixed implementations too, which setting one name again would not."""
+    found, pending = {}, [module.config for module in model.modules() if isinstance(module, PreTrainedModel)]
+    while pending:
+        config = pending.pop()
+        if id(config) in found:
+            continue
+        found[id(config)] = (config, config._attn_implementation_internal)
+        pending.extend(
+            sub for key in getattr(config, "sub_configs", {}) if (sub := getattr(config, key, None)) is not None
+        )
+    return list(found.values())
 
 
 def _underlying_pretrained_model(model: torch.nn.Module) -> PreTrainedModel:
