@@ -11,6 +11,9 @@ from trl_sstoken import SSTokenTrainer
 from trl_sstoken.tiny import build_tiny_model
 
 
+pytestmark = pytest.mark.trainer  # each test trains a tiny model
+
+
 def implementations(model):
     """The attention implementation of every config in the model (PEFT's `model.config` is the base model's)."""
     found = {"model.config": model.config._attn_implementation}
