@@ -19,6 +19,7 @@ from .selection.methods import BUILTIN_METHODS, METHODS, selection_method_help
 
 SELECTION_METHODS = BUILTIN_METHODS  # the shipped methods; validation reads the live registry (METHODS)
 LOSS_NORMALIZATIONS = ("selected", "sequence", "all")
+SELECTION_POSITIONS = ("paper", "balanced")
 
 # Every ssToken field's metadata says, besides its `help`:
 # - `group`: its documentation group, a heading of the class docstring and of the configuration reference
@@ -75,6 +76,16 @@ class SSTokenConfig(SFTConfig):
             Fraction of each sequence's response tokens that is trained on: `ceil(selection_ratio * n)` per sequence.
         selection_gamma (`float`, *optional*, defaults to `0.5`):
             Weight of the min-max normalised REL in the `"sstoken"` score; the attention score gets `1 - gamma`.
+        selection_positions (`str`, *optional*, defaults to `"paper"`):
+            How each sequence's top-k is taken. `"paper"`: one top-k over the whole response (the paper's);
+            `"balanced"`: the same k, taken as quotas from `selection_position_buckets` contiguous relative-position
+            buckets of the sequence's response tokens (largest-remainder quotas proportional to the bucket sizes), so
+            the kept fraction is flat along the response and the score chooses within each bucket. For every method
+            that ranks a top-k (`sstoken`, `rel`, `attention`, `random`; `rho1` with buckets pooled over the
+            micro-batch); refused for `full`, `dft` and `profit`. See docs/method.md, "Position-balanced selection".
+        selection_position_buckets (`int`, *optional*, defaults to `10`):
+            Number of relative-position buckets of `selection_positions="balanced"` (tenths by default). 1 is the
+            paper's top-k exactly; a response shorter than this has buckets of one token and empty ones.
         attention_layer (`int`, *optional*, defaults to `-1`):
             Attention layer whose attention to the context is measured, counting only the layers that have
             attention (hybrid models interleave them with Mamba layers). Negative values count from the end: -1 is
@@ -176,6 +187,29 @@ class SSTokenConfig(SFTConfig):
         default=0.5,
         metadata={
             "help": "Weight of the min-max normalised REL in the 'sstoken' score; attention gets 1 - gamma. In [0, 1].",
+            "group": GROUP_SELECTION,
+            "resume": RESUME_MUST_MATCH,
+        },
+    )
+    selection_positions: str = field(
+        default="paper",
+        metadata={
+            "help": "How each sequence's top-k is taken: 'paper' (one top-k over the whole response) or 'balanced' "
+            "(the same k as quotas from selection_position_buckets contiguous relative-position buckets of the "
+            "response, proportional to their sizes, so the kept fraction is flat along the response while the score "
+            "chooses within each bucket). For sstoken, rel, attention, random and rho1 (buckets pooled over the "
+            "micro-batch); not for full, dft or profit.",
+            "choices": list(SELECTION_POSITIONS),
+            "group": GROUP_SELECTION,
+            "resume": RESUME_MUST_MATCH,
+        },
+    )
+    selection_position_buckets: int = field(
+        default=10,
+        metadata={
+            "help": "Relative-position buckets of selection_positions='balanced' (10: tenths of the response). Each "
+            "bucket's quota is within one token of proportional; a response with fewer tokens than buckets has "
+            "buckets of one token and empty ones, and still keeps exactly k; 1 is the paper's top-k. At least 1.",
             "group": GROUP_SELECTION,
             "resume": RESUME_MUST_MATCH,
         },
@@ -387,6 +421,8 @@ class SSTokenConfig(SFTConfig):
         _check_choice("history", self.history, HISTORY_MODES)
         _check_choice("attention_score", self.attention_score, ATTENTION_SCORES)
         _check_choice("selection_loss_normalization", self.selection_loss_normalization, LOSS_NORMALIZATIONS)
+        _check_choice("selection_positions", self.selection_positions, SELECTION_POSITIONS)
+        _check_integer("selection_position_buckets", self.selection_position_buckets, minimum=1)
         _check_number("selection_ratio", self.selection_ratio, "in (0, 1]", lambda v: 0 < v <= 1)
         _check_number("selection_gamma", self.selection_gamma, "in [0, 1]", lambda v: 0 <= v <= 1)
         _check_number("attention_warmup_ratio", self.attention_warmup_ratio, "in [0, 1]", lambda v: 0 <= v <= 1)
@@ -396,6 +432,13 @@ class SSTokenConfig(SFTConfig):
         _check_integer("attention_layer", self.attention_layer, minimum=None)
         _check_number("profit_threshold", self.profit_threshold, "in (0, 1)", lambda v: 0 < v < 1)
         method = METHODS[self.selection_method]
+        if self.selection_positions == "balanced" and not method.balances_positions:
+            raise ValueError(
+                f"selection_positions='balanced' balances a top-k by response position, but "
+                f"selection_method={self.selection_method!r} takes no top-k (it keeps every response token, or a "
+                "number known only after the forward). Use selection_positions='paper' with this method, or one of "
+                f"{', '.join(repr(name) for name, m in METHODS.items() if m.balances_positions)}."
+            )
         self._validate_reference_dataset(method)
         references = [self.reference_model, self.reference_adapter, self.reference_dataset]
         if method.needs_reference and sum(value is not None for value in references) != 1:

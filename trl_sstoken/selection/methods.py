@@ -22,6 +22,8 @@ import torch
 from ..markdown_escape import markdown_code
 from .regions import Regions
 from .scoring import (
+    balanced_top_k_per_batch,
+    balanced_top_k_per_row,
     combine_scores,
     num_to_keep,
     probability_weights,
@@ -88,11 +90,15 @@ class SelectionMethod:
     needs_reference: ClassVar[bool] = False  # a reference model or adapter (rho1)
     draws_at_random: ClassVar[bool] = False
     kept_count_known: ClassVar[bool] = True  # kept count follows from labels: `selected` normalisation works
+    balances_positions: ClassVar[bool] = False  # ranks a top-k that `selection_positions="balanced"` can balance
     gamma: ClassVar[float | None] = None  # fixed REL weight of a scored method; None: `selection_gamma`
 
     def __init__(self, args):
         self.args = args
         self.ratio = args.selection_ratio
+        # Buckets of the position-balanced top-k; None: the paper's top-k over the whole response
+        balanced = getattr(args, "selection_positions", "paper") == "balanced"
+        self.position_buckets = getattr(args, "selection_position_buckets", 10) if balanced else None
 
     def plan(self, regions: Regions, in_warmup: bool, attention_available: bool) -> StepPlan:
         return StepPlan(None, needs_history=False, needs_attention=False, needs_reference=self.needs_reference)
@@ -114,9 +120,25 @@ class SelectionMethod:
         (completes "each training step trained on ..."). The default restates `description`."""
         return f"the tokens the `{self.name}` method selects: {self.description}"
 
+    def describe_positions(self) -> str:
+        """The model card's clause for `selection_positions='balanced'`; empty for the paper's top-k."""
+        if self.position_buckets is None:
+            return ""
+        return (
+            f", taken position-balanced (`selection_positions='balanced'`: quotas from {self.position_buckets} "
+            "relative-position buckets of each response)"
+        )
+
 
 METHODS: dict[str, type[SelectionMethod]] = {}
-_FLAGS = ("needs_history", "needs_attention", "needs_reference", "draws_at_random", "kept_count_known")
+_FLAGS = (
+    "needs_history",
+    "needs_attention",
+    "needs_reference",
+    "draws_at_random",
+    "kept_count_known",
+    "balances_positions",
+)
 
 
 def register(method: type[SelectionMethod]) -> type[SelectionMethod]:
@@ -155,8 +177,17 @@ def method_names() -> tuple[str, ...]:
 class PerSequenceTopK(SelectionMethod):
     """Keeps ceil(ratio * n) of each sequence's n response tokens."""
 
+    balances_positions = True
+
     def kept_count(self, regions: Regions) -> torch.Tensor:
         return num_to_keep(regions.sequence_response, self.ratio).sum()
+
+    def top_k(self, score: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
+        """The kept tokens of each sequence row (S, L): the paper's top-k, or its position-balanced variant."""
+        k = num_to_keep(response, self.ratio)
+        if self.position_buckets is None:
+            return top_k_per_row(score, response, k)
+        return balanced_top_k_per_row(score, response, k, self.position_buckets)
 
 
 class ScoredMethod(PerSequenceTopK):
@@ -205,7 +236,7 @@ class ScoredMethod(PerSequenceTopK):
             )
             if self.args.attention_warmup_ratio > 0:
                 text += f"; the first {self.args.attention_warmup_ratio:g} of the steps ranked by attention alone"
-        return text
+        return text + self.describe_positions()
 
     def select(self, signals: Signals, regions: Regions, plan: StepPlan):
         response = regions.sequence_response  # (S, L)
@@ -214,7 +245,7 @@ class ScoredMethod(PerSequenceTopK):
             for values in (signals.rel, signals.attention)
         )
         score = combine_scores(rel, attention, response, plan.gamma)  # (S, L)
-        keep = top_k_per_row(score, response, num_to_keep(response, self.ratio))
+        keep = self.top_k(score, response)
         return regions.to_predictions(keep, False), regions.to_predictions(score, 0.0)
 
 
@@ -255,11 +286,11 @@ class RandomSubset(PerSequenceTopK):
     draws_at_random = True
 
     def select(self, signals: Signals, regions: Regions, plan: StepPlan):
-        keep = select_random(regions.sequence_response, self.ratio, signals.generator)
+        keep = select_random(regions.sequence_response, self.ratio, signals.generator, self.position_buckets)
         return regions.to_predictions(keep, False), None
 
     def describe(self) -> str:
-        return f"a uniform random {self.ratio:g} of every response's tokens (a control: no score)"
+        return f"a uniform random {self.ratio:g} of every response's tokens (a control: no score){self.describe_positions()}"
 
 
 @register
@@ -282,12 +313,17 @@ class Rho1(SelectionMethod):
         "selection_ratio of the micro-batch's response tokens"
     )
     needs_reference = True
+    balances_positions = True  # per batch: quotas from relative-position buckets pooled over the sequences
 
     def kept_count(self, regions: Regions) -> torch.Tensor:  # top-k over the whole micro-batch
         return num_to_keep(regions.sequence_response.reshape(1, -1), self.ratio).sum()
 
     def select(self, signals: Signals, regions: Regions, plan: StepPlan):
-        return top_k_per_batch(signals.excess_loss, regions.response, self.ratio), None
+        if self.position_buckets is None:
+            return top_k_per_batch(signals.excess_loss, regions.response, self.ratio), None
+        scores = regions.to_sequences(signals.excess_loss.float(), 0.0)
+        keep = balanced_top_k_per_batch(scores, regions.sequence_response, self.ratio, self.position_buckets)
+        return regions.to_predictions(keep, False), None
 
     def describe(self) -> str:
         args = self.args
@@ -300,7 +336,7 @@ class Rho1(SelectionMethod):
         return (
             f"the top {self.ratio:g} of each micro-batch's response tokens, ranked by Rho-1's excess loss "
             f"`L_current - L_reference` against {reference}"
-        )
+        ) + self.describe_positions()
 
 
 @register

@@ -54,6 +54,12 @@ def top_k_per_row(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> 
     Ties go to the earlier position (stable sort). Non-finite scores (NaN, +inf, -inf alike) rank below every finite
     one, in position order, but stay eligible, so a row always keeps exactly min(k[b], n[b]) tokens.
     """
+    return (_rank_per_row(scores, mask) < k.unsqueeze(-1)) & mask
+
+
+def _rank_per_row(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each position's rank in its row, 0 = best, by `top_k_per_row`'s order (masked finite scores descending, ties
+    to the earlier position, then masked non-finite ones, then the positions off the mask), (B, T-1) long."""
     scores = scores.float()
     finite = torch.isfinite(scores)
     # Order by score (stable: ties keep position order), then stably by tier: finite masked, non-finite masked, off mask
@@ -61,8 +67,80 @@ def top_k_per_row(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> 
     tier = torch.where(mask, torch.where(finite, 2, 1), 0).gather(-1, order)
     order = order.gather(-1, torch.sort(tier, dim=-1, descending=True, stable=True).indices)
     positions = torch.arange(scores.size(-1), device=scores.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(-1, order, positions)
-    return (rank < k.unsqueeze(-1)) & mask
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+# ----- position-balanced selection (`selection_positions="balanced"`, docs/method.md) -----
+
+
+def position_buckets(mask: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """The relative-position bucket of each masked position, (B, T-1) long, -1 off the mask.
+
+    The i-th of a row's n masked positions (i = 0 .. n-1, in position order, gaps between response segments skipped)
+    lies in bucket floor(i * num_buckets / n): contiguous runs of the row's response tokens, of sizes floor(n / nb)
+    or ceil(n / nb). With n < num_buckets some buckets are empty and the others hold one token each.
+    """
+    rank = torch.cumsum(mask.long(), dim=-1) - 1
+    n = mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    return torch.where(mask, torch.div(rank * num_buckets, n, rounding_mode="floor"), -1)
+
+
+def bucket_sizes(buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """How many positions each row has in each bucket, (B, num_buckets) long (-1 counts nowhere)."""
+    one_hot = torch.nn.functional.one_hot(buckets.clamp(min=0), num_buckets) * (buckets >= 0).unsqueeze(-1)
+    return one_hot.sum(dim=-2)
+
+
+def bucket_quotas(sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Split each row's k into per-bucket quotas proportional to the bucket sizes, (B, nb) long.
+
+    Largest remainder (Hamilton): every bucket gets floor(k * size / n), and the k - sum of those tokens left over go,
+    one each, to the buckets with the largest fractional part (ties to the earlier bucket). So the quotas sum to
+    exactly k, each is within one token of proportional (floor or ceil of k * size / n), and none exceeds its bucket
+    (k <= n gives k * size / n <= size, and a full bucket has no fractional part). Exact integer arithmetic.
+    """
+    n = sizes.sum(dim=-1, keepdim=True)
+    k = torch.minimum(k.long().unsqueeze(-1), n)
+    share = k * sizes  # exact: the proportional quota is share / n
+    n_safe = n.clamp(min=1)
+    base = torch.div(share, n_safe, rounding_mode="floor")
+    remainder = share - base * n_safe  # fractional part times n
+    left_over = k - base.sum(dim=-1, keepdim=True)
+    order = torch.sort(remainder, dim=-1, descending=True, stable=True).indices
+    place = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(sizes.size(-1), device=sizes.device).expand_as(order)
+    )
+    return base + (place < left_over).long()
+
+
+def top_k_per_bucket(scores: torch.Tensor, buckets: torch.Tensor, quotas: torch.Tensor) -> torch.Tensor:
+    """Keep, in each row and bucket, the quota highest-scoring positions of that bucket, (B, T-1) bool.
+
+    The order inside a bucket is `top_k_per_row`'s (ties to the earlier position, non-finite scores last);
+    positions with bucket -1 are never kept.
+    """
+    mask = buckets >= 0
+    rank = _rank_per_row(scores, mask)
+    order = torch.argsort(rank, dim=-1)  # positions, best first (ranks are a permutation)
+    in_order = buckets.gather(-1, order)
+    one_hot = torch.nn.functional.one_hot(in_order.clamp(min=0), quotas.size(-1))
+    seen = torch.cumsum(one_hot, dim=-2).gather(-1, in_order.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    quota = quotas.gather(-1, in_order.clamp(min=0))
+    keep_in_order = (in_order >= 0) & (seen <= quota)
+    return torch.empty_like(keep_in_order).scatter_(-1, order, keep_in_order)
+
+
+def balanced_top_k_per_row(
+    scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, num_buckets: int
+) -> torch.BoolTensor:
+    """Position-balanced top-k: the same min(k[b], n[b]) tokens per row as `top_k_per_row`, taken as quotas from
+    `num_buckets` contiguous relative-position buckets of the row's masked positions (`position_buckets`,
+    `bucket_quotas`), so the kept fraction is flat along the response while the score chooses within each bucket.
+
+    With one bucket it is `top_k_per_row` exactly.
+    """
+    buckets = position_buckets(mask, num_buckets)
+    return top_k_per_bucket(scores, buckets, bucket_quotas(bucket_sizes(buckets, num_buckets), k))
 
 
 def combine_scores(
@@ -111,10 +189,16 @@ def select_tokens(
     return top_k_per_row(scores, response_mask, num_to_keep(response_mask, ratio))
 
 
-def select_random(response_mask: torch.Tensor, ratio: float, generator: torch.Generator) -> torch.BoolTensor:
-    """The `random` baseline: ceil(ratio * n) response tokens per row, uniformly, from `generator`."""
-    noise = torch.rand(response_mask.shape, generator=generator, device=generator.device)
-    return top_k_per_row(noise.to(response_mask.device), response_mask, num_to_keep(response_mask, ratio))
+def select_random(
+    response_mask: torch.Tensor, ratio: float, generator: torch.Generator, num_buckets: int | None = None
+) -> torch.BoolTensor:
+    """The `random` baseline: ceil(ratio * n) response tokens per row, uniformly, from `generator`; with
+    `num_buckets`, stratified by relative position (`balanced_top_k_per_row`)."""
+    noise = torch.rand(response_mask.shape, generator=generator, device=generator.device).to(response_mask.device)
+    k = num_to_keep(response_mask, ratio)
+    if num_buckets is None:
+        return top_k_per_row(noise, response_mask, k)
+    return balanced_top_k_per_row(noise, response_mask, k, num_buckets)
 
 
 # ----- baselines -----
@@ -129,6 +213,20 @@ def excess_loss(current_logps: torch.Tensor, reference_logps: torch.Tensor) -> t
 def top_k_per_batch(scores: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.BoolTensor:
     """Rho-1's selection: the top ceil(ratio * n) masked positions of the whole batch, not of each row."""
     keep = top_k_per_row(scores.reshape(1, -1), mask.reshape(1, -1), num_to_keep(mask.reshape(1, -1), ratio))
+    return keep.reshape(mask.shape)
+
+
+def balanced_top_k_per_batch(
+    scores: torch.Tensor, mask: torch.Tensor, ratio: float, num_buckets: int
+) -> torch.BoolTensor:
+    """Rho-1's selection, position-balanced: the same ceil(ratio * n) tokens of the whole batch, taken as quotas from
+    relative-position buckets pooled over the rows (bucket b of the batch is bucket b of every row), so sequences
+    still compete for the batch's budget while the kept fraction is flat along the response. One row per sequence:
+    (S, L) from `Regions.to_sequences`. With one bucket it is `top_k_per_batch` exactly.
+    """
+    buckets = position_buckets(mask, num_buckets).reshape(1, -1)
+    k = num_to_keep(mask.reshape(1, -1), ratio)
+    keep = top_k_per_bucket(scores.reshape(1, -1), buckets, bucket_quotas(bucket_sizes(buckets, num_buckets), k))
     return keep.reshape(mask.shape)
 
 
