@@ -113,27 +113,66 @@ def test_one_bucket_is_the_papers_top_k_exactly(data):
 @SETTINGS
 @given(data=rows())
 def test_within_a_bucket_the_kept_tokens_are_its_best_scores(data):
-    """In each bucket the kept tokens are exactly `top_k_per_row` of that bucket alone with the bucket's quota (its
-    order: value, ties to the earlier position, non-finite last), and every bucket keeps its quota."""
+    """Each bucket keeps a count within one token of its proportional share (the counts sum to k), and the kept
+    tokens of a bucket are exactly `top_k_per_row` of that bucket alone with that count (its order: value, ties to
+    the earlier position, non-finite last)."""
     scores, mask, k, num_buckets = data
     keep = balanced_top_k_per_row(scores, mask, k, num_buckets)
     buckets = position_buckets(mask, num_buckets)
-    quotas = bucket_quotas(bucket_sizes(buckets, num_buckets), k)
+    sizes = bucket_sizes(buckets, num_buckets)
+    counts = bucket_sizes(torch.where(keep, buckets, -1), num_buckets)
+    n = sizes.sum(-1, keepdim=True)
+    kb = torch.minimum(k.unsqueeze(-1), n)
+    floor = torch.div(kb * sizes, n.clamp(min=1), rounding_mode="floor")
+    assert ((counts == floor) | (counts == floor + 1)).all() and (counts <= sizes).all()
+    assert torch.equal(counts.sum(-1), kb.squeeze(-1))
     for bucket in range(num_buckets):
         in_bucket = buckets == bucket
-        alone = top_k_per_row(scores, in_bucket, quotas[:, bucket])
-        assert torch.equal(keep & in_bucket, alone)
+        assert torch.equal(keep & in_bucket, top_k_per_row(scores, in_bucket, counts[:, bucket]))
+
+
+@SETTINGS
+@given(data=rows(max_length=12))
+def test_rows_no_longer_than_the_bucket_count_are_the_papers_top_k(data):
+    """With at most one token per bucket every remainder ties, and the leftover tokens go by score: the paper's
+    top-k. A short response is not forced onto its first tokens."""
+    scores, mask, k, _ = data
+    assert torch.equal(balanced_top_k_per_row(scores, mask, k, 12), top_k_per_row(scores, mask, k))
+
+
+@SETTINGS
+@given(data=rows())
+def test_leftover_tokens_go_by_largest_remainder(data):
+    """A bucket whose fractional part is larger never misses a leftover token that a bucket whose fractional part
+    is smaller gets (ties are broken by the score of each bucket's next token)."""
+    scores, mask, k, num_buckets = data
+    keep = balanced_top_k_per_row(scores, mask, k, num_buckets)
+    buckets = position_buckets(mask, num_buckets)
+    sizes = bucket_sizes(buckets, num_buckets)
+    counts = bucket_sizes(torch.where(keep, buckets, -1), num_buckets)
+    n = sizes.sum(-1, keepdim=True).clamp(min=1)
+    share = torch.minimum(k.unsqueeze(-1), sizes.sum(-1, keepdim=True)) * sizes
+    floor = torch.div(share, n, rounding_mode="floor")
+    remainder = share - floor * n
+    extra = counts > floor
+    for b in range(mask.size(0)):
+        got = [int(r) for r, e in zip(remainder[b], extra[b], strict=True) if e]
+        missed = [int(r) for r, e in zip(remainder[b], extra[b], strict=True) if not e]
+        if got and missed:
+            assert min(got) >= max(missed)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 9, 10, 11])
 def test_short_responses_keep_k_with_buckets_of_one_token(n):
-    """Fewer response tokens than buckets: the buckets hold one token or none, the k tokens are spread as evenly as
-    the quotas allow, and k is unchanged."""
+    """Fewer response tokens than buckets: the buckets hold one token or none, k is unchanged, and the score
+    chooses the k (the paper's top-k)."""
     mask = torch.ones(1, n, dtype=torch.bool)
     scores = torch.linspace(1.0, 0.0, n).unsqueeze(0)  # the paper's top-k would keep the first k
     k = num_to_keep(mask, 0.5)
     keep = balanced_top_k_per_row(scores, mask, k, 10)
     assert int(keep.sum()) == int(k)
+    if n <= 10:  # one token per bucket at most: the score decides, as in the paper's top-k
+        assert torch.equal(keep, top_k_per_row(scores, mask, k))
     buckets = position_buckets(mask, 10)
     sizes = bucket_sizes(buckets, 10)
     assert int(sizes.max()) <= (1 if n <= 10 else 2) and int(sizes.sum()) == n
@@ -162,10 +201,11 @@ def test_multi_turn_gaps_bucket_the_sequences_response_tokens_in_order():
     assert int(keep.sum()) == 10
     sizes = bucket_sizes(position_buckets(mask, 4), 4)[0].tolist()
     assert sizes == [5, 5, 5, 5]
-    # 2.5 tokens per bucket: equal remainders, so the two left over go to the earlier buckets
-    assert [int(response_kept[5 * t : 5 * t + 5].sum()) for t in range(4)] == [3, 3, 2, 2]
-    # the score (late is better) still chooses inside each bucket; the paper's top-k keeps the second turn only
-    assert response_kept.tolist()[:5] == [False, False, True, True, True]
+    # 2.5 tokens per bucket: equal remainders, so the two left over go to the buckets whose third-best token scores
+    # best (the late ones, since the score favours late tokens)
+    assert [int(response_kept[5 * t : 5 * t + 5].sum()) for t in range(4)] == [2, 2, 3, 3]
+    # the score still chooses inside each bucket; the paper's top-k keeps the second turn only
+    assert response_kept.tolist()[:5] == [False, False, False, True, True]
     assert int(top_k_per_row(scores, mask, num_to_keep(mask, 0.5))[0, :12].sum()) == 0
 
 
@@ -283,5 +323,7 @@ def test_padding_free_balances_each_sequence_like_padded(make_trainer, method):
     assert torch.equal(selections["padding_free"], selections["padded"])
     kept = selections["padded"]
     assert torch.equal(kept.sum(-1), num_to_keep(response, trainer.args.selection_ratio))
-    quotas = bucket_quotas(bucket_sizes(position_buckets(response, 3), 3), kept.sum(-1))
-    assert torch.equal(bucket_sizes(torch.where(kept, position_buckets(response, 3), -1), 3), quotas)
+    sizes = bucket_sizes(position_buckets(response, 3), 3)
+    counts = bucket_sizes(torch.where(kept, position_buckets(response, 3), -1), 3)
+    proportional = kept.sum(-1, keepdim=True) * sizes / response.sum(-1, keepdim=True).clamp(min=1)
+    assert ((counts - proportional).abs() < 1).all()

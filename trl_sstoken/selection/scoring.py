@@ -91,13 +91,14 @@ def bucket_sizes(buckets: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return one_hot.sum(dim=-2)
 
 
-def bucket_quotas(sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def bucket_quotas(sizes: torch.Tensor, k: torch.Tensor, tie_order: torch.Tensor | None = None) -> torch.Tensor:
     """Split each row's k into per-bucket quotas proportional to the bucket sizes, (B, nb) long.
 
     Largest remainder (Hamilton): every bucket gets floor(k * size / n), and the k - sum of those tokens left over go,
-    one each, to the buckets with the largest fractional part (ties to the earlier bucket). So the quotas sum to
-    exactly k, each is within one token of proportional (floor or ceil of k * size / n), and none exceeds its bucket
-    (k <= n gives k * size / n <= size, and a full bucket has no fractional part). Exact integer arithmetic.
+    one each, to the buckets with the largest fractional part; among equal fractional parts to the lowest
+    `tie_order` (B, nb) (default: the earlier bucket). So the quotas sum to exactly k, each is within one token of
+    proportional (floor or ceil of k * size / n), and none exceeds its bucket (k <= n gives k * size / n <= size, and a
+    full bucket has no fractional part). Exact integer arithmetic.
     """
     n = sizes.sum(dim=-1, keepdim=True)
     k = torch.minimum(k.long().unsqueeze(-1), n)
@@ -106,41 +107,50 @@ def bucket_quotas(sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     base = torch.div(share, n_safe, rounding_mode="floor")
     remainder = share - base * n_safe  # fractional part times n
     left_over = k - base.sum(dim=-1, keepdim=True)
-    order = torch.sort(remainder, dim=-1, descending=True, stable=True).indices
-    place = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(sizes.size(-1), device=sizes.device).expand_as(order)
-    )
+    order = torch.arange(sizes.size(-1), device=sizes.device).expand_as(sizes)
+    if tie_order is not None:
+        order = torch.sort(tie_order, dim=-1, stable=True).indices
+    order = order.gather(-1, torch.sort(remainder.gather(-1, order), dim=-1, descending=True, stable=True).indices)
+    positions = torch.arange(sizes.size(-1), device=sizes.device).expand_as(order)
+    place = torch.empty_like(order).scatter_(-1, order, positions)
     return base + (place < left_over).long()
-
-
-def top_k_per_bucket(scores: torch.Tensor, buckets: torch.Tensor, quotas: torch.Tensor) -> torch.Tensor:
-    """Keep, in each row and bucket, the quota highest-scoring positions of that bucket, (B, T-1) bool.
-
-    The order inside a bucket is `top_k_per_row`'s (ties to the earlier position, non-finite scores last);
-    positions with bucket -1 are never kept.
-    """
-    mask = buckets >= 0
-    rank = _rank_per_row(scores, mask)
-    order = torch.argsort(rank, dim=-1)  # positions, best first (ranks are a permutation)
-    in_order = buckets.gather(-1, order)
-    one_hot = torch.nn.functional.one_hot(in_order.clamp(min=0), quotas.size(-1))
-    seen = torch.cumsum(one_hot, dim=-2).gather(-1, in_order.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    quota = quotas.gather(-1, in_order.clamp(min=0))
-    keep_in_order = (in_order >= 0) & (seen <= quota)
-    return torch.empty_like(keep_in_order).scatter_(-1, order, keep_in_order)
 
 
 def balanced_top_k_per_row(
     scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, num_buckets: int
 ) -> torch.BoolTensor:
     """Position-balanced top-k: the same min(k[b], n[b]) tokens per row as `top_k_per_row`, taken as quotas from
-    `num_buckets` contiguous relative-position buckets of the row's masked positions (`position_buckets`,
-    `bucket_quotas`), so the kept fraction is flat along the response while the score chooses within each bucket.
+    `num_buckets` contiguous relative-position buckets of the row's masked positions (`position_buckets`), so the
+    kept fraction is flat along the response while the score chooses within each bucket.
 
-    With one bucket it is `top_k_per_row` exactly.
+    A bucket keeps its best tokens by `top_k_per_row`'s order. Its quota is `bucket_quotas`' largest remainder, the
+    tokens left over going, among buckets with equal fractional parts, to the bucket whose next token scores best, so
+    the score also decides what rounding leaves open. With one bucket, and for rows with no more masked positions
+    than buckets (every bucket holds one token or none, all remainders tie), it is `top_k_per_row` exactly.
     """
-    buckets = position_buckets(mask, num_buckets)
-    return top_k_per_bucket(scores, buckets, bucket_quotas(bucket_sizes(buckets, num_buckets), k))
+    return _top_k_in_buckets(scores, position_buckets(mask, num_buckets), k, num_buckets)
+
+
+def _top_k_in_buckets(scores: torch.Tensor, buckets: torch.Tensor, k: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """`balanced_top_k_per_row` on given buckets (B, T-1), -1 off the mask (rho1 passes buckets pooled in one row)."""
+    mask = buckets >= 0
+    bucket = buckets.clamp(min=0)
+    rank = _rank_per_row(scores, mask)  # the row's order
+    order = torch.argsort(rank, dim=-1)  # positions, best first (the ranks are a permutation)
+    in_order = bucket.gather(-1, order)
+    one_hot = torch.nn.functional.one_hot(in_order, num_buckets) * mask.gather(-1, order).unsqueeze(-1)
+    within = torch.empty_like(order).scatter_(-1, order, (torch.cumsum(one_hot, dim=-2) * one_hot).sum(-1) - 1)
+    sizes = one_hot.sum(dim=-2)
+    # Each bucket's next candidate beyond its floor quota, by its rank in the row: the leftover tokens' tie-break
+    n = sizes.sum(dim=-1, keepdim=True).clamp(min=1)
+    floor = torch.div(torch.minimum(k.long().unsqueeze(-1), n) * sizes, n, rounding_mode="floor")
+    candidate = mask & (within == floor.gather(-1, bucket))
+    missing = rank.size(-1)  # a bucket without a candidate (full) has no remainder either
+    candidate_rank = torch.full_like(sizes, missing).scatter_reduce(
+        -1, bucket, torch.where(candidate, rank, missing), reduce="amin"
+    )
+    quotas = bucket_quotas(sizes, k, tie_order=candidate_rank)
+    return mask & (within < quotas.gather(-1, bucket))
 
 
 def combine_scores(
@@ -226,8 +236,7 @@ def balanced_top_k_per_batch(
     """
     buckets = position_buckets(mask, num_buckets).reshape(1, -1)
     k = num_to_keep(mask.reshape(1, -1), ratio)
-    keep = top_k_per_bucket(scores.reshape(1, -1), buckets, bucket_quotas(bucket_sizes(buckets, num_buckets), k))
-    return keep.reshape(mask.shape)
+    return _top_k_in_buckets(scores.reshape(1, -1), buckets, k, num_buckets).reshape(mask.shape)
 
 
 def select_by_probability(current_logps: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.BoolTensor:
