@@ -151,6 +151,8 @@ CHANGED = {
     "selection_method": "rel",
     "selection_ratio": 0.5,
     "selection_gamma": 0.25,
+    "selection_positions": "balanced",
+    "selection_position_buckets": 4,
     "attention_layer": 0,
     "attention_score": "sink_free",
     "attention_warmup_ratio": 0.1,
