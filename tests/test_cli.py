@@ -138,6 +138,11 @@ def test_train_accepts_dataset_mixtures_from_the_yaml(tmp_path, tiny_model_dir, 
         (["--model_name_or_path", "./no/such/model"], ["--model_name_or_path './no/such/model'", "no such folder"]),
         (["--selection_method", "rho1"], ["selection_method='rho1' needs exactly one reference", "--reference_model"]),
         (["--attention_chunk_size", "0"], ["attention_chunk_size=0", ">= 1", "flags: --attention_chunk_size"]),
+        (
+            ["--selection_positions", "balanced", "--selection_method", "full"],
+            ["selection_positions='balanced'", "selection_method='full'", "'sstoken'"],
+        ),
+        (["--selection_position_buckets", "0"], ["selection_position_buckets=0", ">= 1"]),
         (["--max_length", "-5"], ["max_length=-5", ">= 1", "--max_length"]),  # was accepted, sequences cut
         (["--gradient_accumulation_steps", "0"], ["gradient_accumulation_steps=0", ">= 1"]),  # ZeroDivisionError
         (["--seed", "-1"], ["seed=-1", "[0, 4294967295]", "--seed"]),  # numpy's error, naming no flag
