@@ -21,7 +21,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from trl_sstoken import SSTokenConfig
 from trl_sstoken.data.collator import SelectionCollator
-from trl_sstoken.selection.methods import METHODS
+from trl_sstoken.selection.methods import METHODS, Signals
+from trl_sstoken.selection.regions import regions_from_batch
 from trl_sstoken.selection.scoring import (
     balanced_top_k_per_batch,
     balanced_top_k_per_row,
@@ -327,3 +328,31 @@ def test_padding_free_balances_each_sequence_like_padded(make_trainer, method):
     counts = bucket_sizes(torch.where(kept, position_buckets(response, 3), -1), 3)
     proportional = kept.sum(-1, keepdim=True) * sizes / response.sum(-1, keepdim=True).clamp(min=1)
     assert ((counts - proportional).abs() < 1).all()
+
+
+def test_rho1_balances_per_batch_with_pooled_buckets(tmp_path):
+    """rho1 stays a per-batch top-k: the batch's k, with quotas from each relative-position bucket pooled over the
+    sequences; an excess loss that favours the start of every response no longer keeps only the starts."""
+    labels = torch.full((3, 13), -100)
+    labels[0, 3:13] = 1  # responses of 10, 6 and 8 tokens after a prompt
+    labels[1, 2:8] = 1
+    labels[2, 5:13] = 1
+    attention_mask = torch.ones_like(labels)
+    attention_mask[1, 8:] = 0
+    regions = regions_from_batch({"labels": labels, "attention_mask": attention_mask})
+    excess = -torch.arange(12, dtype=torch.float32).expand(3, 12).clone()  # early tokens score best
+    signals = Signals(current_logps=torch.zeros(3, 12), excess_loss=excess)
+    kept = {}
+    for positions in ("paper", "balanced"):
+        config = make(tmp_path, selection_method="rho1", reference_model="some/model", selection_positions=positions)
+        method = METHODS["rho1"](config)
+        keep, _ = method.select(signals, regions, method.plan(regions, False, True))
+        kept[positions] = regions.to_sequences(keep, False)
+        assert int(keep.sum()) == int(method.kept_count(regions))
+    response = regions.sequence_response
+    late = torch.where(response, position_buckets(response, 10), -1) >= 5  # the second half of every response
+    assert int((kept["paper"] & late).sum()) < int((kept["balanced"] & late).sum())
+    counts = bucket_sizes(torch.where(kept["balanced"], position_buckets(response, 10), -1), 10).sum(0)
+    pooled = bucket_sizes(position_buckets(response, 10), 10).sum(0)
+    k = int(kept["balanced"].sum())
+    assert ((counts - k * pooled / pooled.sum()).abs() < 1).all()
