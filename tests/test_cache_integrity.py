@@ -51,9 +51,12 @@ def test_an_existing_cache_in_a_read_only_dir_is_used(make_trainer, tmp_path, mo
     first = make_trainer(history_cache_dir=str(tmp_path / "cache"), selection_method="rel", max_steps=1)
     first.train()
     real_open = os.open
+    cache_dir = str(tmp_path / "cache")
 
+    # `cache.os` is the `os` module itself: refuse creating files in the cache folder only, as a read-only folder
+    # would (the output_dir's lock file is created elsewhere through the same function)
     def refusing_open(path, flags, *args, **kwargs):
-        if flags & os.O_CREAT:
+        if flags & os.O_CREAT and os.path.abspath(os.fspath(path)).startswith(cache_dir + os.sep):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args, **kwargs)
 
