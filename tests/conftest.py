@@ -48,7 +48,8 @@ FILE_TIERS = {
         "test_resume_qlora", "test_temporary_files", "test_trust",
     ),
     "real_model": ("test_quality_real", "test_real_model_demo", "test_real_models"),
-    "benchmark": ("test_defaults_rule", "test_gpu_check", "test_perf_benchmark", "test_quality_benchmark"),
+    "benchmark": ("test_defaults_rule", "test_gpu_check", "test_perf_benchmark", "test_quality_benchmark",
+                  "test_quality_calibration"),
     "distributed": ("test_distributed",),
 }  # fmt: skip
 _TIER_OF_FILE = {name: tier for tier, names in FILE_TIERS.items() for name in names}

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from trl_sstoken.compare.stats import mean_std  # noqa: E402  (shared with `trl-sstoken compare`)
 
-from . import base_model, data, evaluate, methods, noise, tasks  # noqa: E402
+from . import base_model, calibration, data, evaluate, methods, noise, tasks  # noqa: E402
 from .scales import SCALES  # noqa: E402
 
 
@@ -74,6 +74,12 @@ def parse_args(argv=None):
     parser.add_argument("--cache-dir", default=str(REPO_ROOT / "benchmarks" / ".cache"), help="base models, refs")
     parser.add_argument("--output", help="results JSON (default: benchmarks/results/quality-<scale>.json)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument(
+        "--calibration-dir",
+        default=str(calibration.DEFAULT_DIR),
+        help="where a budget scale (real-cpu-100, real-cpu-300) reads its calibrated learning rate "
+        "(lr-<scale>-<model>.json, written by python -m benchmarks.quality.calibrate)",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -222,6 +228,7 @@ def _run_job(job: dict) -> dict:
     from .sft import train_and_evaluate
 
     torch.set_num_threads(_WORKER["threads"])
+    scale = {**_WORKER["scale"], **job.get("scale_overrides", {})}  # the calibration's candidate learning rate
     overrides = dict(job["overrides"])
     if overrides.get("reference_dataset") == methods.REFERENCE_DATA:  # rho1 trains its reference on the clean subset
         overrides["reference_dataset"] = _WORKER["datasets"]["reference"]
@@ -232,7 +239,7 @@ def _run_job(job: dict) -> dict:
                 _WORKER["tokenizer"],
                 _WORKER["datasets"][job["data"]],
                 _WORKER["splits"].eval,
-                _WORKER["scale"],
+                scale,
                 overrides,
                 job["seed"],
                 output_dir,
@@ -422,17 +429,24 @@ def main(argv=None):
         key, _, value = item.partition("=")
         if key not in scale or key == "seeds":
             raise SystemExit(f"--set {item}: unknown scale key {key!r}; known: {sorted(set(scale) - {'seeds'})}")
-        scale[key] = type(scale[key])(float(value)) if isinstance(scale[key], (int, float)) else value
+        numeric = isinstance(scale[key], (int, float)) or scale[key] is None  # None: a budget scale's sft_lr
+        scale[key] = (float(value) if scale[key] is None else type(scale[key])(float(value))) if numeric else value
     seeds = args.seeds if args.seeds else scale["seeds"]
     real = args.model != "lab"
+    method_table = methods.REAL_METHODS if real else methods.METHODS
+    chosen_methods = args.methods or list(scale.get("methods") or method_table)
+    lr_calibration = None
+    if real:  # before anything is loaded: a budget scale refuses compared methods until its lr is calibrated
+        lr_set = any(item.partition("=")[0] == "sft_lr" for item in args.overrides)
+        scale["sft_lr"], lr_calibration = calibration.lr_for_run(
+            args.scale, scale, args.model, chosen_methods, lr_set, Path(args.calibration_dir)
+        )
     if real:
         from tools.real_models import real_model_path
         from transformers import AutoConfig
 
         scale["model"] = args.model
         scale["num_layers"] = AutoConfig.from_pretrained(real_model_path(args.model)).num_hidden_layers
-    method_table = methods.REAL_METHODS if real else methods.METHODS
-    chosen_methods = args.methods or list(scale.get("methods") or method_table)
     torch.set_num_threads(max(1, args.workers * args.threads_per_run))
     scale_name = (f"{args.scale}-{args.model}" if real else args.scale) + ("-ablations" if args.only_ablations else "")
     output = Path(args.output) if args.output else REPO_ROOT / "benchmarks" / "results" / f"quality-{scale_name}.json"
@@ -470,6 +484,7 @@ def main(argv=None):
         "scale_name": scale_name,
         "scale": scale,
         "scale_overrides": args.overrides,
+        **({"lr_calibration": lr_calibration} if lr_calibration is not None else {}),
         "seeds": seeds,
         "design": design(real),
         "data": {

@@ -5,6 +5,27 @@
 - `gpu`: a bigger model, more data and more steps, for one GPU (pass `--device cuda`).
 
 Within a scale, every method and ablation uses the same LoRA, steps, batch size and learning rate.
+
+Real-model budget scales (issue 27): `real-cpu-100` and `real-cpu-300` are `real-cpu` (24 steps) trained for 100 and
+300 steps of batch 8, i.e. 2 and 6 epochs over the 400 training prompts (`real-cpu` is under half an epoch). Named by
+their step count, the number they change (an epoch count would stop being true under `--set train_per_family=...`);
+their results go to `quality-real-cpu-100-<model>.json` and `quality-real-cpu-300-<model>.json`, beside the 24-step
+`quality-real-cpu-<model>.json`. What a budget moves, and what it must not:
+
+- moves: `sft_steps`; the learning rate, which each budget takes from a calibration of full SFT per model
+  (`sft_lr=None`: benchmarks/quality/calibration.py reads `results/calibration/lr-<scale>-<model>.json`, and the
+  harness refuses compared methods until that holds a final choice; `lr_candidates` is the grid written down before
+  calibrating); and the rho1 reference's `reference_steps`, kept at the design's 2/3 of the run's steps (16 of 24;
+  67 of 100; 200 of 300): the package trains the reference at the run's learning rate and schedule, so at a
+  smaller calibrated lr a fixed 16 steps would leave the reference near the base model, and rho1 would be judged on
+  a weaker reference for a reason that is not its method;
+- moves by itself, being a fraction or derived from the steps: the warm-up (3%), the attention warm-up (20%), the
+  logging interval (steps/10) and the history-lag ablation's K (steps/3);
+- does not move: the data (seed, sizes, the same 80 eval prompts), LoRA, batch size, max length, the selection
+  settings (`methods.SHARED`), the seeds, decoding and scoring, so that a budget's row differs from another's by
+  the budget and its lr only;
+- ablations: none by default (`ablations=[]`; the sweep compares methods, and one ablation at 300 steps costs a
+  full run); `--ablations NAME ...` still runs any.
 """
 
 SCALES = {
@@ -49,3 +70,13 @@ SCALES = {
         methods_by_data={},
     ),
 }  # fmt: skip
+
+
+def budget_scale(steps: int, lr_candidates=(1e-3, 3e-4, 1e-4)) -> dict:
+    """`real-cpu` at another training budget: see the module docstring for what moves and what does not."""
+    return {**SCALES["real-cpu"], "sft_steps": steps, "sft_lr": None, "lr_candidates": list(lr_candidates),
+            "reference_steps": round(steps * 16 / 24), "ablations": []}  # fmt: skip
+
+
+SCALES["real-cpu-100"] = budget_scale(100)
+SCALES["real-cpu-300"] = budget_scale(300)
