@@ -122,7 +122,7 @@ def main(argv=None):
         line = f"[{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] {args.scale} {args.model} [{count}/{total}] {line}"
         with log_path.open("a") as log_file:
             log_file.write(line + "\n")
-        run.log(line)
+        print(line, flush=True)
 
     save()
     run.log(f"calibration of {args.scale} / {args.model}: lrs {report['candidates']}, {len(todo)} to train "
