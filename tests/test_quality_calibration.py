@@ -227,3 +227,13 @@ def test_full_sft_alone_may_run_at_an_uncalibrated_scale_with_an_lr_given_by_han
     assert lr == 1e-4 and "full SFT only" in record["source"]
     lr, record = calibration.lr_for_run("real-cpu", dict(SCALES["real-cpu"]), "smollm2", ["sstoken"], False, tmp_path)
     assert lr == 1e-3 and "by hand" in record["source"]  # the 24-step scale keeps its own lr
+
+
+def test_a_model_may_take_another_models_calibration_and_the_record_says_so(tmp_path):
+    write_calibration(tmp_path, "real-cpu-300", "smollm2", 3e-4)
+    scale = dict(SCALES["real-cpu-300"])
+    with pytest.raises(calibration.Uncalibrated, match="--model gemma3"):
+        calibration.lr_for_run("real-cpu-300", scale, "gemma3", ["sstoken"], False, tmp_path)
+    lr, record = calibration.lr_for_run("real-cpu-300", scale, "gemma3", ["sstoken"], False, tmp_path, "smollm2")
+    assert lr == 3e-4 and record["calibrated_on"] == "smollm2"
+    assert record["file"].endswith("lr-real-cpu-300-smollm2.json")

@@ -126,19 +126,29 @@ def read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def lr_for_run(scale_name: str, scale: dict, model: str, methods, lr_set: bool, directory: Path = DEFAULT_DIR):
+def lr_for_run(
+    scale_name: str,
+    scale: dict,
+    model: str,
+    methods,
+    lr_set: bool,
+    directory: Path = DEFAULT_DIR,
+    calibrated_on: str | None = None,
+):
     """(lr, record for the results JSON) of a harness run at a real-model scale; `scale` is after `--set`.
 
     A scale with its own `sft_lr` keeps it (or takes `--set sft_lr`). A budget scale (`sft_lr=None` in scales.py)
     reads the final choice of its calibration file, which must have been made for the same recipe; without one it
     allows only full SFT with an lr given by `--set sft_lr=...`, and refuses anything else, naming the calibration
-    command.
+    command. `calibrated_on` (default: `model`) reads another model's calibration instead, as the 24-step design gave
+    gemma SmolLM2's recipe (`--lr-calibrated-on`); the record says so.
     """
+    calibrated_on = calibrated_on or model
     if SCALES[scale_name].get("sft_lr") is not None:
         source = "--set sft_lr" if lr_set else "the scale (calibrated by hand; the README's calibration log)"
         return scale["sft_lr"], {"source": source}
-    path = calibration_path(directory, scale_name, model)
-    command = calibrate_command(scale_name, model, scale.get("lr_candidates") or (1e-3, 3e-4, 1e-4))
+    path = calibration_path(directory, scale_name, calibrated_on)
+    command = calibrate_command(scale_name, calibrated_on, scale.get("lr_candidates") or (1e-3, 3e-4, 1e-4))
     calibration = read(path)
     problem = None
     if calibration is None:
@@ -149,14 +159,14 @@ def lr_for_run(scale_name: str, scale: dict, model: str, methods, lr_set: bool, 
     elif not (calibration.get("choice") or {}).get("final"):
         problem = f"{path} has no final choice yet ({(calibration.get('choice') or {}).get('reason', 'no runs')})"
     if problem is None:
-        record = {"source": "calibration", "file": _relative(path), "choice": calibration["choice"],
-                  "rule": calibration.get("rule")}  # fmt: skip
+        record = {"source": "calibration", "file": _relative(path), "calibrated_on": calibrated_on,
+                  "choice": calibration["choice"], "rule": calibration.get("rule")}  # fmt: skip
         if lr_set:
             return scale["sft_lr"], {**record, "source": "--set sft_lr, in place of the calibrated lr"}
         return calibration["choice"]["lr"], record
     if lr_set and set(methods) == {"full"}:
         return scale["sft_lr"], {"source": f"--set sft_lr, full SFT only (the scale is not calibrated: {problem})"}
-    _refuse(scale_name, model, problem, command, set_lr=lr_set)
+    _refuse(scale_name, calibrated_on, problem, command, set_lr=lr_set)
 
 
 def _refuse(scale_name, model, problem, command, set_lr=False):

@@ -81,6 +81,12 @@ def parse_args(argv=None):
         "(lr-<scale>-<model>.json, written by python -m benchmarks.quality.calibrate)",
     )
     parser.add_argument(
+        "--lr-calibrated-on",
+        choices=("smollm2", "gemma3"),
+        help="a budget scale reads this model's calibrated learning rate instead of --model's (recorded in the "
+        "JSON; e.g. gemma3 at SmolLM2's lr, as the 24-step design did)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="keep the finished runs of an earlier invocation's results JSON (same scale and design only) and do "
@@ -439,7 +445,7 @@ def main(argv=None):
     if real:  # before anything is loaded: a budget scale refuses compared methods until its lr is calibrated
         lr_set = any(item.partition("=")[0] == "sft_lr" for item in args.overrides)
         scale["sft_lr"], lr_calibration = calibration.lr_for_run(
-            args.scale, scale, args.model, chosen_methods, lr_set, Path(args.calibration_dir)
+            args.scale, scale, args.model, chosen_methods, lr_set, Path(args.calibration_dir), args.lr_calibrated_on
         )
     if real:
         from tools.real_models import real_model_path
