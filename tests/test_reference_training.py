@@ -184,3 +184,50 @@ def test_a_resumed_run_reuses_its_reference(make_trainer, tmp_path, monkeypatch)
     assert trained == [str(tmp_path / "out")]  # no second training of the reference
     assert os.stat(tmp_path / "out" / REFERENCE_FOLDER / WEIGHTS_FILE).st_mtime_ns == stamp
     assert resumed.state.global_step == 4
+
+
+class RecordingHub:
+    """Stands in for transformers' `hf_api()`: records what each `upload_folder` call would upload, filtered by
+    huggingface_hub's own pattern matching and default ignores, and uploads nothing."""
+
+    def __init__(self):
+        self.uploads = []  # (path_in_repo, sorted relative paths)
+
+    def create_repo(self, repo_id, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, folder_path, path_in_repo=None, ignore_patterns=None, run_as_future=False, **kwargs):
+        from concurrent.futures import Future
+        from pathlib import Path
+
+        from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
+        from huggingface_hub.utils import filter_repo_objects
+
+        folder = Path(folder_path)
+        files = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
+        patterns = list(ignore_patterns or []) + DEFAULT_IGNORE_PATTERNS
+        self.uploads.append((path_in_repo or "", sorted(filter_repo_objects(files, ignore_patterns=patterns))))
+        done = Future()
+        done.set_result(None)
+        return done if run_as_future else None
+
+
+def test_push_to_hub_uploads_the_trained_model_not_the_reference(make_trainer, tmp_path, monkeypatch):
+    """The reference is a working file of the run (trained from the user's clean data): neither the per-save push
+    of hub_strategy nor the final push_to_hub() uploads it, nor the output_dir lock."""
+    hub = RecordingHub()
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    trainer = rho1_trainer(make_trainer, reference_max_steps=1, save_strategy="steps", save_steps=1,
+                           push_to_hub=True, hub_model_id="someone/run", hub_strategy="checkpoint")  # fmt: skip
+    trainer.train()
+    assert (tmp_path / "out" / REFERENCE_FOLDER / WEIGHTS_FILE).is_file()  # it is there, next to the model
+    per_save = [files for where, files in hub.uploads if where == ""]
+    assert len(per_save) == 2 and [where for where, _ in hub.uploads].count("last-checkpoint") == 2
+    trainer.push_to_hub()
+    final = hub.uploads[-1]
+    assert final[0] == "" and {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(final[1])
+    for files in [*per_save, final[1]]:
+        assert not [f for f in files if REFERENCE_FOLDER.strip("_") in f or f.startswith("_")], files
+        assert not [f for f in files if f.startswith("checkpoint-")]

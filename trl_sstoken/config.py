@@ -148,7 +148,7 @@ class SSTokenConfig(SFTConfig):
             or (also `--reference_dataset_name` on the command line) a hub id, a local .json/.jsonl/.csv/.parquet
             file or a dataset folder. Before the main run the trainer trains a LoRA reference adapter on it (full SFT,
             the main run's LoRA, learning rate, batch size, schedule and max length, `reference_max_steps` steps),
-            saves it in `output_dir/rho1_reference/` with a fingerprint of the data, the base model and the recipe,
+            saves it in `output_dir/_rho1_reference/` with a fingerprint of the data, the base model and the recipe,
             and reuses it on resume and rerun (a stale one is refused). Needs a PEFT adapter (`peft_config`).
         reference_dataset_split (`str`, *optional*, defaults to `"train"`):
             Split of `reference_dataset` when it names a dataset with several splits (or a data file).
@@ -371,7 +371,7 @@ class SSTokenConfig(SFTConfig):
             "help": "'rho1': a small trusted dataset (same formats as the training data: a hub id, a local "
             ".json/.jsonl/.csv/.parquet file or a dataset folder; a datasets.Dataset in Python). The trainer trains "
             "the reference LoRA adapter on it before the main run (full SFT, the main run's recipe, "
-            "reference_max_steps steps) and keeps it in output_dir/rho1_reference/, reused when it still matches.",
+            "reference_max_steps steps) and keeps it in output_dir/_rho1_reference/, reused when it still matches.",
             "aliases": ["--reference_dataset_name"],
             "group": GROUP_REFERENCE_TRAINING,
             "resume": RESUME_MUST_MATCH,

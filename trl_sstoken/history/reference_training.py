@@ -8,11 +8,16 @@ optimizer steps (default 16, the benchmark's: 16 steps of batch 8 on 48 clean ex
 Rho-1 clearly helped with on both real models, which is why it is the default.
 
 The adapter is trained on the trained model's own base weights (a second adapter next to the main one, so no second
-copy of the model), saved to `output_dir/rho1_reference/` with `reference.json`: a fingerprint of the prepared data,
+copy of the model), saved to `output_dir/_rho1_reference/` with `reference.json`: a fingerprint of the prepared data,
 the base model, the tokenizer and the recipe, and a checksum of the adapter's weights. A later run (a resume, a rerun)
 reuses the folder only when every part matches; a stale or damaged one is refused with what differs, never silently
 used. The random state is saved and restored around the reference's training, so the main run trains the same
 whether its reference was trained now or reused.
+
+The leading `_` keeps the folder (and its `.training` and `.partial` scratch) out of `push_to_hub`: both of Trainer's
+push paths (the final `push_to_hub()` and the per-save push of `hub_strategy`) upload output_dir with
+`ignore_patterns=["_*", "checkpoint-*"]`, as for the output_dir lock (`saving/output_lock.py`). The reference is a
+working file of the run, trained from the user's clean data, not part of the model they publish.
 """
 
 import copy
@@ -34,7 +39,7 @@ from transformers import set_seed
 from .fingerprints import dataset_fingerprint, model_fingerprint, tokenizer_fingerprint
 
 
-REFERENCE_FOLDER = "rho1_reference"
+REFERENCE_FOLDER = "_rho1_reference"  # "_": out of push_to_hub's uploads (Trainer ignores "_*")
 IDENTITY_FILE = "reference.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TRAINING_ADAPTER = "sstoken_reference_training"
@@ -138,7 +143,7 @@ def training_config(args, output_dir: str):
 
 
 def prepare_reference(trainer) -> str:
-    """The path of the reference adapter for `trainer`: reused from `output_dir/rho1_reference/` when its
+    """The path of the reference adapter for `trainer`: reused from `output_dir/_rho1_reference/` when its
     fingerprint matches, trained there otherwise. Refuses a stale or damaged folder."""
     from ..trainer import SSTokenTrainer
     from . import is_peft_model
