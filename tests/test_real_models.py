@@ -8,6 +8,7 @@ with short sequences and a few steps, so the tier stays within a few minutes on 
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -529,3 +530,64 @@ def test_messages_without_assistant_only_loss_have_no_context_and_say_so(tmp_pat
         trainer.train()
     (entry,) = selection_logs(trainer)
     assert entry["sstoken/no_context_sequences"] == 4 and "sstoken/rel_mean" in entry
+
+
+# ----- Rho-1 with a reference trained from a clean set (reference_dataset) -----
+
+
+def test_rho1_trains_its_reference_from_a_clean_set_and_a_rerun_reuses_it(tmp_path, smollm2_dir, monkeypatch):
+    """tests/test_reference_training.py on SmolLM2, cut to what a real model adds: the reference adapter is trained
+    on the real base in bf16, saved with its fingerprint, is the adapter the rho1 step ranks against, and a second
+    run in the same output_dir reuses it without training again; other clean data is refused, not reused."""
+    from safetensors.torch import load_file
+
+    from trl_sstoken.history.reference import REFERENCE_ADAPTER
+    from trl_sstoken.history.reference_training import (
+        IDENTITY_FILE,
+        REFERENCE_FOLDER,
+        WEIGHTS_FILE,
+        ReferenceTrainingError,
+    )
+
+    def rho1_run(clean_rows):
+        settings = dict(selection_method="rho1", reference_dataset=prompt_completion(clean_rows, count=4),
+                        reference_max_steps=1, max_steps=1, selection_ratio=0.5)  # fmt: skip
+        return real_trainer(tmp_path, smollm2_dir, prompt_completion(count=4), **settings)
+
+    first = rho1_run(QUICKSTART_ROWS[8:])
+    selections = []
+    select = first._select
+    first._select = lambda *args, **kwargs: selections.append(select(*args, **kwargs)) or selections[-1]
+    first.train()
+    folder = tmp_path / "out" / REFERENCE_FOLDER
+    record = json.loads((folder / IDENTITY_FILE).read_text())
+    assert record["examples"] == 4 and record["recipe"]["max_steps"] == 1
+    assert set(record) >= {"data", "base_model", "tokenizer", "recipe", "weights_sha256"}
+    saved = load_file(folder / WEIGHTS_FILE)
+    assert any("lora_B" in name and value.abs().sum() > 0 for name, value in saved.items())  # it trained
+    # the frozen reference adapter of the run is the saved one
+    loaded = {n.replace(f".{REFERENCE_ADAPTER}.", "."): p for n, p in first.model.named_parameters()
+              if f".{REFERENCE_ADAPTER}." in n}  # fmt: skip
+    assert set(loaded) == set(saved) and not any(p.requires_grad for p in loaded.values())
+    for name, value in saved.items():
+        assert torch.equal(loaded[name].detach().cpu(), value.to(loaded[name].dtype)), name
+    # and the step ranked by the excess loss against it: at step 0 the main adapter is zero (the base model), so a
+    # non-zero excess loss is the reference adapter's doing
+    (selection,) = selections
+    excess = selection.excess_loss[selection.regions.response]
+    assert torch.isfinite(excess).all() and excess.abs().max() > 0
+    assert 0 < selection_logs(first)[0]["sstoken/selected_fraction"] < 1
+
+    stamp = os.stat(folder / WEIGHTS_FILE).st_mtime_ns
+    trained, train = [], SSTokenTrainer.train
+
+    def counted(self, *args, **kwargs):  # the reference's own trainer would call train() again
+        trained.append(self.args.output_dir)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(SSTokenTrainer, "train", counted)
+    rho1_run(QUICKSTART_ROWS[8:]).train()
+    assert trained == [str(tmp_path / "out")] and os.stat(folder / WEIGHTS_FILE).st_mtime_ns == stamp
+    with pytest.raises(ReferenceTrainingError, match="different data"):
+        rho1_run(QUICKSTART_ROWS[12:]).train()
+    assert os.stat(folder / WEIGHTS_FILE).st_mtime_ns == stamp
