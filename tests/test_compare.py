@@ -215,6 +215,66 @@ def test_a_comparison_writes_table_plot_json_and_reports_and_resumes(
     assert "made by a comparison with other settings" in capsys.readouterr().err
 
 
+class Killed(BaseException):
+    """The process dying in the middle of a run (not an error the command handles)."""
+
+
+def test_a_run_interrupted_mid_training_resumes_from_its_last_checkpoint(
+    tmp_path, tiny_model_dir, jsonl_file, capsys, monkeypatch
+):
+    from trl_sstoken import SSTokenTrainer
+
+    def flags(out, *extra):
+        return compare_flags(tiny_model_dir, jsonl_file, out, "--methods", "sstoken", "--seeds", "0",
+                             "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--logging_steps",
+                             "1", "--report_examples", "0", *extra)  # fmt: skip
+
+    assert cli.main(flags(tmp_path / "whole")) == 0
+    (whole,) = json.loads((tmp_path / "whole" / "comparison.json").read_text())["runs"]
+    assert whole["result"]["resumed_from_checkpoint"] is None
+
+    save, steps = SSTokenTrainer._save_checkpoint, []
+
+    def killed_after_the_first_checkpoint(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(SSTokenTrainer, "_save_checkpoint", killed_after_the_first_checkpoint)
+    out = tmp_path / "cmp"
+    with pytest.raises(Killed):
+        cli.main(flags(out))
+    folder = out / "runs" / "sstoken-seed0"
+    assert (folder / "checkpoint-2").is_dir() and not (folder / "result.json").exists()
+    monkeypatch.setattr(SSTokenTrainer, "_save_checkpoint", save)
+    training_step = SSTokenTrainer.training_step
+
+    def counted(self, *args, **kwargs):
+        steps.append(self.state.global_step)
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SSTokenTrainer, "training_step", counted)
+    capsys.readouterr()
+    assert cli.main(flags(out)) == 0
+    assert "[1/1] sstoken (seed 0): resuming from its last complete checkpoint" in capsys.readouterr().out
+    assert steps == [2, 3]  # steps 3 and 4 only: the first two came from checkpoint-2
+    (resumed,) = json.loads((out / "comparison.json").read_text())["runs"]
+    assert resumed["result"]["resumed_from_checkpoint"] == "checkpoint-2"
+    # the resume is exact (optimizer, schedule, data position, random states): the run ends as the uninterrupted one
+    assert resumed["result"]["response_nll"] == whole["result"]["response_nll"]
+    assert resumed["result"]["selected_fraction"] == pytest.approx(whole["result"]["selected_fraction"])
+    assert resumed["result"]["train_loss_mean"] == pytest.approx(whole["result"]["train_loss_mean"], rel=1e-5)
+    (row,) = [line for line in (out / "comparison.md").read_text().splitlines() if line.startswith("| sstoken |")]
+    assert " (resumed) |" in row  # its train seconds are those after the resume
+
+    # checkpoints of an unfinished run with other settings, or with no record of their comparison: refused
+    (folder / "result.json").unlink()
+    assert cli.main(flags(out, "--learning_rate", "5e-3")) == 2
+    assert "holds checkpoints of an unfinished run with other settings" in capsys.readouterr().err
+    (folder / "started.json").unlink()
+    assert cli.main(flags(out)) == 2
+    assert "with no record of the comparison that made them" in capsys.readouterr().err
+
+
 def test_a_bad_metric_is_refused_before_any_training(tmp_path, tiny_model_dir, jsonl_file, metric_module, capsys):
     out = tmp_path / "cmp"
     flags = compare_flags(tiny_model_dir, jsonl_file, out, "--methods", "full", "--metric", f"{metric_module}:broken")

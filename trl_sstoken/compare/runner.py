@@ -4,6 +4,12 @@ evaluated on the same evaluation set; one folder per run, resumed from the finis
 Everything that can be wrong with the inputs (candidates, seeds, the metric, the evaluation set) is checked before
 the first model is loaded. A run is finished when its folder holds `result.json` with the same settings; a rerun of
 the command keeps those and trains the rest, and refuses a folder made by a comparison with other settings.
+
+A run interrupted in the middle of its training continues from its last complete checkpoint (`checkpoint-N`, with
+`save_strategy` steps or epoch), by the trainer's own verified resume, which restores the optimizer, the schedule,
+the data position, the random states and the history, so it ends as the uninterrupted run would. That is safe only
+for checkpoints of this very run: each run records its key (settings, data, metric) in `started.json` before it
+trains, and checkpoints without that record, or with another key, are refused like a stale `result.json`.
 """
 
 import dataclasses
@@ -23,6 +29,7 @@ RECORD_FILE = "comparison.json"
 MARKDOWN_FILE = "comparison.md"
 PLOT_FILE = "comparison.png"
 RESULT_FILE = "result.json"
+STARTED_FILE = "started.json"  # the key of the run training in the folder: its checkpoints are resumed only if equal
 REPORT_FILE = "selection_report.html"
 NON_SELECTING = ("full", "dft")  # train on every response token: nothing to show in a selection report
 REFERENCE_FIELDS = ("reference_model", "reference_adapter", "reference_dataset")
@@ -200,11 +207,13 @@ def run_comparison(script_args, training_args, model_args, dataset_args, loading
         else:
             left = sum(1 for i in range(index, len(runs)) if i not in results)
             eta = f", about {sum(done_seconds) / len(done_seconds) * left / 60:.1f} min left" if done_seconds else ""
-            log(f"{prefix}: training ({time.time() - start:.0f}s elapsed{eta})")
+            resume = _can_resume(run, key)
+            what = "resuming from its last complete checkpoint" if resume else "training"
+            log(f"{prefix}: {what} ({time.time() - start:.0f}s elapsed{eta})")
             results[index] = _train_and_evaluate(
                 run, model_args, tokenizer, train_dataset, eval_dataset, compare_args, metric_function, prompts,
                 references, need_base=record.get("base_model_response_nll") is None, key=key,
-                command=train_command(argv, run),
+                command=train_command(argv, run), resume=resume,
             )  # fmt: skip
             done_seconds.append(results[index]["result"]["wall_seconds"])
             if results[index]["result"].get("base_model_response_nll") is not None:
@@ -231,15 +240,56 @@ def _finished_result(run: Run, key: dict) -> dict | None:
     return stored
 
 
+def _can_resume(run: Run, key: dict) -> bool:
+    """Whether the unfinished run has checkpoints to continue from: only those of a run started with `key` (its
+    `started.json`); checkpoints of another comparison, or of no recorded one, are refused (a resume would continue
+    another experiment, and a fresh run would leave their later steps behind, to be resumed by mistake later)."""
+    from ..saving.checkpoints import numbered_checkpoints
+
+    if not numbered_checkpoints(run.folder):
+        return False
+    path = os.path.join(run.folder, STARTED_FILE)
+    started = None
+    if os.path.isfile(path):
+        with open(path) as file:
+            started = json.load(file)
+    if started is None or started.get("key") != key:
+        why = "no record of the comparison that made them" if started is None else "other settings, data or metric"
+        raise ValueError(
+            f"{run.folder} holds checkpoints of an unfinished run with {why} than this comparison; they are not "
+            "resumed. Use another --output_dir, or delete that run's folder to train it again."
+        )
+    return True
+
+
+def _train_loss_mean(state, output, resumed_step: int | None) -> float:
+    """The run's mean training loss. A resumed run's `training_loss` covers the steps trained after the resume only:
+    the steps before it are read off the checkpoint's logged losses (each a mean since the previous log), so steps
+    after the last log before the checkpoint are left out."""
+    if not resumed_step:
+        return output.training_loss
+    total = steps = previous = 0
+    for entry in state.log_history:
+        if "loss" in entry and entry["step"] <= resumed_step:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps, previous = steps + entry["step"] - previous, entry["step"]
+    now = state.global_step - resumed_step
+    total, steps = total + output.training_loss * now, steps + now
+    return total / steps if steps else output.training_loss
+
+
 def _train_and_evaluate(run, model_args, tokenizer, train_dataset, eval_dataset, compare_args, metric_function,
-                        prompts, references, need_base, key, command) -> dict:  # fmt: skip
+                        prompts, references, need_base, key, command, resume=False) -> dict:  # fmt: skip
     from trl import get_quantization_config
 
     from ..cli.train import _model_init_kwargs, peft_config_from
     from ..report.collect import collect_examples, report_settings, special_tokens_of, write_report
+    from ..saving.checkpoints import CheckpointError, checkpoint_step
     from ..trainer import SSTokenTrainer
 
     start = time.time()
+    os.makedirs(run.folder, exist_ok=True)
+    table.write_json(os.path.join(run.folder, STARTED_FILE), {"key": key, "command": command})
     args = run.args
     args.model_init_kwargs = {**_model_init_kwargs(model_args, args), **(args.model_init_kwargs or {})}
     trainer = SSTokenTrainer(
@@ -255,9 +305,15 @@ def _train_and_evaluate(run, model_args, tokenizer, train_dataset, eval_dataset,
     if need_base:  # the LoRA adapter starts at zero: this is the base model
         result["base_model_response_nll"] = trainer.evaluate()["eval_loss"]
     train_start = time.time()
-    output = trainer.train()
-    result["train_seconds"] = time.time() - train_start
-    result["train_loss_mean"] = output.training_loss
+    try:
+        output = trainer.train(resume_from_checkpoint=True if resume else None)
+    except CheckpointError as error:  # raised before training: none of the run's checkpoints verifies
+        log(f"{run.name}: no checkpoint to resume from ({error}); training from the start")
+        output = trainer.train()
+    resumed = trainer._resumed_from
+    result["resumed_from_checkpoint"] = os.path.basename(resumed) if resumed else None
+    result["train_seconds"] = time.time() - train_start  # of a resumed run: the steps trained after the resume
+    result["train_loss_mean"] = _train_loss_mean(trainer.state, output, checkpoint_step(resumed) if resumed else None)
     fractions = [e["sstoken/selected_fraction"] for e in trainer.state.log_history if "sstoken/selected_fraction" in e]
     result["selected_fraction"] = sum(fractions) / len(fractions) if fractions else None
     eval_start = time.time()

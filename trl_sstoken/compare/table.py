@@ -25,6 +25,8 @@ def summarize(candidates, runs: list[dict]) -> dict:
         fractions = [r["result"]["selected_fraction"] for r in finished if r["result"].get("selected_fraction")]
         cell["selected_fraction"] = sum(fractions) / len(fractions) if fractions else None
         cell["train_seconds"] = mean_std([r["result"]["train_seconds"] for r in finished])
+        # a resumed run's train_seconds are those of the steps after its resume: the cell says so
+        cell["resumed_runs"] = sum(1 for r in finished if r["result"].get("resumed_from_checkpoint"))
         summary[candidate.label] = cell
     baseline = next(iter(summary.values()), None)
     for cell in summary.values():
@@ -66,7 +68,7 @@ def table_rows(summary: dict, base_nll: float | None) -> tuple[list[str], list[l
             _pm(cell[NLL]),
             *[_pm(cell[key]) if key in cell else "-" for key in metric_keys],
             f"{100 * fraction:.0f}%" if fraction is not None else "-",
-            f"{cell['train_seconds']['mean']:.0f}",
+            f"{cell['train_seconds']['mean']:.0f}" + (" (resumed)" if cell.get("resumed_runs") else ""),
             "; ".join(verdicts) if verdicts else ("(baseline: the first candidate)" if label == first else "-"),
         ])  # fmt: skip
     return header, rows
