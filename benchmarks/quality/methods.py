@@ -8,6 +8,8 @@ available)".
 
 from trl_sstoken.selection.methods import METHODS as SELECTION_REGISTRY
 
+from . import position_matched  # registers the control's selection method (a benchmark control, not in the package)
+
 
 # The selection settings every selecting method shares unless a method or an ablation changes them. Written out here
 # (not taken from the package defaults) so that a change of defaults cannot silently change the benchmark.
@@ -40,7 +42,15 @@ REAL_METHODS = {
     "attention[position_corrected]": {"selection_method": "attention", "attention_score": "position_corrected"},
     "sstoken[sink_free]": {"selection_method": "sstoken", "attention_score": "sink_free"},
     "sstoken[position_corrected]": {"selection_method": "sstoken", "attention_score": "position_corrected"},
-}
+    # Issue 27: the position-balanced top-k (`SSTokenConfig.selection_positions`), the bucket count written out (the
+    # package default, tenths) so that a change of defaults cannot change the benchmark
+    "sstoken[balanced]": {"selection_method": "sstoken", "selection_positions": "balanced",
+                          "selection_position_buckets": 10},
+    "rel[balanced]": {"selection_method": "rel", "selection_positions": "balanced", "selection_position_buckets": 10},
+    # ... and the position-matched random control (position_matched.py): random tokens with the measured position
+    # profile of the `sstoken` run on the same data and seed, which the harness reads when the control starts
+    "random[position_matched]": {"selection_method": position_matched.PositionMatchedRandom.name},
+}  # fmt: skip
 
 # The rho1 runs train their reference inside the run (`SSTokenConfig.reference_dataset`, issue 26): the harness
 # passes this marker, and the worker puts the clean reference subset in its place (a Dataset cannot go into the JSON).
@@ -72,8 +82,11 @@ def ablations(num_layers: int, max_steps: int) -> dict[str, dict]:
 # noisy data, tier 2 = every method on the clean control, tier 3 = ablations; seed-major within a tier, so every
 # finished seed completes its tier's table.
 REAL_CORE = ("full", "sstoken", "attention", "sstoken[sink_free]", "attention[sink_free]")
-REAL_ORDER = (*REAL_CORE, "rel", "attention[position_corrected]", "sstoken[position_corrected]", "random", "rho1",
-              "profit", "dft")  # fmt: skip
+# Issue 27 puts the controls before the variants: the position-matched control right after `random` (it also runs
+# after the `sstoken` run of its seed and data, whose profile it copies: `run_jobs` holds it until then), the
+# position-balanced variants after rho1.
+REAL_ORDER = (*REAL_CORE, "rel", "attention[position_corrected]", "sstoken[position_corrected]", "random",
+              "random[position_matched]", "rho1", "sstoken[balanced]", "rel[balanced]", "profit", "dft")  # fmt: skip
 
 
 def real_priority(job: dict) -> tuple:

@@ -18,6 +18,41 @@ from .tasks import FAMILIES
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS = REPO_ROOT / "docs" / "benchmarks.md"
 
+# The order of the tables and the plot (issue 27): full SFT first, the reference every method is read against (a
+# line on the plot), then the methods by family. A method belongs to the family of its base name (the part before
+# "[": `sstoken[balanced]` is ssToken's); within a family, the base names in this order, each followed by its variants
+# in the order of the method table (`methods.REAL_METHODS`). A name in no family goes last, alphabetically.
+REFERENCE_METHOD = "full"
+METHOD_FAMILIES = (
+    ("reference", ("full",)),
+    ("baselines", ("random",)),
+    ("loss-based", ("rel", "rho1")),
+    ("attention", ("attention",)),
+    ("ssToken", ("sstoken",)),
+    ("other", ("profit", "dft")),
+)
+
+
+def method_family(name: str) -> str:
+    base = name.split("[", 1)[0]
+    return next((family for family, bases in METHOD_FAMILIES if base in bases), METHOD_FAMILIES[-1][0])
+
+
+def method_order(names) -> list[str]:
+    """`names` by family (METHOD_FAMILIES), not alphabetically."""
+    from .methods import REAL_METHODS
+
+    bases = [base for _, family in METHOD_FAMILIES for base in family]
+    table = list(REAL_METHODS)
+
+    def key(name):
+        base, _, variant = name.partition("[")
+        if base not in bases:
+            return (len(bases), 0, 0, name)
+        return (bases.index(base), bool(variant), table.index(name) if name in table else len(table), name)
+
+    return sorted(names, key=key)
+
 
 def _pm(cell: dict | None, scale: float = 100.0) -> str:
     if not cell:
@@ -63,8 +98,9 @@ def markdown_real(results: dict) -> str:
             + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fractions.items())
             + f"; {100 * realised['corrupt_fraction_of_answer_items']:.1f}% of answer items corrupted.",
         ]
+    ordered = method_order(summary["main"])
     for dataset in ("noisy", "clean"):
-        rows = [(name, cells[dataset]) for name, cells in summary["main"].items() if dataset in cells]
+        rows = [(name, summary["main"][name][dataset]) for name in ordered if dataset in summary["main"][name]]
         if not rows:
             continue
         lines += ["", f"**{dataset} training data** (exact / strict match in %, mean ± std over seeds, per-seed values; "
@@ -76,7 +112,7 @@ def markdown_real(results: dict) -> str:
             lines.append(f"| {name} | {cell['exact_match']['n']} | {_pm_seeds(cell['exact_match'])} | "
                          f"{_pm(cell['strict_match'])} | {_nll(cell.get('answer_nll'))} | "
                          + " | ".join(_pct(kept.get(k)) for k in KINDS) + " |")  # fmt: skip
-    noisy = [(name, cells["noisy"]) for name, cells in summary["main"].items() if "noisy" in cells]
+    noisy = [(name, summary["main"][name]["noisy"]) for name in ordered if "noisy" in summary["main"][name]]
     if noisy:
         lines += [
             "",
@@ -88,6 +124,9 @@ def markdown_real(results: dict) -> str:
         for name, cell in noisy:
             deciles = cell.get("kept_fraction_by_position_decile") or [None] * 10
             lines.append(f"| {name} | " + " | ".join(_pct(v) for v in deciles) + " |")
+            if cell.get("position_profile_target"):  # the control: what it copied, next to what it kept
+                lines.append(f"| {name}: target (sstoken's, mean over seeds) | "
+                             + " | ".join(_pct(v) for v in cell["position_profile_target"]) + " |")  # fmt: skip
     attention = base.get("attention_before_sft", {})
     if attention:
         lines += [
@@ -139,26 +178,45 @@ def plot_real(results: dict, path: Path):
     import matplotlib.pyplot as plt
 
     main = results["summary"]["main"]
+    names = [name for name in method_order(main) if name != REFERENCE_METHOD]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, metric, label in (
         (axes[0], "exact_match", "exact match (%)"),
         (axes[1], "answer_nll", "clean answer NLL"),
     ):
-        names = list(main)
-        for offset, dataset in ((-0.2, "noisy"), (0.2, "clean")):
+        scale = 100 if metric == "exact_match" else 1
+        for offset, dataset, color in ((-0.2, "noisy", "tab:blue"), (0.2, "clean", "tab:orange")):
             xs = [i + offset for i, n in enumerate(names) if dataset in main[n]]
             cells = [main[n][dataset][metric] for n in names if dataset in main[n]]
-            scale = 100 if metric == "exact_match" else 1
-            ax.bar(xs, [c["mean"] * scale for c in cells], 0.4, yerr=[c["std"] * scale for c in cells], label=dataset)
+            ax.bar(xs, [c["mean"] * scale for c in cells], 0.4, yerr=[c["std"] * scale for c in cells], label=dataset,
+                   color=color)  # fmt: skip
+            reference = main.get(REFERENCE_METHOD, {}).get(dataset)
+            if reference:  # full SFT: the line every bar is read against
+                ax.axhline(reference[metric]["mean"] * scale, color=color, linestyle="--", linewidth=1,
+                           label=f"full SFT, {dataset}")  # fmt: skip
+        _mark_families(ax, names)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel(label)
-        ax.legend()
+        ax.legend(fontsize=7)
     status = "" if results["status"].startswith("complete") else " (PARTIAL)"
     fig.suptitle(f"trl_sstoken quality benchmark, {results['model']}, scale {results['scale_name']}{status}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _mark_families(ax, names: list[str]):
+    """Thin lines between the method families of the x axis, with each family's name above its group."""
+    families = [method_family(name) for name in names]
+    start = 0
+    for i in range(1, len(names) + 1):
+        if i == len(names) or families[i] != families[start]:
+            if i < len(names):
+                ax.axvline(i - 0.5, color="grey", linewidth=0.5)
+            ax.text((start + i - 1) / 2, 1.01, families[start], transform=ax.get_xaxis_transform(), ha="center",
+                    va="bottom", fontsize=7, color="grey")  # fmt: skip
+            start = i
 
 
 def markdown(results: dict) -> str:
@@ -196,7 +254,8 @@ def markdown(results: dict) -> str:
     lines.append("| method | noisy SFT data | clean SFT data | noisy: strict match | noisy: kept answer / corrupt / "
                  "boilerplate / random tokens |")  # fmt: skip
     lines.append("|---|---|---|---|---|")
-    for name, info in results.get("methods", {}).items():
+    for name in method_order(results.get("methods", {})):
+        info = results["methods"][name]
         if info["status"] != "ok":
             lines.append(f"| {name} | {info['status']} | {info['status']} | - | - |")
             continue
@@ -211,7 +270,7 @@ def markdown(results: dict) -> str:
     lines += ["", "**Exact match (%) per task family, noisy SFT data**", ""]
     lines.append("| method | " + " | ".join(FAMILIES) + " |")
     lines.append("|---|" + "---|" * len(FAMILIES))
-    for name in results.get("methods", {}):
+    for name in method_order(results.get("methods", {})):
         cell = summary["main"].get(name, {})
         if "noisy" in cell:
             by_family = cell["noisy"]["exact_match_by_family"]
@@ -261,7 +320,7 @@ def plot(results: dict, path: Path):
     import matplotlib.pyplot as plt
 
     summary = results["summary"]
-    names = [n for n in results.get("methods", {}) if n in summary["main"]]
+    names = [n for n in method_order(results.get("methods", {})) if n in summary["main"] and n != REFERENCE_METHOD]
     ablations = list(summary.get("ablations", {}))
     panels = 3 if ablations else 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
@@ -277,6 +336,11 @@ def plot(results: dict, path: Path):
                 means.append(100 * cell["exact_match"]["mean"])
                 stds.append(100 * cell["exact_match"]["std"])
         ax.bar(xs, means, width, yerr=stds, capsize=3, color=color, alpha=0.8, label=f"{dataset} SFT data")
+        reference = summary["main"].get(REFERENCE_METHOD, {}).get(dataset)
+        if reference:  # full SFT: the line every bar is read against
+            ax.axhline(100 * reference["exact_match"]["mean"], color=color, linestyle="--", linewidth=1,
+                       label=f"full SFT, {dataset}")  # fmt: skip
+    _mark_families(ax, names)
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_ylabel("exact match on held-out prompts (%)")
     ax.set_title("Methods (mean ± std over seeds)")

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from trl_sstoken.compare.stats import mean_std  # noqa: E402  (shared with `trl-sstoken compare`)
 
-from . import base_model, calibration, data, evaluate, methods, noise, tasks  # noqa: E402
+from . import base_model, calibration, data, evaluate, methods, noise, position_matched, tasks  # noqa: E402
 from .scales import SCALES  # noqa: E402
 
 
@@ -238,6 +238,8 @@ def _run_job(job: dict) -> dict:
     overrides = dict(job["overrides"])
     if overrides.get("reference_dataset") == methods.REFERENCE_DATA:  # rho1 trains its reference on the clean subset
         overrides["reference_dataset"] = _WORKER["datasets"]["reference"]
+    if "position_profile" in job:  # the position-matched control: the profile `position_matched.resolve` read
+        overrides["position_profile"] = job["position_profile"]
     with tempfile.TemporaryDirectory() as output_dir:
         try:
             result = train_and_evaluate(
@@ -261,21 +263,47 @@ def _run_job(job: dict) -> dict:
                     "traceback": traceback.format_exc()[-4000:]}  # fmt: skip
 
 
-def run_jobs(jobs: list[dict], workers: int, init_args: tuple, on_done) -> list[dict]:
-    results = []
+def run_jobs(jobs: list[dict], workers: int, init_args: tuple, on_done, earlier=(), method_table=None) -> list[dict]:
+    """Runs the jobs in their order, `workers` at a time. A job that reads another run's result (the position-matched
+    control reads the profile of its `sstoken` run, `position_matched.resolve`) starts only once that run has
+    finished, here or among the `earlier` runs of the --resume file; the next job in order takes its place meanwhile.
+    If that run failed or is in neither, the job is recorded as failed with the reason: it never runs on a default."""
+    method_table = methods.REAL_METHODS if method_table is None else method_table
+    results, pending, running = [], list(jobs), {}
+
+    def record(run):
+        results.append(run)
+        on_done(run, len(results), len(jobs))
+
+    def take():  # the first pending job that can start now; the ones that never can are recorded on the way
+        for job in list(pending):
+            unfinished = [*pending, *running.values()]
+            state, value = position_matched.resolve(job, [*earlier, *results], unfinished, method_table)
+            if state == "wait":
+                continue
+            pending.remove(job)
+            if state == "ready":
+                return value
+            record({**job, "status": "failed", "error": value})
+        return None
+
     if workers <= 1:
         _init_worker(*init_args)
-        for job in jobs:
-            results.append(_run_job(job))
-            on_done(results[-1], len(results), len(jobs))
+        while (job := take()) is not None:
+            record(_run_job(job))
         return results
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                                 initargs=init_args) as pool:  # fmt: skip
-        futures = [pool.submit(_run_job, job) for job in jobs]
-        for future in concurrent.futures.as_completed(futures):
-            results.append(future.result())
-            on_done(results[-1], len(results), len(jobs))
+        while pending or running:
+            while len(running) < workers and (job := take()) is not None:
+                running[pool.submit(_run_job, job)] = job
+            if not running:
+                break
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                running.pop(future)
+                record(future.result())
     return sorted(results, key=lambda r: r["index"])
 
 
@@ -305,11 +333,20 @@ def summarize(runs: list[dict]) -> dict:
                 if any(kind in r["result"]["selection"]["kept_fraction_by_kind"] for r in cell)
             },
             "train_loss_mean": statistics.fmean(r["result"]["train_loss_mean"] for r in cell),
+            **_profile_target(cell),
             **_real_cell_metrics(cell),
             "cpu_seconds_mean": statistics.fmean(r["result"]["cpu_seconds"] for r in cell),
         }
         summary["main" if group == "main" else "ablations"].setdefault(name, {})[dataset] = result
     return summary
+
+
+def _profile_target(cell: list[dict]) -> dict:
+    """The position-matched control: the profile its runs copied (mean over seeds; each run's is in the JSON)."""
+    profiles = [r["position_profile"] for r in cell if "position_profile" in r]
+    if not profiles:
+        return {}
+    return {"position_profile_target": [statistics.fmean(values) for values in zip(*profiles, strict=True)]}
 
 
 def _real_cell_metrics(cell: list[dict]) -> dict:
@@ -334,14 +371,14 @@ def _real_cell_metrics(cell: list[dict]) -> dict:
 # ----- the benchmark -----
 
 
-def _run_real_jobs(jobs, workers, init_args, on_done):
+def _run_real_jobs(jobs, workers, init_args, on_done, earlier=()):
     """Real-model mode: jobs in the priority order of the README (`methods.real_priority`)."""
     jobs.sort(key=methods.real_priority)
     for index, job in enumerate(jobs):
         job["index"] = index
     first = sum(methods.real_priority(j)[0] == 0 for j in jobs)
     log(f"{len(jobs)} runs to do ({first} in the first tier)")
-    run_jobs(jobs, workers, init_args, on_done)
+    run_jobs(jobs, workers, init_args, on_done, earlier, methods.REAL_METHODS)
 
 
 def _real_base_model(name: str, scale: dict, splits, device: str, report: dict):
@@ -395,7 +432,8 @@ def resume_from(output: Path, report: dict, jobs: list[dict]) -> tuple[list[dict
     """
     previous = json.loads(output.read_text())
     for field in ("scale", "design", "seeds"):
-        if _as_stored(previous.get(field)) != _as_stored(report[field]):
+        earlier, now = previous.get(field), report[field]
+        if _comparable(field, earlier, now) != _comparable(field, now, earlier):
             raise SystemExit(f"--resume: {output} has another {field!r} than this invocation; refusing to mix them "
                              f"(move the file away to start afresh)")  # fmt: skip
     finished = {_job_key(run): run for run in previous.get("runs", []) if run["status"] == "ok"
@@ -411,6 +449,25 @@ def resume_from(output: Path, report: dict, jobs: list[dict]) -> tuple[list[dict
         check = {key: kept[0][key] for key in ("name", "data", "seed", "overrides")}
         todo.insert(0, {**check, "group": "resume_check", "of": _job_key(kept[0])})
     return kept, todo
+
+
+def _comparable(field: str, value, other):
+    """`value` as --resume compares it with `other`: as stored; for the design, its method table only on the methods
+    both have, so that a method added to the table later (issue 27's) does not refuse an earlier file, while a
+    method whose overrides changed does."""
+    value, other = _as_stored(value), _as_stored(other)
+    if field == "design" and isinstance(value, dict) and isinstance(other, dict):
+        table, others = value.get("methods"), other.get("methods")
+        if isinstance(table, dict) and isinstance(others, dict):
+            value = {**value, "methods": {name: table[name] for name in table if name in others}}
+    return value
+
+
+def _earlier_runs(output: Path, resume: bool) -> list[dict]:
+    """The runs of the results JSON that --resume would keep from (none without --resume or without the file)."""
+    if not (resume and output.exists()):
+        return []
+    return json.loads(output.read_text()).get("runs", [])
 
 
 def resume_check(check: dict, done: list[dict]) -> dict:
@@ -460,6 +517,15 @@ def main(argv=None):
     cache_dir = Path(args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     command = f"python -m benchmarks.quality.run {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+    earlier_runs = _earlier_runs(output, args.resume)
+    by_data = scale.get("methods_by_data") or {}
+    missing = position_matched.missing_sources(chosen_methods, args.datasets, seeds, by_data, earlier_runs)
+    # refused before anything is loaded: a control without its source never runs on a default
+    if missing and not args.only_ablations:
+        raise SystemExit("the position-matched control copies the measured position profile of a run on the same "
+                         "data and seed, and " + "; ".join(missing) + " is neither in this invocation's --methods "
+                         "nor a finished run of the --resume file. Add that method to --methods (it runs first), or "
+                         "--resume from a results JSON that has it.")  # fmt: skip
     log(f"quality benchmark, scale {args.scale}, seeds {seeds}, {args.workers} worker(s) x "
         f"{args.threads_per_run} thread(s), device {args.device}")  # fmt: skip
 
@@ -577,6 +643,7 @@ def main(argv=None):
                 jobs.append({"group": "ablation", "name": name, "data": "noisy", "seed": seed,
                              "overrides": methods.overrides_for("sstoken", extra=grid[name])})  # fmt: skip
     report["ablation_grid"] = {name: grid[name] for name in chosen_ablations}
+    kept = []
     if args.resume and output.exists():
         kept, jobs = resume_from(output, report, jobs)
         done.extend(kept)
@@ -584,12 +651,12 @@ def main(argv=None):
         log(f"--resume: kept {len(kept)} finished run(s) of {output.name}{check}")
         save(f"partial ({len(done)} runs finished)", done)
     if real:
-        _run_real_jobs(jobs, args.workers, init_args, on_done)
+        _run_real_jobs(jobs, args.workers, init_args, on_done, kept)
     else:
         for index, job in enumerate(jobs):
             job["index"] = index
         log(f"{len(jobs)} runs to do")
-        run_jobs(jobs, args.workers, init_args, on_done)
+        run_jobs(jobs, args.workers, init_args, on_done, kept, method_table)
 
     failed = [r for r in done if r["status"] != "ok"]
     save("complete" if not failed else f"complete with {len(failed)} failed run(s)", done)

@@ -16,6 +16,7 @@ from trl_sstoken import SSTokenConfig, SSTokenTrainer
 from .base_model import load_cached
 from .evaluate import evaluate_chat
 from .noise import KINDS
+from .position_matched import PositionMatchedConfig
 
 
 class KindTracker:
@@ -76,7 +77,9 @@ class BenchmarkTrainer(SSTokenTrainer):
 
 def training_args(scale: dict, seed: int, output_dir: str, device: str, overrides: dict, max_steps: int | None = None):
     # Real models: the weights are loaded in bf16 (`load_model`), so training runs in bf16 without autocast.
-    return SSTokenConfig(
+    # The position-matched control's profile is its config subclass's field; every other run is a plain SSTokenConfig.
+    config_class = PositionMatchedConfig if "position_profile" in overrides else SSTokenConfig
+    return config_class(
         output_dir=output_dir,
         max_steps=max_steps or scale["sft_steps"],
         per_device_train_batch_size=scale["sft_batch_size"],
