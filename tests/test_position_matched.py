@@ -262,3 +262,23 @@ def test_the_harness_refuses_the_control_without_its_sstoken_runs_before_loading
     monkeypatch.setattr(run, "_real_base_model", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):  # got past the refusal, to the model
         run.main([*argv, "--resume"])
+
+
+def test_the_harness_runs_the_control_after_its_sstoken_run_and_records_the_profile(tmp_path):
+    """The whole pipeline at the lab's tiny scale (seconds), two workers: the control is listed first but waits for
+    sstoken's run, then copies its measured profile, keeping the same number of tokens per step."""
+    output = tmp_path / "quality-tiny.json"
+    run.main(["--quick", "--workers", "2", "--output", str(output), "--cache-dir", str(tmp_path / "cache"), "--no-docs",
+              "--datasets", "noisy", "--ablations", "none", "--methods", CONTROL, "sstoken"])  # fmt: skip
+    results = json.loads(output.read_text())
+    assert results["status"] == "complete"
+    runs = {r["name"]: r for r in results["runs"]}
+    source, control = runs["sstoken"], runs[CONTROL]
+    assert control["status"] == "ok" and control["overrides"]["selection_method"] == "position_matched_random"
+    assert control["position_profile"] == source["result"]["selection"]["kept_fraction_by_position_decile"]
+    assert control["position_profile_from"] == {"name": "sstoken", "data": "noisy", "seed": 0, "resumed": False}
+    assert control["result"]["selected_fraction_mean"] == pytest.approx(source["result"]["selected_fraction_mean"])
+    cell = results["summary"]["main"][CONTROL]["noisy"]
+    assert cell["position_profile_target"] == pytest.approx(control["position_profile"])
+    table = output.with_suffix(".md").read_text()
+    assert table.index("| sstoken |") > table.index(f"| {CONTROL} |")  # by family: baselines before ssToken

@@ -343,7 +343,7 @@ def plot(results: dict, path: Path):
     _mark_families(ax, names)
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_ylabel("exact match on held-out prompts (%)")
-    ax.set_title("Methods (mean ± std over seeds)")
+    ax.set_title("Methods (mean ± std over seeds)", pad=14)  # above the family names
     ax.legend()
 
     ax = axes[1]

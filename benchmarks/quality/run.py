@@ -140,7 +140,7 @@ def versions() -> dict:
     }
 
 
-def design(real: bool = False) -> dict:
+def design(real: bool = False, method_table: dict | None = None) -> dict:
     """The fixed design of the benchmark (see README.md): tasks, noise, shared selection settings, scoring."""
     if real:
         from . import real_data
@@ -163,7 +163,7 @@ def design(real: bool = False) -> dict:
         "noise_rates": noise.NOISE_RATES,
         "boilerplate": " ".join(noise.BOILERPLATE),
         "shared_selection_settings": methods.SHARED,
-        "methods": methods.METHODS,
+        "methods": methods.METHODS if method_table is None else method_table,
         "headline_metric": "exact_match: words between the first 'answer :' and the next '.' equal the ground truth",
         "secondary_metric": "strict_match: the whole generation equals 'answer : <answer> .'",
         "decoding": "greedy, max 32 new tokens, stop at <|im_end|>",
@@ -497,6 +497,8 @@ def main(argv=None):
     seeds = args.seeds if args.seeds else scale["seeds"]
     real = args.model != "lab"
     method_table = methods.REAL_METHODS if real else methods.METHODS
+    if not real and args.methods:  # a real-model method asked for by name runs on the lab model too (the tests')
+        method_table = {**method_table, **{name: methods.REAL_METHODS[name] for name in args.methods}}
     chosen_methods = args.methods or list(scale.get("methods") or method_table)
     lr_calibration = None
     if real:  # before anything is loaded: a budget scale refuses compared methods until its lr is calibrated
@@ -558,7 +560,7 @@ def main(argv=None):
         "scale_overrides": args.overrides,
         **({"lr_calibration": lr_calibration} if lr_calibration is not None else {}),
         "seeds": seeds,
-        "design": design(real),
+        "design": design(real, None if real else method_table),
         "data": {
             "train_examples": len(splits.train),
             "eval_examples": len(splits.eval),
