@@ -255,7 +255,8 @@ def test_the_harness_refuses_the_control_without_its_sstoken_runs_before_loading
     output = tmp_path / "quality.json"
     argv = ["--model", "smollm2", "--quick", "--workers", "1", "--output", str(output), "--no-docs",
             "--cache-dir", str(tmp_path / "cache"), "--datasets", "noisy", "--methods", "full", CONTROL]  # fmt: skip
-    with pytest.raises(SystemExit, match=r"random\[position_matched\] on noisy seed 0 \(needs sstoken on noisy seed 0\)"):
+    refusal = r"random\[position_matched\] on noisy seed 0 \(needs sstoken on noisy seed 0\)"
+    with pytest.raises(SystemExit, match=refusal):
         run.main(argv)
     # with --resume, a finished sstoken run of the results file is a source
     output.write_text(json.dumps({"runs": [finished("sstoken")]}))
