@@ -31,7 +31,8 @@ from trl_sstoken.selection.scoring import bucket_sizes, num_to_keep, position_bu
 
 
 SETTINGS = settings(max_examples=150, deadline=None)
-# A profile like sstoken's measured one on SmolLM2 (front-loaded), and a flat one
+CONTROL = "random[position_matched]"  # the benchmark's name; its selection_method is position_matched_random
+# A profile like sstoken's measured one on SmolLM2 (front-loaded)
 FRONT_LOADED = [0.95, 0.85, 0.75, 0.65, 0.6, 0.55, 0.5, 0.45, 0.35, 0.3]
 
 
@@ -124,7 +125,21 @@ def test_a_zero_decile_is_used_only_when_the_others_are_full():
     assert keep[0, :2].all() and int(keep.sum()) == 6  # the first decile is full, the other 4 tokens by size
 
 
-def test_the_config_checks_the_profile_and_the_method_needs_it(tmp_path):
+@pytest.fixture
+def registered():
+    with position_matched.registered():
+        yield
+    assert "position_matched_random" not in METHODS
+
+
+def test_importing_the_benchmark_leaves_the_packages_method_list_alone():
+    """The control is registered only around a run: the package's help text is written at import and lists the
+    shipped methods, so a control left in the registry would be a method the help does not name."""
+    assert "position_matched_random" not in METHODS
+    assert methods.availability(CONTROL, methods.REAL_METHODS) == (True, "")
+
+
+def test_the_config_checks_the_profile_and_the_method_needs_it(tmp_path, registered):
     base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match=r"position_profile must be a list of 10"):
         PositionMatchedConfig(selection_method="position_matched_random", position_profile=[0.5] * 9, **base)
@@ -144,7 +159,7 @@ def test_the_config_checks_the_profile_and_the_method_needs_it(tmp_path):
         METHODS["position_matched_random"](plain)
 
 
-def test_the_trainer_trains_with_it_and_keeps_randoms_count(tmp_path, tokenizer, dataset):
+def test_the_trainer_trains_with_it_and_keeps_randoms_count(tmp_path, tokenizer, dataset, registered):
     def trainer(method, **extra):
         args = config(tmp_path / method, selection_method=method, selection_ratio=0.6, max_steps=2, **extra)
         return SSTokenTrainer(model=build_tiny_model(tokenizer), args=args, train_dataset=dataset,
@@ -178,9 +193,6 @@ def finished(name, profile=FRONT_LOADED, status="ok", **where):
     else:
         run_["error"] = "RuntimeError: out of memory"
     return run_
-
-
-CONTROL = "random[position_matched]"
 
 
 def test_the_control_waits_for_its_sstoken_run_and_records_the_profile_it_copied():

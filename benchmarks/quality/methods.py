@@ -8,7 +8,7 @@ available)".
 
 from trl_sstoken.selection.methods import METHODS as SELECTION_REGISTRY
 
-from . import position_matched  # registers the control's selection method (a benchmark control, not in the package)
+from . import position_matched
 
 
 # The selection settings every selecting method shares unless a method or an ablation changes them. Written out here
@@ -130,6 +130,8 @@ ABLATION_BASELINE_LABELS = {
 def availability(method: str, table: dict = METHODS) -> tuple[bool, str]:
     """(available, reason) for a method: whether its `selection_method` is registered in the installed package."""
     value = table[method]["selection_method"]
+    if value == position_matched.PositionMatchedRandom.name:  # the benchmark's own: registered around each run
+        return True, ""
     if value not in SELECTION_REGISTRY:
         return (
             False,

@@ -7,7 +7,9 @@ as `sstoken`, the position profile is the cost; if it does as well as `random`, 
 
 It is a benchmark control, not a user feature, so it lives here and reaches the trainer through the package's
 open registry (`trl_sstoken.selection.methods.register`), with its one parameter on a config subclass
-(`PositionMatchedConfig.position_profile`): the package itself is unchanged.
+(`PositionMatchedConfig.position_profile`): the package itself is unchanged. It is in the registry only while a run
+needs it (`registered()`, around each of the harness's runs): a process that merely imports the benchmark (the test
+suite) keeps the package's own method list, whose help text is written when the package is imported.
 
 The draw, per sequence (one row per original sequence, `Regions.to_sequences`, so packing and padding-free work):
 - k = ceil(ratio * n) tokens of its n response tokens, exactly as `random` and `sstoken` keep;
@@ -31,13 +33,14 @@ and lengths), at every step. The benchmark reports the control's realised profil
 the pooled profile is reproduced is measured, not assumed.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from trl_sstoken import SSTokenConfig
-from trl_sstoken.selection.methods import PerSequenceTopK, register
+from trl_sstoken.selection.methods import METHODS, PerSequenceTopK, register
 from trl_sstoken.selection.scoring import bucket_sizes, num_to_keep, position_buckets
 
 
@@ -156,7 +159,6 @@ class PositionMatchedConfig(SSTokenConfig):
         super().__post_init__()
 
 
-@register
 class PositionMatchedRandom(PerSequenceTopK):
     name = "position_matched_random"
     description = (
@@ -186,6 +188,20 @@ class PositionMatchedRandom(PerSequenceTopK):
             f"a random {self.ratio:g} of every response's tokens, kept by response-position decile in proportion to "
             f"the profile ({profile}) (a control: no score)"
         )
+
+
+@contextlib.contextmanager
+def registered():
+    """The control in the package's registry for the duration (config validation, the trainer and the model card look
+    its name up there), and out of it again afterwards, unless it was there before."""
+    added = METHODS.get(PositionMatchedRandom.name) is not PositionMatchedRandom
+    if added:
+        register(PositionMatchedRandom)
+    try:
+        yield PositionMatchedRandom
+    finally:
+        if added:
+            METHODS.pop(PositionMatchedRandom.name, None)
 
 
 # ----- the harness side: where a control run's profile comes from -----

@@ -240,7 +240,7 @@ def _run_job(job: dict) -> dict:
         overrides["reference_dataset"] = _WORKER["datasets"]["reference"]
     if "position_profile" in job:  # the position-matched control: the profile `position_matched.resolve` read
         overrides["position_profile"] = job["position_profile"]
-    with tempfile.TemporaryDirectory() as output_dir:
+    with tempfile.TemporaryDirectory() as output_dir, position_matched.registered():
         try:
             result = train_and_evaluate(
                 _WORKER["base_path"],
