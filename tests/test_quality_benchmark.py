@@ -201,3 +201,19 @@ def test_resume_refuses_a_results_file_of_another_scale(tmp_path):
             "--no-docs", "--datasets", "noisy", "--ablations", "none", "--methods", "full", "--resume"]  # fmt: skip
     with pytest.raises(SystemExit, match="another 'scale'"):
         main(argv)
+
+
+def test_resume_accepts_a_file_whose_method_table_lacks_methods_added_since(tmp_path):
+    """Issue 27 added methods to the table: an earlier file without them resumes; a method whose overrides changed
+    is still refused."""
+    from benchmarks.quality.run import resume_from
+
+    now = {"scale": {"sft_steps": 2}, "seeds": [0], "design": {"metric": "exact", "methods": methods.REAL_METHODS}}
+    earlier_table = {name: overrides for name, overrides in methods.REAL_METHODS.items() if "[balanced]" not in name}
+    output = tmp_path / "quality.json"
+    output.write_text(json.dumps({**now, "design": {**now["design"], "methods": earlier_table}, "runs": []}))
+    assert resume_from(output, dict(now), []) == ([], [])
+    changed = {**earlier_table, "rel": {"selection_method": "rel", "selection_ratio": 0.5}}
+    output.write_text(json.dumps({**now, "design": {**now["design"], "methods": changed}, "runs": []}))
+    with pytest.raises(SystemExit, match="another 'design'"):
+        resume_from(output, dict(now), [])
