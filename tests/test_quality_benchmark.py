@@ -217,3 +217,30 @@ def test_resume_accepts_a_file_whose_method_table_lacks_methods_added_since(tmp_
     output.write_text(json.dumps({**now, "design": {**now["design"], "methods": changed}, "runs": []}))
     with pytest.raises(SystemExit, match="another 'design'"):
         resume_from(output, dict(now), [])
+
+
+def test_tables_order_methods_by_family_with_full_sft_first():
+    """Not alphabetically (issue 27): full SFT, then baselines, loss-based, attention, ssToken, other; each base method
+    followed by its variants in the method table's order; an unknown name last."""
+    from benchmarks.quality.report import method_order
+
+    names = ["sstoken[balanced]", "dft", "attention", "zzz", "rel[balanced]", "sstoken", "random[position_matched]",
+             "rho1", "full", "sstoken[sink_free]", "attention[position_corrected]", "rel", "random", "profit",
+             "attention[sink_free]"]  # fmt: skip
+    assert method_order(names) == [
+        "full", "random", "random[position_matched]", "rel", "rel[balanced]", "rho1", "attention",
+        "attention[sink_free]", "attention[position_corrected]", "sstoken", "sstoken[sink_free]", "sstoken[balanced]",
+        "profit", "dft", "zzz",
+    ]  # fmt: skip
+
+
+def test_the_committed_real_model_results_render_by_family():
+    from pathlib import Path
+
+    from benchmarks.quality.report import markdown_real, method_order
+
+    results = json.loads((Path(__file__).parents[1] / "benchmarks/results/quality-real-cpu-smollm2.json").read_text())
+    table = markdown_real(results)
+    noisy = table.split("**noisy training data**")[1].split("**clean training data**")[0]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in noisy.splitlines() if line.startswith("| ")][1:]
+    assert rows == method_order(results["summary"]["main"]) and rows[0] == "full" and len(rows) == 12

@@ -188,6 +188,8 @@ def plot_real(results: dict, path: Path):
         for offset, dataset, color in ((-0.2, "noisy", "tab:blue"), (0.2, "clean", "tab:orange")):
             xs = [i + offset for i, n in enumerate(names) if dataset in main[n]]
             cells = [main[n][dataset][metric] for n in names if dataset in main[n]]
+            if not cells and dataset not in main.get(REFERENCE_METHOD, {}):
+                continue  # a data set this file did not run: no empty legend entry
             ax.bar(xs, [c["mean"] * scale for c in cells], 0.4, yerr=[c["std"] * scale for c in cells], label=dataset,
                    color=color)  # fmt: skip
             reference = main.get(REFERENCE_METHOD, {}).get(dataset)
