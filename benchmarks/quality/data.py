@@ -84,18 +84,21 @@ def build_splits(
     reference_per_family: int,
     clean: Callable = None,
     noisy: Callable = None,
+    generators: dict = None,
 ) -> SFTSplits:
-    """The splits, with responses made by `clean(instance)` and `noisy(instance, rng)` (default: the lab's)."""
+    """The splits, with responses made by `clean(instance)` and `noisy(instance, rng)` (default: the lab's), of the
+    families of `generators` (default: the four of `tasks.py`)."""
     clean = clean or clean_response
     noisy = noisy or noisy_response
+    generators = generators or GENERATORS
     rng = random.Random(data_seed)
-    eval_instances = generate(rng, eval_per_family)
-    train = generate(rng, train_per_family, exclude_prompts={i.prompt for i in eval_instances})
+    eval_instances = generate(rng, eval_per_family, generators=generators)
+    train = generate(rng, train_per_family, exclude_prompts={i.prompt for i in eval_instances}, generators=generators)
     noise_rng = random.Random(data_seed + 1)
     train_noisy = [noisy(instance, noise_rng) for instance in train]
     train_clean = [clean(instance) for instance in train]
     reference = []
-    for family in FAMILIES:
+    for family in generators:
         reference += [i for i in train if i.family == family][:reference_per_family]
     return SFTSplits(eval_instances, train, train_noisy, train_clean, reference, clean)
 

@@ -19,6 +19,9 @@ Noise (rates fixed in `noise.py`, the same as the lab benchmark), each response 
 A response is built from (kind, text) segments; after tokenizing the whole example (canonical tokenization, as TRL
 would), each response token gets the kind of the segment holding its first non-space character.
 
+The long-response families (`--tasks long`, issue 27: `long_tasks.py`, a procedure answered step by step) go through
+the same functions: each dispatches on the instance's family, so tokenization, kinds and the harness are shared.
+
 Prompt formats: SmolLM2 uses its own ChatML template (with the default system prompt it inserts, as a user of the
 model would get); gemma-3-270m is a base model without a chat template and gets `<bos>User: {prompt}\\nAssistant:\\n`
 with the response ended by `<eos>`.
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from . import data, noise
+from . import data, long_tasks, noise
 from .tasks import Instance
 
 
@@ -37,6 +40,7 @@ BOILERPLATE_TEXT = "Sure! Here is what you asked for. "
 RANDOM_MARKER_TEXT = " Ref:"
 CODE_LETTERS = "KQZXJV"
 KINDS = noise.KINDS
+TASK_SETS = ("short", "long")  # the four short families of tasks.py, or the long-response ones of long_tasks.py
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,9 @@ class RealResponse:
 
 
 def prompt_text(instance: Instance) -> str:
-    """The natural-language prompt of a lab instance (same numbers, items and keys)."""
+    """The natural-language prompt of a lab instance (same numbers, items and keys); a long task's is its own."""
+    if instance.family in long_tasks.FAMILIES:
+        return instance.prompt
     words = instance.prompt.split()
     if instance.family == "add":
         return f"What is {words[1]} + {words[3]}?"
@@ -67,6 +73,8 @@ def prompt_text(instance: Instance) -> str:
 
 def answer_items(instance: Instance) -> tuple[str, ...]:
     """The answer as items: lookup answers only the value (the key is in the question)."""
+    if instance.family in long_tasks.FAMILIES:
+        return instance.answer
     return instance.answer[1:] if instance.family == "lookup" else instance.answer
 
 
@@ -75,6 +83,8 @@ def answer_text(instance: Instance) -> str:
 
 
 def clean_response(instance: Instance) -> RealResponse:
+    if instance.family in long_tasks.FAMILIES:
+        return RealResponse(tuple(long_tasks.clean_segments(instance)))
     segments = [("format", "Answer: ")]
     for index, item in enumerate(answer_items(instance)):
         if index:
@@ -89,6 +99,9 @@ def _code(rng: random.Random) -> str:
 
 def noisy_response(instance: Instance, rng: random.Random) -> RealResponse:
     """Noise drawn like `noise.noisy_response` (same rates, a fixed number of draws per response)."""
+    if instance.family in long_tasks.FAMILIES:
+        segments = long_tasks.noisy_segments(instance, rng, BOILERPLATE_TEXT, RANDOM_MARKER_TEXT, _code)
+        return RealResponse(tuple(segments))
     segments = []
     if rng.random() < noise.BOILERPLATE_RATE:
         segments.append(("boilerplate", BOILERPLATE_TEXT))
@@ -107,11 +120,16 @@ def noisy_response(instance: Instance, rng: random.Random) -> RealResponse:
     return RealResponse(tuple(segments))
 
 
-def build_splits(data_seed: int, train_per_family: int, eval_per_family: int, reference_per_family: int):
-    """The lab benchmark's splits (same instances, same noise draws), with real-model responses."""
-    return data.build_splits(
-        data_seed, train_per_family, eval_per_family, reference_per_family, clean=clean_response, noisy=noisy_response
-    )
+def build_splits(
+    data_seed: int, train_per_family: int, eval_per_family: int, reference_per_family: int, tasks: str = "short"
+):
+    """The lab benchmark's splits (same instances, same noise draws), with real-model responses; with
+    tasks="long", the long-response families' splits, drawn the same way."""
+    if tasks not in TASK_SETS:
+        raise ValueError(f"tasks={tasks!r}: allowed values are {TASK_SETS}")
+    generators = long_tasks.GENERATORS if tasks == "long" else None
+    return data.build_splits(data_seed, train_per_family, eval_per_family, reference_per_family,
+                             clean=clean_response, noisy=noisy_response, generators=generators)  # fmt: skip
 
 
 # ----- prompt formats and tokenization -----

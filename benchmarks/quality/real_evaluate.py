@@ -23,9 +23,8 @@ from trl_sstoken.attention.capture import (
     sink_keys,
 )
 
-from . import real_data
+from . import long_tasks, real_data
 from .noise import KINDS
-from .tasks import FAMILIES
 
 
 def extract_answer(text: str) -> str | None:
@@ -38,6 +37,8 @@ def extract_answer(text: str) -> str | None:
 
 
 def score_generation(text: str, instance) -> dict:
+    if instance.family in long_tasks.FAMILIES:  # every step and the final answer, plus per-step accuracy
+        return long_tasks.score_generation(text, instance, real_data.clean_response(instance).text)
     return {
         "exact_match": extract_answer(text) == real_data.answer_text(instance),
         "strict_match": text.strip() == real_data.clean_response(instance).text,
@@ -88,7 +89,7 @@ def greedy_generate(model, tokenizer, model_name, prompts_ids, max_new_tokens, b
 
 def _summarize(per_example, instances, key):
     result = {"overall": sum(s[key] for s in per_example) / len(per_example)}
-    for family in FAMILIES:
+    for family in dict.fromkeys(i.family for i in instances):  # the task set's families, in order
         scores = [s[key] for s, i in zip(per_example, instances, strict=False) if i.family == family]
         if scores:
             result[family] = sum(scores) / len(scores)
@@ -126,6 +127,12 @@ def evaluate(model, tokenizer, model_name, instances, max_new_tokens=48, samples
     return {
         "exact_match": _summarize(per_example, instances, "exact_match"),
         "strict_match": _summarize(per_example, instances, "strict_match"),
+        # long-response tasks only: the final answer alone, and the fraction of steps stated right
+        **{
+            key: _summarize(per_example, instances, key)
+            for key in ("final_match", "step_accuracy")
+            if key in per_example[0]
+        },  # fmt: skip
         **clean_nll(model, tokenizer, model_name, instances),
         "samples": [
             {"prompt": real_data.prompt_text(i), "generation": t, "answer": real_data.answer_text(i)}

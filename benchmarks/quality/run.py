@@ -51,6 +51,13 @@ def parse_args(argv=None):
         help="lab: the benchmark's own small model, pretrained here; smollm2 / gemma3: a real pretrained model "
         "(tools.real_models) with natural-language tasks (real-model mode, scales real-*)",
     )
+    parser.add_argument(
+        "--tasks",
+        choices=("short", "long"),
+        default="short",
+        help="real-model mode: short (the four families, `Answer: 37`) or long (a procedure answered step by step, "
+        "80-300 tokens: long_tasks.py); long sets the scale's sizes, max_length and max new tokens",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the scale's, 0 1 2)")
     parser.add_argument("--methods", nargs="+", choices=list(methods.REAL_METHODS), help="default: all")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
@@ -97,6 +104,8 @@ def parse_args(argv=None):
         args.scale = "tiny" if args.model == "lab" else "real-tiny"
     elif args.model != "lab" and not args.scale.startswith("real-"):
         args.scale = "real-cpu"
+    if args.tasks == "long" and args.model == "lab":
+        parser.error("--tasks long is for the real-model mode (--model smollm2|gemma3)")
     if (args.model == "lab") == args.scale.startswith("real-"):
         parser.error(f"--scale {args.scale} does not go with --model {args.model} (real-* scales are for real models)")
     return args
@@ -140,8 +149,25 @@ def versions() -> dict:
     }
 
 
-def design(real: bool = False, method_table: dict | None = None) -> dict:
+def design(real: bool = False, method_table: dict | None = None, task_set: str = "short") -> dict:
     """The fixed design of the benchmark (see README.md): tasks, noise, shared selection settings, scoring."""
+    if task_set == "long":
+        from . import long_tasks, real_data
+
+        return {
+            "families": list(long_tasks.FAMILIES),
+            "noise_rates": noise.NOISE_RATES,
+            "boilerplate": real_data.BOILERPLATE_TEXT,
+            "shared_selection_settings": methods.SHARED,
+            "methods": methods.REAL_METHODS,
+            "headline_metric": "exact_match: every step's stated result ('Step i (...): <result>') and the final answer "
+            "(after the first 'Answer:') equal the ground truth",
+            "secondary_metrics": "step_accuracy (fraction of steps stated right); final_match (the final answer "
+            "alone); strict_match (the whole generation is the clean response); answer_nll (teacher-forced mean NLL "
+            "of the payload tokens of the clean eval responses: every step's result and the final answer)",
+            "decoding": f"greedy, max {long_tasks.MAX_NEW_TOKENS} new tokens, stop at the end-of-turn token",
+            "std": "sample standard deviation over seeds (n - 1 denominator)",
+        }
     if real:
         from . import real_data
 
@@ -216,9 +242,8 @@ def _init_real_worker(scale: dict, base_path: str, device: str, threads: int):
     from . import real_data
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    splits = real_data.build_splits(
-        scale["data_seed"], scale["train_per_family"], scale["eval_per_family"], scale["reference_per_family"]
-    )
+    splits = real_data.build_splits(scale["data_seed"], scale["train_per_family"], scale["eval_per_family"],
+                                    scale["reference_per_family"], tasks=scale.get("tasks", "short"))  # fmt: skip
     name = scale["model"]
     _WORKER.update(
         scale=scale, base_path=base_path, device=device, threads=threads, tokenizer=tokenizer, splits=splits,
@@ -324,8 +349,10 @@ def summarize(runs: list[dict]) -> dict:
             "seeds": [r["seed"] for r in cell],
             "exact_match": mean_std([r["result"]["exact_match"]["overall"] for r in cell]),
             "strict_match": mean_std([r["result"]["strict_match"]["overall"] for r in cell]),
-            "exact_match_by_family": {
-                family: mean_std([r["result"]["exact_match"][family] for r in cell]) for family in tasks.FAMILIES
+            "exact_match_by_family": {  # the task set's families (tasks.FAMILIES, or long_tasks.FAMILIES)
+                family: mean_std([r["result"]["exact_match"][family] for r in cell])
+                for family in cell[0]["result"]["exact_match"]
+                if family != "overall"
             },
             "kept_fraction_by_kind": {
                 kind: statistics.fmean(r["result"]["selection"]["kept_fraction_by_kind"].get(kind, 0.0) for r in cell)
@@ -359,7 +386,10 @@ def _real_cell_metrics(cell: list[dict]) -> dict:
         values = [v for v in values if v is not None]
         deciles.append(statistics.fmean(values) if values else None)
     attention = [r["result"]["attention"] for r in cell]
+    long_tasks_only = {key: mean_std([r["result"][key]["overall"] for r in cell])
+                       for key in ("step_accuracy", "final_match") if key in cell[0]["result"]}  # fmt: skip
     return {
+        **long_tasks_only,
         "answer_nll": mean_std([r["result"]["answer_nll"] for r in cell]),
         "response_nll": mean_std([r["result"]["response_nll"] for r in cell]),
         "kept_fraction_by_position_decile": deciles,
@@ -392,6 +422,14 @@ def _real_base_model(name: str, scale: dict, splits, device: str, report: dict):
     path = str(real_model_path(name))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_real_model(path, device)
+    longest = max(len(real_data.tokenize_example(tokenizer, name, real_data.prompt_text(i), r)["input_ids"])
+                  for instances, responses in ((splits.train, splits.train_noisy), (splits.train, splits.train_clean),
+                                               (splits.reference, splits.reference_responses()))
+                  for i, r in zip(instances, responses, strict=True))  # fmt: skip
+    report["data"]["longest_example_tokens"] = longest
+    if longest > scale["max_length"]:  # TRL would truncate it: the response's end (the answer) would be lost
+        raise SystemExit(f"max_length={scale['max_length']} would truncate the longest training example "
+                         f"({longest} tokens); raise it (--set max_length=...)")  # fmt: skip
     noisy_rows = [real_data.tokenize_example(tokenizer, name, real_data.prompt_text(i), r)
                   for i, r in list(zip(splits.train, splits.train_noisy, strict=False))[: scale["diagnostic_rows"]]]  # fmt: skip
     report["data"]["noisy_realised"] = real_data.kind_counts(splits.train_noisy, tokenizer, name, splits.train)
@@ -401,7 +439,9 @@ def _real_base_model(name: str, scale: dict, splits, device: str, report: dict):
         "path": path,
         "name": name,
         "num_layers": model.config.num_hidden_layers,
-        "eval_before_sft": real_evaluate.evaluate(model, tokenizer, name, splits.eval),
+        "eval_before_sft": real_evaluate.evaluate(
+            model, tokenizer, name, splits.eval, max_new_tokens=scale.get("max_new_tokens", 48)
+        ),  # fmt: skip
         "attention_before_sft": {
             str(layer): real_evaluate.attention_diagnostics(model, noisy_rows, layer, tokenizer.pad_token_id)
             for layer in (-1, scale["num_layers"] // 2, round(0.7 * scale["num_layers"]))
@@ -488,6 +528,10 @@ def main(argv=None):
     quiet_libraries()
     started, start_time = datetime.now(timezone.utc), time.time()
     scale = dict(SCALES[args.scale])
+    if args.tasks == "long":  # the task set's sizes, max_length and max new tokens (long_tasks.py); --set still wins
+        from . import long_tasks
+
+        scale = long_tasks.scale_for(scale)
     for item in args.overrides:
         key, _, value = item.partition("=")
         if key not in scale or key == "seeds":
@@ -513,7 +557,8 @@ def main(argv=None):
         scale["model"] = args.model
         scale["num_layers"] = AutoConfig.from_pretrained(real_model_path(args.model)).num_hidden_layers
     torch.set_num_threads(max(1, args.workers * args.threads_per_run))
-    scale_name = (f"{args.scale}-{args.model}" if real else args.scale) + ("-ablations" if args.only_ablations else "")
+    scale_name = (f"{args.scale}-{args.model}" if real else args.scale) + ("-long" if args.tasks == "long" else "")
+    scale_name += "-ablations" if args.only_ablations else ""
     output = Path(args.output) if args.output else REPO_ROOT / "benchmarks" / "results" / f"quality-{scale_name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir)
@@ -539,7 +584,11 @@ def main(argv=None):
     else:
         data_module = data
     splits = data_module.build_splits(
-        scale["data_seed"], scale["train_per_family"], scale["eval_per_family"], scale["reference_per_family"]
+        scale["data_seed"],
+        scale["train_per_family"],
+        scale["eval_per_family"],
+        scale["reference_per_family"],
+        **({"tasks": args.tasks} if real else {}),
     )
     report = {
         "benchmark": "trl_sstoken quality benchmark (issue 5; real-model mode: issue 13)",
@@ -560,7 +609,7 @@ def main(argv=None):
         "scale_overrides": args.overrides,
         **({"lr_calibration": lr_calibration} if lr_calibration is not None else {}),
         "seeds": seeds,
-        "design": design(real, None if real else method_table),
+        "design": design(real, None if real else method_table, args.tasks),
         "data": {
             "train_examples": len(splits.train),
             "eval_examples": len(splits.eval),

@@ -158,7 +158,8 @@ def train_and_evaluate(
     if real:
         from . import real_evaluate
 
-        scores = real_evaluate.evaluate(trainer.model, tokenizer, scale["model"], eval_instances)
+        scores = real_evaluate.evaluate(trainer.model, tokenizer, scale["model"], eval_instances,
+                                        max_new_tokens=scale.get("max_new_tokens", 48))  # fmt: skip
         diagnostic_rows = [train_dataset[i] for i in range(min(scale["diagnostic_rows"], len(train_dataset)))]
         scores["attention"] = real_evaluate.attention_diagnostics(
             trainer.model, diagnostic_rows, overrides.get("attention_layer", -1), tokenizer.pad_token_id

@@ -138,19 +138,23 @@ def ground_truth(family: str, prompt: str) -> tuple[str, ...]:
     raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
 
 
-def generate(rng: random.Random, count_per_family: int, exclude_prompts: set[str] = frozenset()) -> list[Instance]:
-    """`count_per_family` distinct instances of each family (round-robin order), none of whose prompts is excluded."""
+def generate(
+    rng: random.Random, count_per_family: int, exclude_prompts: set[str] = frozenset(), generators: dict = None
+) -> list:
+    """`count_per_family` distinct instances of each family (round-robin order), none of whose prompts is excluded.
+    `generators` (family -> rng -> instance) defaults to these four families; `long_tasks` passes its own."""
+    generators = generators or GENERATORS
     instances, seen = [], set(exclude_prompts)
-    per_family = dict.fromkeys(FAMILIES, 0)
+    per_family = dict.fromkeys(generators, 0)
     attempts = 0
     while min(per_family.values()) < count_per_family:
-        for family in FAMILIES:
+        for family in generators:
             if per_family[family] >= count_per_family:
                 continue
             attempts += 1
-            if attempts > 200 * count_per_family * len(FAMILIES):
+            if attempts > 200 * count_per_family * len(generators):
                 raise RuntimeError(f"could not draw {count_per_family} distinct {family} instances")
-            instance = GENERATORS[family](rng)
+            instance = generators[family](rng)
             if instance.prompt in seen:
                 continue
             seen.add(instance.prompt)
