@@ -185,3 +185,23 @@ def test_pipeline_tiny_scale_long_tasks(smollm2_dir, tmp_path):
     assert set(result["selection"]["kept_fraction_by_kind"]) >= {"answer", "format"}
     cell = results["summary"]["main"]["full"]["noisy"]
     assert set(cell["exact_match_by_family"]) == set(long_tasks.FAMILIES) and cell["step_accuracy"]["n"] == 1
+
+
+def test_a_budget_scale_reads_the_long_sets_own_calibration(tmp_path):
+    """The long set's recipe differs (sizes, max_length): it is calibrated on its own data, in its own file, and the
+    short set's calibration never gives it an lr."""
+    from benchmarks.quality import calibration
+    from benchmarks.quality.scales import SCALES
+
+    scale = long_tasks.scale_for(SCALES["real-cpu-300"])
+    short = calibration.calibration_path(tmp_path, "real-cpu-300", "smollm2")
+    short.write_text(json.dumps({"recipe": calibration.recipe_of(SCALES["real-cpu-300"]), "rule": calibration.RULE,
+                                 "choice": {"final": True, "lr": 1e-3}}))  # fmt: skip
+    with pytest.raises(calibration.Uncalibrated, match="lr-real-cpu-300-smollm2-long.json.*--tasks long"):
+        calibration.lr_for_run("real-cpu-300", scale, "smollm2", ["sstoken"], False, tmp_path)
+    long = calibration.calibration_path(tmp_path, "real-cpu-300", "smollm2", "long")
+    assert long.name == "lr-real-cpu-300-smollm2-long.json"
+    long.write_text(json.dumps({"recipe": calibration.recipe_of(scale), "rule": calibration.RULE,
+                                "choice": {"final": True, "lr": 3e-4}}))  # fmt: skip
+    lr, record = calibration.lr_for_run("real-cpu-300", scale, "smollm2", ["sstoken"], False, tmp_path)
+    assert lr == 3e-4 and record["file"].endswith("lr-real-cpu-300-smollm2-long.json")

@@ -37,6 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--scale", choices=sorted(s for s in SCALES if s.startswith("real-")), required=True)
     parser.add_argument("--lrs", type=float, nargs="+", help="candidate learning rates (default: the scale's grid)")
     parser.add_argument("--resume", action="store_true", help="keep the lrs an earlier calibration finished")
+    parser.add_argument("--tasks", choices=("short", "long"), default="short",
+                        help="the task set calibrated on (long: long_tasks.py, its own file lr-<scale>-<model>-long)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="lrs trained in parallel")
     parser.add_argument("--threads-per-run", type=int, default=1, help="torch threads inside each run")
     parser.add_argument("--device", default="cpu")
@@ -69,7 +71,11 @@ def main(argv=None):
     args = parse_args(argv)
     run.quiet_libraries()
     scale = {**SCALES[args.scale], "model": args.model}
-    output = calibration.calibration_path(Path(args.output_dir), args.scale, args.model)
+    if args.tasks == "long":
+        from . import long_tasks
+
+        scale = long_tasks.scale_for(scale)
+    output = calibration.calibration_path(Path(args.output_dir), args.scale, args.model, args.tasks)
     output.parent.mkdir(parents=True, exist_ok=True)
     log_path = output.with_suffix(".log")
     command = f"python -m benchmarks.quality.calibrate {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
@@ -140,8 +146,8 @@ def main(argv=None):
     verdict = f"final: lr {calibration.format_lr(choice['lr'])}" if choice["final"] else "NOT final"
     run.log(f"{verdict} ({choice['reason']})")
     if choice["extend_with"] is not None:
-        run.log("extend the grid: " + calibration.calibrate_command(args.scale, args.model, [choice["extend_with"]])
-                + " --resume")  # fmt: skip
+        run.log("extend the grid: " + calibration.calibrate_command(args.scale, args.model, [choice["extend_with"]],
+                                                                     args.tasks) + " --resume")  # fmt: skip
     return report
 
 

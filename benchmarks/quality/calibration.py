@@ -62,17 +62,18 @@ class Uncalibrated(SystemExit):
     """A compared run was asked of a scale whose learning rate has no final calibration."""
 
 
-def calibration_path(directory: Path, scale_name: str, model: str) -> Path:
-    return Path(directory) / f"lr-{scale_name}-{model}.json"
+def calibration_path(directory: Path, scale_name: str, model: str, tasks: str = "short") -> Path:
+    """The long-response task set (`--tasks long`) is calibrated on its own data, in its own file."""
+    return Path(directory) / f"lr-{scale_name}-{model}{'-long' if tasks == 'long' else ''}.json"
 
 
 def recipe_of(scale: dict) -> dict:
     return {key: scale[key] for key in RECIPE_KEYS}
 
 
-def calibrate_command(scale_name: str, model: str, lrs) -> str:
+def calibrate_command(scale_name: str, model: str, lrs, tasks: str = "short") -> str:
     return (f"python -m benchmarks.quality.calibrate --model {model} --scale {scale_name} --lrs "
-            + " ".join(format_lr(lr) for lr in lrs))  # fmt: skip
+            + " ".join(format_lr(lr) for lr in lrs) + (" --tasks long" if tasks == "long" else ""))  # fmt: skip
 
 
 def format_lr(lr: float) -> str:
@@ -147,8 +148,9 @@ def lr_for_run(
     if SCALES[scale_name].get("sft_lr") is not None:
         source = "--set sft_lr" if lr_set else "the scale (calibrated by hand; the README's calibration log)"
         return scale["sft_lr"], {"source": source}
-    path = calibration_path(directory, scale_name, calibrated_on)
-    command = calibrate_command(scale_name, calibrated_on, scale.get("lr_candidates") or (1e-3, 3e-4, 1e-4))
+    tasks = scale.get("tasks", "short")
+    path = calibration_path(directory, scale_name, calibrated_on, tasks)
+    command = calibrate_command(scale_name, calibrated_on, scale.get("lr_candidates") or (1e-3, 3e-4, 1e-4), tasks)
     calibration = read(path)
     problem = None
     if calibration is None:
