@@ -6,6 +6,8 @@ Scoring of a generation (decoded text up to the end-of-turn token):
   of spaces and a final `.`, equals the ground-truth answer (`37`, `fox, cat, ant`). Boilerplate before `Answer:` and
   a ` Ref: ...` tail are not penalised; a wrong, missing or extra item is.
 - `strict_match`: the whole generation equals the clean response `Answer: <answer>` (no noise emitted).
+- the long-response tasks (`--tasks long`) are scored by `long_tasks.score_generation`: exact match = every step and
+  the final answer right, plus `step_accuracy` (fraction of steps right) and `final_match` (the answer alone).
 - `answer_nll`: mean negative log-likelihood of the answer tokens of the clean eval responses, teacher-forced (cheap
   and low-variance; lower is better); `response_nll` over every clean response token.
 """
