@@ -1,15 +1,19 @@
 """The distributed tier: DDP, FSDP1, FSDP2, ZeRO-2 and ZeRO-3, two CPU processes over gloo, against one process.
 
 Every engine runs every scenario of `worker.py` (plain SFTTrainer, `full`, sstoken with `base`, cached `base`,
-`lagged`, `ema`, and a lagged run killed after its checkpoint and resumed) in one launch, with two processes of two
-sequences each; the reference is one process of four sequences (the same global batch, the same data order). A
+`lagged`, `ema`, and a lagged run killed after its checkpoint and resumed) with two processes of two sequences each;
+the reference is one process of four sequences (the same global batch, the same data order). Starting a launch
+costs more than an engine's scenarios, so the engines of one entry of `LAUNCHES` share one launch, one after another
+in the same two processes; each engine is still its own test, failing with its own scenarios' messages. A
 scenario either matches the reference (loss and sstoken/rel_mean at every step, the final adapter) or is refused
 when the trainer is built, with a message naming the engine and the alternative (`REFUSED`). The engines run on
 the CPU through a test-only shim of accelerate's device checks (`cpu_engines.py`).
 
-Marked `distributed`: the fast tier skips it with `-m "not distributed"`. Its time is printed per launch.
+Marked `distributed`: the fast tier skips it with `-m "not distributed"`. Its time is printed per launch, and each
+scenario's own seconds are in its result.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -30,6 +34,11 @@ SCENARIOS = ["sft", "full", "base", "cached", "lagged", "ema", "resume-lagged"]
 # fsdp1 runs with SHARDED_STATE_DICT (torch's FSDP1 segfaults gathering a full state dict on the CPU), fsdp2 with
 # FULL_STATE_DICT, fsdp2sharded with SHARDED_STATE_DICT (worker.ENGINES)
 ENGINES = ["ddp", "fsdp1", "fsdp2", "fsdp2sharded", "zero2", "zero3"]
+# engines that share a launch, in the order they run: DeepSpeed last (its global state is reset between engines,
+# worker.reset_engine, but a DeepSpeed crash then loses no other engine), FSDP1 after the FSDP2 runs (its segfaults
+# on the CPU are why it saves sharded); a test selected alone (-k) launches only its own engine
+LAUNCHES = [("ddp", "fsdp2", "fsdp2sharded", "fsdp1", "zero2", "zero3")]
+DEEPSPEED_ENGINES = ("zero2", "zero3")
 # (engine, scenario) -> a phrase the refusal at construction must contain; everything else must match
 FSDP1_MOVING = "under FSDP1 is not supported"
 ZERO3_MOVING = "under DeepSpeed ZeRO-3 is not supported"
@@ -55,7 +64,7 @@ def scenarios_of(engine: str) -> list[str]:
     return SCENARIOS + extra
 
 
-LAUNCH_TIMEOUT = 900
+LAUNCH_TIMEOUT = 1200  # one launch runs every engine's scenarios
 
 
 def free_port() -> int:
@@ -71,37 +80,81 @@ def clean_env() -> dict:
     return env
 
 
-def launch(out_dir, engine, scenarios, processes):
-    """Runs the worker (under torchrun for two processes) and returns {scenario: result}; prints its time."""
+def launch(out_dir, runs, processes):
+    """Runs the worker (under torchrun for two processes) on `runs` [(engine, scenario)]; prints its time.
+
+    Returns {engine: {scenario: result}} for the runs that wrote a result, and the launch's exit code and output tail
+    for the error of those that did not (a crash loses the runs after it, never the results before it).
+    """
     command = [sys.executable]
     if processes > 1:
         command += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
         command += ["--master_port", str(free_port())]
-    command += [WORKER, str(out_dir), engine, *scenarios]
+    command += [WORKER, str(out_dir), *(f"{engine}/{scenario}" for engine, scenario in runs)]
     began = time.monotonic()
-    completed = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    print(f"distributed tier: {engine} x{processes}, {len(scenarios)} scenarios, {time.monotonic() - began:.0f} s")  # noqa: T201
-    results = {}
-    for scenario in scenarios:
-        path = os.path.join(out_dir, f"{scenario}.json")
+    try:
+        completed = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        ended, stdout, stderr = completed.returncode, completed.stdout, completed.stderr
+    except subprocess.TimeoutExpired as timeout:  # a hang: the results written before it still count
+        ended, stdout, stderr = f"a timeout after {LAUNCH_TIMEOUT} s", timeout.stdout or "", timeout.stderr or ""
+        stdout, stderr = (
+            text.decode(errors="replace") if isinstance(text, bytes) else text for text in (stdout, stderr)
+        )
+    engines = list(dict.fromkeys(engine for engine, _ in runs))
+    seconds = time.monotonic() - began
+    print(f"distributed tier: {'+'.join(engines)} x{processes}, {len(runs)} scenarios, {seconds:.0f} s")  # noqa: T201
+    results = {engine: {} for engine in engines}
+    for engine, scenario in runs:
+        path = os.path.join(out_dir, engine, f"{scenario}.json")
         if not os.path.exists(path):
-            pytest.fail(
-                f"{engine}: no result for {scenario} (the launch ended with {completed.returncode}):\n"
-                + completed.stdout[-3000:]
-                + completed.stderr[-5000:]
-            )
+            continue
         with open(path) as handle:
-            results[scenario] = json.load(handle)
-        adapter = os.path.join(out_dir, f"{scenario}.safetensors")
+            results[engine][scenario] = json.load(handle)
+        adapter = os.path.join(out_dir, engine, f"{scenario}.safetensors")
         if os.path.exists(adapter):
-            results[scenario]["adapter"] = load_file(adapter)
-    return results
+            results[engine][scenario]["adapter"] = load_file(adapter)
+    output = f"(the launch ended with {ended}):\n{stdout[-3000:]}{stderr[-5000:]}"
+    return results, output
+
+
+def results_of(launched, engine, scenarios):
+    """The engine's results, failing with the launch's output where a scenario has none."""
+    results, output = launched
+    missing = [scenario for scenario in scenarios if scenario not in results.get(engine, {})]
+    if missing:
+        pytest.fail(f"{engine}: no result for {', '.join(missing)} {output}")
+    return results[engine]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One process, four sequences per step: what every engine must reproduce."""
-    return launch(tmp_path_factory.mktemp("single"), "single", SCENARIOS, processes=1)
+    launched = launch(tmp_path_factory.mktemp("single"), [("single", s) for s in SCENARIOS], processes=1)
+    return results_of(launched, "single", SCENARIOS)
+
+
+@pytest.fixture(scope="module")
+def engine_launches(request, tmp_path_factory):
+    """engine -> the results of its launch; a launch runs once, for the engines of it this session selected."""
+    selected = {
+        item.callspec.params["engine"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_engine_matches_a_single_process_or_refuses"
+    }
+    if importlib.util.find_spec("deepspeed") is None:
+        selected -= set(DEEPSPEED_ENGINES)
+    done = {}
+
+    def launched(engine):
+        if engine not in done:
+            group = next(group for group in LAUNCHES if engine in group)
+            engines = [name for name in group if name == engine or (name in selected and name not in done)]
+            runs = [(name, scenario) for name in engines for scenario in scenarios_of(name)]
+            outcome = launch(tmp_path_factory.mktemp("-".join(engines)), runs, processes=2)
+            done.update(dict.fromkeys(engines, outcome))
+        return done[engine]
+
+    return launched
 
 
 def assert_matches(engine, scenario, got, expected):
@@ -120,10 +173,10 @@ def assert_matches(engine, scenario, got, expected):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_engine_matches_a_single_process_or_refuses(engine, reference, tmp_path):
-    if engine.startswith("zero"):
+def test_engine_matches_a_single_process_or_refuses(engine, reference, engine_launches):
+    if engine in DEEPSPEED_ENGINES:
         pytest.importorskip("deepspeed", reason="the 'dist' extra (deepspeed) is not installed")
-    results = launch(tmp_path, engine, scenarios_of(engine), processes=2)
+    results = results_of(engine_launches(engine), engine, scenarios_of(engine))
     failures = []
     for scenario in scenarios_of(engine):
         got = results[scenario]

@@ -1,20 +1,24 @@
-"""One launch of the distributed tier: every scenario of one engine, one after another, in the same processes.
+"""One launch of the distributed tier: every scenario of several engines, one after another, in the same processes.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py OUT ENGINE SCENARIO [SCENARIO ...]
-    python tests/distributed/worker.py OUT single SCENARIO [...]      # the single-process reference, global batch 4
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py OUT ENGINE/SCENARIO [...]
+    python tests/distributed/worker.py OUT single/SCENARIO [...]      # the single-process reference, global batch 4
 
-ENGINE is one of `ENGINES` (ddp, fsdp1, fsdp2, zero2, zero3) or `single`. A scenario is `sft` (plain SFTTrainer),
-`full`, `base`, `cached`, `lagged`, `ema` (sstoken with that history), or `resume-<history>`: a run that
-checkpoints at step 3, is aborted at step 4 (every process raises, as a killed job leaves its checkpoint behind), and
-is resumed from that checkpoint by a fresh trainer to the last step. Starting a launch costs about as much as its
-scenarios, so a launch runs many.
+ENGINE is one of `ENGINES` (ddp, fsdp1, fsdp2, fsdp2sharded, zero2, zero3) or `single`. A scenario is `sft`
+(plain SFTTrainer), `full`, `base`, `cached`, `lagged`, `ema` (sstoken with that history), or `resume-<history>`: a
+run that checkpoints at step 3, is aborted at step 4 (every process raises, as a killed job leaves its checkpoint
+behind), and is resumed from that checkpoint by a fresh trainer to the last step. Starting a launch (importing
+torch, transformers, trl, deepspeed and joining the process group) costs more than an engine's scenarios, so a
+launch runs many, of several engines: they share the process group, and between two engines `reset_engine` clears
+what one leaves behind for the next (accelerate's singletons, transformers' DeepSpeed config, the environment).
 
-For each scenario the main process writes OUT/<scenario>.json (status, losses and sstoken/rel_mean per step, or the
-error) and OUT/<scenario>.safetensors (the trained adapter, gathered whole). A scenario that raises is recorded and
-the next one runs, so a refusal at construction is a result, not a crash of the launch.
+For each scenario the main process writes OUT/<engine>/<scenario>.json (status, losses and sstoken/rel_mean per
+step, or the error) and OUT/<engine>/<scenario>.safetensors (the trained adapter, gathered whole). A scenario that
+raises is recorded and the next one runs, so a refusal at construction is a result, not a crash of the launch; a
+crash (a segfault) loses only the scenarios after it, and the test names them.
 """
 
 import faulthandler
+import gc
 import json
 import os
 import signal
@@ -239,31 +243,58 @@ def run_scenario(engine, scenario, out, data, tokenizer, world_size) -> dict:
     return result
 
 
-def main(out, engine, scenarios):
+def reset_engine(environment: dict) -> None:
+    """Clears what one engine's trainers leave in the process for the next engine's.
+
+    Every `TrainingArguments` already resets accelerate's `AcceleratorState` and `PartialState` when it sets up its
+    device (which is why one engine's scenarios can follow each other); between engines this also drops the
+    `GradientState` (accelerate's tests reset it too), transformers' global ZeRO-3 config (`is_deepspeed_zero3_enabled`
+    would otherwise build the next engine's model under `zero.Init`) and any `ACCELERATE_*`/`FSDP_*` variable an
+    engine set. The process group stays: torch's, which DeepSpeed's comm adopts when it finds it initialised.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    gc.collect()
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    os.environ.clear()
+    os.environ.update(environment)
+
+
+def main(out, runs):
     faulthandler.enable()  # a crash of the engine prints where it happened
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a hung process is
     torch.set_num_threads(1)
     datasets.disable_progress_bars()
-    os.makedirs(out, exist_ok=True)
     data = rows()
     tokenizer = tokenizer_for(data)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    for scenario in scenarios:
+    environment = dict(os.environ)
+    previous = None
+    for run in runs:
+        engine, scenario = run.split("/")
+        if previous is not None and engine != previous:
+            reset_engine(environment)
+        previous = engine
+        engine_out = os.path.join(out, engine)
+        os.makedirs(engine_out, exist_ok=True)
         began = time.monotonic()
         try:
-            result = {"status": "ok", **run_scenario(engine, scenario, out, data, tokenizer, world_size)}
+            result = {"status": "ok", **run_scenario(engine, scenario, engine_out, data, tokenizer, world_size)}
         except Exception as error:  # noqa: BLE001 - recorded as the scenario's result; the next one runs
             result = {"status": "error", "error": f"{type(error).__name__}: {error}"[:3000]}
             result["traceback"] = traceback.format_exc()[-6000:]
         result.update(engine=engine, seconds=round(time.monotonic() - began, 1))
         if rank == 0:
-            with open(os.path.join(out, f"{scenario}.json"), "w") as handle:
+            with open(os.path.join(engine_out, f"{scenario}.json"), "w") as handle:
                 json.dump(result, handle, indent=1)
         print(f"[{engine} rank {rank}] {scenario}: {result['status']} {result.get('error', '')[:300]}", flush=True)  # noqa: T201
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(sys.argv[1], sys.argv[2:])
     sys.stdout.flush()
     os._exit(0)  # every result is written: skip the interpreter's (and the process group's) slow teardown
