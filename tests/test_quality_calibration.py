@@ -237,3 +237,28 @@ def test_a_model_may_take_another_models_calibration_and_the_record_says_so(tmp_
     lr, record = calibration.lr_for_run("real-cpu-300", scale, "gemma3", ["sstoken"], False, tmp_path, "smollm2")
     assert lr == 3e-4 and record["calibrated_on"] == "smollm2"
     assert record["file"].endswith("lr-real-cpu-300-smollm2.json")
+
+
+def test_the_long_sets_six_epoch_cell_calibrates_into_its_own_file_and_refuses_until_then(fake, tmp_path):
+    """`real-cpu-75 --tasks long` (the long set's longest budget): `calibrate` reaches it without --set, writes
+    lr-real-cpu-75-<model>-long.json, and the harness refuses compared methods there until that holds a choice."""
+    from benchmarks.quality import long_tasks
+
+    argv = ["--model", "smollm2", "--scale", "real-cpu-75", "--tasks", "long", "--calibration-dir", str(tmp_path),
+            "--no-docs", "--output", str(tmp_path / "out.json"), "--methods", "full", "random"]  # fmt: skip
+    with pytest.raises(calibration.Uncalibrated) as refusal:
+        run.main(argv)
+    assert ("python -m benchmarks.quality.calibrate --model smollm2 --scale real-cpu-75 --lrs 0.001 0.0003 0.0001 "
+            "--tasks long") in str(refusal.value)  # fmt: skip
+    fake(TABLE)  # two workers: the stand-in runs in the worker processes, so the file is what is checked
+    report = calibrate.main(["--model", "smollm2", "--scale", "real-cpu-75", "--tasks", "long", "--lrs", "1e-3",
+                             "3e-4", "1e-4", "--workers", "2", "--output-dir", str(tmp_path)])  # fmt: skip
+    assert report["choice"]["final"] and sorted(r["lr"] for r in report["runs"]) == sorted(TABLE)
+    (path,) = tmp_path.glob("lr-*.json")
+    assert path.name == "lr-real-cpu-75-smollm2-long.json"
+    recipe = json.loads(path.read_text())["recipe"]
+    assert recipe == calibration.recipe_of(long_tasks.scale_for(SCALES["real-cpu-75"]))
+    assert (recipe["sft_steps"], recipe["train_per_family"], recipe["max_length"]) == (75, 50, 448)
+    scale = long_tasks.scale_for(SCALES["real-cpu-75"])
+    lr, record = calibration.lr_for_run("real-cpu-75", scale, "smollm2", ["sstoken"], False, tmp_path)
+    assert lr == 3e-4 and record["file"].endswith("lr-real-cpu-75-smollm2-long.json")

@@ -205,3 +205,32 @@ def test_a_budget_scale_reads_the_long_sets_own_calibration(tmp_path):
                                 "choice": {"final": True, "lr": 3e-4}}))  # fmt: skip
     lr, record = calibration.lr_for_run("real-cpu-300", scale, "smollm2", ["sstoken"], False, tmp_path)
     assert lr == 3e-4 and record["file"].endswith("lr-real-cpu-300-smollm2-long.json")
+
+
+def test_the_long_sets_six_epoch_cell_is_the_long_set_at_real_cpu_300_on_100_training_prompts():
+    """`real-cpu-75` (issue 27): the longest budget's 6 epochs on 100 long training prompts, 75 steps of batch 8;
+    everything else as the long set at real-cpu-300, the same 80 eval prompts included."""
+    from benchmarks.quality.scales import SCALES
+
+    cell, longest = long_tasks.scale_for(SCALES["real-cpu-75"]), long_tasks.scale_for(SCALES["real-cpu-300"])
+    differs = {key for key in cell | longest if cell.get(key) != longest.get(key)}
+    assert differs == {"sft_steps", "reference_steps", "train_per_family"}
+    assert cell["train_per_family"] * len(long_tasks.FAMILIES) == 100 and cell["sft_steps"] == 75
+    assert cell["sft_steps"] * cell["sft_batch_size"] / 100 == 6  # epochs, as real-cpu-300's over its 400
+    assert cell["reference_steps"] == 50 and cell["sft_lr"] is None
+    assert (cell["eval_per_family"] * 2, cell["max_length"], cell["max_new_tokens"]) == (80, 448, 288)
+    small = real_data.build_splits(cell["data_seed"], cell["train_per_family"], cell["eval_per_family"],
+                                   cell["reference_per_family"], tasks="long")  # fmt: skip
+    large = real_data.build_splits(longest["data_seed"], longest["train_per_family"], longest["eval_per_family"],
+                                   longest["reference_per_family"], tasks="long")  # fmt: skip
+    assert [i.prompt for i in small.eval] == [i.prompt for i in large.eval]
+    assert len(small.train) == 100 and not {i.prompt for i in small.train} & {i.prompt for i in small.eval}
+
+
+@pytest.mark.parametrize("module", ["run", "calibrate"])
+def test_the_six_epoch_cell_is_for_the_long_set_only(module, capsys):
+    from benchmarks.quality import calibrate, run
+
+    with pytest.raises(SystemExit) as refusal:
+        (run if module == "run" else calibrate).parse_args(["--model", "smollm2", "--scale", "real-cpu-75"])
+    assert refusal.value.code == 2 and "--scale real-cpu-75 is for --tasks long only" in capsys.readouterr().err

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from . import calibration, methods, run  # noqa: E402
-from .scales import SCALES  # noqa: E402
+from .scales import SCALES, task_sets  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,6 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output-dir", default=str(calibration.DEFAULT_DIR), help="where the JSON and log go")
     args = parser.parse_args(argv)
+    if args.tasks not in task_sets(args.scale):
+        parser.error(f"--scale {args.scale} is for --tasks {' or '.join(task_sets(args.scale))} only (scales.py)")
     args.lrs = args.lrs or SCALES[args.scale].get("lr_candidates")
     if not args.lrs:
         parser.error(f"--lrs: --scale {args.scale} has no lr_candidates; name the candidate learning rates")

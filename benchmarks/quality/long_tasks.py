@@ -55,9 +55,10 @@ MAX_NEW_TOKENS = 288
 
 
 def scale_for(scale: dict) -> dict:
-    """A real-model scale for the long task set: same recipe, the sizes and lengths above."""
-    sized = {key: PER_FAMILY_FACTOR * scale[key] for key in ("train_per_family", "eval_per_family",
-                                                              "reference_per_family")}  # fmt: skip
+    """A real-model scale for the long task set: same recipe, the sizes and lengths above. A scale made for the long
+    set (`tasks="long"` in scales.py: `real-cpu-75`) has the long set's sizes already and keeps them."""
+    sized = {key: scale[key] if scale.get("tasks") == "long" else PER_FAMILY_FACTOR * scale[key]
+             for key in ("train_per_family", "eval_per_family", "reference_per_family")}  # fmt: skip
     return {**scale, **sized, "tasks": "long", "max_length": MAX_LENGTH, "max_new_tokens": MAX_NEW_TOKENS}
 
 

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from trl_sstoken.compare.stats import mean_std  # noqa: E402  (shared with `trl-sstoken compare`)
 
 from . import base_model, calibration, data, evaluate, methods, noise, position_matched, tasks  # noqa: E402
-from .scales import SCALES  # noqa: E402
+from .scales import SCALES, task_sets  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -106,6 +106,8 @@ def parse_args(argv=None):
         args.scale = "real-cpu"
     if args.tasks == "long" and args.model == "lab":
         parser.error("--tasks long is for the real-model mode (--model smollm2|gemma3)")
+    if args.scale in SCALES and args.tasks not in task_sets(args.scale):
+        parser.error(f"--scale {args.scale} is for --tasks {' or '.join(task_sets(args.scale))} only (scales.py)")
     if (args.model == "lab") == args.scale.startswith("real-"):
         parser.error(f"--scale {args.scale} does not go with --model {args.model} (real-* scales are for real models)")
     return args

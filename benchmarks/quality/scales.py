@@ -26,6 +26,16 @@ their results go to `quality-real-cpu-100-<model>.json` and `quality-real-cpu-30
   the budget and its lr only;
 - ablations: none by default (`ablations=[]`; the sweep compares methods, and one ablation at 300 steps costs a
   full run); `--ablations NAME ...` still runs any.
+
+`real-cpu-75`: the long task set's (`--tasks long` only) cell of the longest budget. A long-set step costs ~25-33
+CPU-s (batch 8 x 448) against ~5-6.6 for the short set, so 300 steps over the long set's 400 training prompts would
+cost ~10,000 CPU-s a run. This scale keeps the longest budget's *epoch count* (6) on a smaller training set: 100 long
+training prompts (50 per family), 75 steps of batch 8; everything else is the long set at `real-cpu-300` (the same 80
+eval prompts, which are drawn before the training set, max_length 448, 288 new tokens, LoRA, shared settings) and
+rho1's reference trains 2/3 of the steps (50). Named by its step count, as the other budget scales are; its sizes
+are the long set's own (`long_tasks.scale_for` does not double them), and the short set is refused there, since
+no design has a short cell on 100 prompts. Its lr is calibrated like theirs, in `lr-real-cpu-75-<model>-long.json`;
+results go to `quality-real-cpu-75-<model>-long.json`.
 """
 
 SCALES = {
@@ -80,3 +90,12 @@ def budget_scale(steps: int, lr_candidates=(1e-3, 3e-4, 1e-4)) -> dict:
 
 SCALES["real-cpu-100"] = budget_scale(100)
 SCALES["real-cpu-300"] = budget_scale(300)
+# the long set's sizes as they are (tasks="long": `long_tasks.scale_for` keeps them; --tasks short is refused)
+SCALES["real-cpu-75"] = {**budget_scale(75), "train_per_family": 50, "eval_per_family": 40, "reference_per_family": 24,
+                         "tasks": "long"}  # fmt: skip
+
+
+def task_sets(scale_name: str) -> tuple[str, ...]:
+    """The task sets (`--tasks`) a scale can run: a scale with `tasks` in it is for that set only."""
+    only = SCALES[scale_name].get("tasks")
+    return (only,) if only else ("short", "long")
