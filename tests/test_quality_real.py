@@ -113,3 +113,44 @@ def test_pipeline_tiny_scale_smollm2(smollm2_dir, tmp_path):
     cell = results["summary"]["main"]["sstoken[sink_free]"]["noisy"]
     assert cell["answer_nll"]["n"] == 1 and len(cell["kept_fraction_by_position_decile"]) == 10
     assert (tmp_path / "quality-real-tiny.md").read_text().count("sstoken[sink_free]") >= 2
+
+
+# ----- every real scale's data can be drawn -----
+
+
+@pytest.mark.parametrize("tasks", ["short", "long"])
+@pytest.mark.parametrize("scale_name", ["real-tiny", "real-cpu", "real-cpu-100", "real-cpu-300", "real-cpu-75",
+                                        "real-gpu"])  # fmt: skip
+def test_every_real_scales_splits_can_be_drawn(scale_name, tasks):
+    """The instance draw of each real scale and task set (no model): `add` has only 900 distinct prompts (operands
+    0-29), so a scale asking for more per family could never build its data."""
+    from benchmarks.quality import long_tasks
+    from benchmarks.quality.scales import SCALES, task_sets
+
+    if tasks not in task_sets(scale_name):
+        pytest.skip(f"{scale_name} is not for --tasks {tasks}")
+    scale = long_tasks.scale_for(SCALES[scale_name]) if tasks == "long" else SCALES[scale_name]
+    splits = real_data.build_splits(scale["data_seed"], scale["train_per_family"], scale["eval_per_family"],
+                                    scale["reference_per_family"], tasks=tasks)  # fmt: skip
+    families = len(long_tasks.FAMILIES if tasks == "long" else real_data.data.GENERATORS)
+    assert len(splits.train) == families * scale["train_per_family"]
+    assert len(splits.eval) == families * scale["eval_per_family"]
+    assert not {i.prompt for i in splits.train} & {i.prompt for i in splits.eval}
+
+
+@pytest.mark.parametrize("tasks, fingerprint", [("short", "7d2eb66990537f32"), ("long", "f9c055573a2ef000")])
+def test_the_real_cpu_data_is_unchanged(tasks, fingerprint):
+    """The committed real-cpu results (and real-cpu-100/300, the same sizes) were made on exactly this data: the
+    eval and training prompts, the noisy responses and the reference subset (fingerprint taken before the real-gpu
+    sizes were fixed)."""
+    import hashlib
+
+    from benchmarks.quality import long_tasks
+    from benchmarks.quality.scales import SCALES
+
+    scale = long_tasks.scale_for(SCALES["real-cpu"]) if tasks == "long" else SCALES["real-cpu"]
+    splits = real_data.build_splits(scale["data_seed"], scale["train_per_family"], scale["eval_per_family"],
+                                    scale["reference_per_family"], tasks=tasks)  # fmt: skip
+    text = json.dumps([[i.prompt for i in splits.eval], [i.prompt for i in splits.train],
+                       [r.segments for r in splits.train_noisy], [i.prompt for i in splits.reference]])  # fmt: skip
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == fingerprint

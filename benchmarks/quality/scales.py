@@ -73,8 +73,10 @@ SCALES = {
         reference_steps=16, max_length=128, seeds=[0, 1, 2], ablations=None,
         methods_by_data={},
     ),
+    # real-gpu: 750 training prompts per family, not 1000: `add` has only 900 distinct prompts (operands 0-29, so
+    # that a + b <= tasks.MAX_NUMBER), and 1000 + the 100 eval prompts could never be drawn
     "real-gpu": dict(
-        data_seed=1234, train_per_family=1000, eval_per_family=100, reference_per_family=50, diagnostic_rows=64,
+        data_seed=1234, train_per_family=750, eval_per_family=100, reference_per_family=50, diagnostic_rows=64,
         sft_steps=300, sft_batch_size=16, sft_lr=5e-4, lora_r=64, lora_alpha=16, lora_dropout=0.1,
         reference_steps=150, max_length=128, seeds=[0, 1, 2], ablations=None,
         methods_by_data={},
