@@ -234,3 +234,67 @@ def test_the_six_epoch_cell_is_for_the_long_set_only(module, capsys):
     with pytest.raises(SystemExit) as refusal:
         (run if module == "run" else calibrate).parse_args(["--model", "smollm2", "--scale", "real-cpu-75"])
     assert refusal.value.code == 2 and "--scale real-cpu-75 is for --tasks long only" in capsys.readouterr().err
+
+
+def _long_results_stub() -> dict:
+    """A `--tasks long` results JSON as run.py writes it, cut to what the report reads."""
+
+    def metric(values):
+        return {"mean": sum(values) / len(values), "std": 0.01, "values": values, "n": len(values)}
+
+    def cell(exact, steps, final):
+        return {"exact_match": metric(exact), "strict_match": metric([0.0, 0.0]), "step_accuracy": metric(steps),
+                "final_match": metric(final), "answer_nll": {"mean": 0.5, "std": 0.01},
+                "kept_fraction_by_kind": {"answer": 1.0}, "kept_fraction_by_position_decile": [1.0] * 10}  # fmt: skip
+
+    return {
+        "model": "smollm2", "scale_name": "real-cpu-75-smollm2-long", "seeds": [0, 1], "status": "complete",
+        "command": "python -m benchmarks.quality.run --model smollm2 --scale real-cpu-75 --tasks long",
+        "machine": {"workers": 2, "threads_per_run": 1, "cpu_count": 2, "device": "cpu"},
+        "base_model": {"eval_before_sft": {"exact_match": {"overall": 0.0}, "strict_match": {"overall": 0.0},
+                                           "answer_nll": 1.5}},  # fmt: skip
+        "data": {"noisy_realised": None},
+        "summary": {"main": {"full": {"noisy": cell([0.25, 0.35], [0.8, 0.9], [0.5, 0.6])},
+                             "sstoken": {"noisy": cell([0.1, 0.2], [0.6, 0.7], [0.3, 0.4])}}},  # fmt: skip
+        "runs": [],
+    }
+
+
+def test_a_long_results_file_reports_step_accuracy_and_final_match():
+    from benchmarks.quality.report import markdown_real
+
+    table = markdown_real(_long_results_stub())
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    header = lines[0].split(" | ")
+    assert header[:6] == ["| method", "n", "exact match", "step accuracy", "final match", "strict match"]
+    full = dict(zip(header, lines[1].split(" | "), strict=True))
+    assert full["| method"] == "| full" and full["step accuracy"] == "85.0 ± 1.0" and full["final match"] == "55.0 ± 1.0"
+    assert all(line.count(" | ") == lines[0].count(" | ") for line in lines[:3])  # the separator row included
+    assert "step accuracy (the fraction of steps stated right)" in table
+
+
+def test_a_short_results_file_has_no_long_columns():
+    from pathlib import Path
+
+    from benchmarks.quality.report import markdown_real
+
+    results = json.loads((Path(__file__).parents[1] / "benchmarks/results/quality-real-cpu-smollm2.json").read_text())
+    assert "step accuracy" not in markdown_real(results) and "final match" not in markdown_real(results)
+
+
+def test_the_long_file_has_its_docs_block_and_the_report_fills_it(tmp_path):
+    """The generated blocks of docs/benchmarks.md are keyed by the results' scale_name; a block that is missing is
+    silently skipped, so the sweep's cells have theirs (a placeholder until their first run)."""
+    from pathlib import Path
+
+    from benchmarks.quality import report
+
+    docs_text = (Path(__file__).parents[1] / "docs/benchmarks.md").read_text()
+    for name in ("real-cpu-300-smollm2", "real-cpu-100-smollm2", "real-cpu-300-gemma3", "real-cpu-75-smollm2-long"):
+        assert f"<!-- quality:{name}:begin -->" in docs_text and f"<!-- quality:{name}:end -->" in docs_text
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(docs_text)
+    results = _long_results_stub()
+    assert report.update_docs_section(results, report.markdown_real(results), tmp_path / "x.png", docs)
+    block = docs.read_text().split("<!-- quality:real-cpu-75-smollm2-long:begin -->")[1].split(":end -->")[0]
+    assert "| method | n | exact match | step accuracy | final match |" in block and "No run yet" not in block

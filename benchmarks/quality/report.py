@@ -33,6 +33,11 @@ METHOD_FAMILIES = (
 )
 
 
+# The long task set's metrics beside exact match (run.py's summary cells hold them for a `--tasks long` file only).
+LONG_METRICS = {"step_accuracy": "step accuracy (the fraction of steps stated right)",
+                "final_match": "final match (the final answer alone)"}  # fmt: skip
+
+
 def method_family(name: str) -> str:
     base = name.split("[", 1)[0]
     return next((family for family, bases in METHOD_FAMILIES if base in bases), METHOD_FAMILIES[-1][0])
@@ -103,14 +108,20 @@ def markdown_real(results: dict) -> str:
         rows = [(name, summary["main"][name][dataset]) for name in ordered if dataset in summary["main"][name]]
         if not rows:
             continue
-        lines += ["", f"**{dataset} training data** (exact / strict match in %, mean ± std over seeds, per-seed values; "
-                  "answer NLL of the clean eval answers, lower is better; kept fraction of each token kind)", "",
-                  "| method | n | exact match | strict match | answer NLL | " + " | ".join(f"kept {k}" for k in KINDS)
-                  + " |", "|---|---|---|---|---|" + "---|" * len(KINDS)]  # fmt: skip
+        # the long task set's own metrics (long_tasks.py), in its results only: step accuracy and the final answer
+        extra = [metric for metric in LONG_METRICS if any(metric in cell for _, cell in rows)]
+        described = "".join(f", {LONG_METRICS[metric]}" for metric in extra)
+        lines += ["", f"**{dataset} training data** (exact / strict match{described} in %, mean ± std over seeds, "
+                  "per-seed values; answer NLL of the clean eval answers, lower is better; kept fraction of each token "
+                  "kind)", "",
+                  "| method | n | exact match | " + "".join(f"{metric.replace('_', ' ')} | " for metric in extra)
+                  + "strict match | answer NLL | " + " | ".join(f"kept {k}" for k in KINDS)
+                  + " |", "|---|---|---|" + "---|" * len(extra) + "---|---|" + "---|" * len(KINDS)]  # fmt: skip
         for name, cell in rows:
             kept = cell["kept_fraction_by_kind"]
             lines.append(f"| {name} | {cell['exact_match']['n']} | {_pm_seeds(cell['exact_match'])} | "
-                         f"{_pm(cell['strict_match'])} | {_nll(cell.get('answer_nll'))} | "
+                         + "".join(f"{_pm(cell.get(metric))} | " for metric in extra)
+                         + f"{_pm(cell['strict_match'])} | {_nll(cell.get('answer_nll'))} | "
                          + " | ".join(_pct(kept.get(k)) for k in KINDS) + " |")  # fmt: skip
     noisy = [(name, summary["main"][name]["noisy"]) for name in ordered if "noisy" in summary["main"][name]]
     if noisy:
