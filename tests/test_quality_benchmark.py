@@ -244,3 +244,30 @@ def test_the_committed_real_model_results_render_by_family():
     noisy = table.split("**noisy training data**")[1].split("**clean training data**")[0]
     rows = [line.split(" | ")[0].removeprefix("| ") for line in noisy.splitlines() if line.startswith("| ")][1:]
     assert rows == method_order(results["summary"]["main"]) and rows[0] == "full" and len(rows) == 12
+
+
+def test_resume_keeps_the_earlier_files_runs_outside_this_invocations_grid():
+    """A sweep fills one results file in stages (run_budget_cpu.sh: the controls, then the variants, then the clean
+    data), each with its own --methods / --datasets and --resume: a finished run of an earlier stage stays in the file
+    and its tables, untouched, though this invocation does not ask for it."""
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.quality.run import _job_key, resume_from
+
+    def job(name, data="noisy", seed=0):
+        return {"group": "main", "name": name, "data": data, "seed": seed, "overrides": {"m": name}}
+
+    now = {"scale": {"sft_steps": 2}, "seeds": [0], "design": {"metric": "exact"}}
+    earlier = [{**job("full"), "status": "ok", "result": {"x": 1}},
+               {**job("random"), "status": "ok", "result": {"x": 2}},
+               {**job("sstoken", "clean"), "status": "failed", "error": "boom"}]  # fmt: skip
+    with tempfile.TemporaryDirectory() as directory:
+        output = Path(directory) / "quality.json"
+        output.write_text(json.dumps({**now, "runs": earlier}))
+        kept, todo = resume_from(output, dict(now), [job("full"), job("rel")])
+    assert [(r["name"], r["data"]) for r in kept] == [("full", "noisy"), ("random", "noisy"), ("sstoken", "clean")]
+    assert all(r["resumed"] for r in kept) and kept[1]["result"] == {"x": 2} and kept[2]["status"] == "failed"
+    assert [r.get("outside_grid", False) for r in kept] == [False, True, True]
+    assert [j["name"] for j in todo] == ["full", "rel"] and todo[0]["group"] == "resume_check"
+    assert _job_key(todo[1]) == _job_key(job("rel"))

@@ -97,7 +97,8 @@ def parse_args(argv=None):
         "--resume",
         action="store_true",
         help="keep the finished runs of an earlier invocation's results JSON (same scale and design only) and do "
-        "the rest; the first kept run is trained again as a check that the code still gives the same numbers",
+        "the rest; the first kept run is trained again as a check that the code still gives the same numbers; the "
+        "file's runs of other --methods / --datasets stay in it, so a sweep can fill one file in stages",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -465,7 +466,8 @@ def _as_stored(value):
 
 
 def resume_from(output: Path, report: dict, jobs: list[dict]) -> tuple[list[dict], list[dict]]:
-    """The finished runs of an earlier results JSON that match jobs of this grid, and the jobs still to do.
+    """The finished runs of an earlier results JSON that match jobs of this grid, then the earlier runs outside this
+    grid (kept as they were, `outside_grid`), and the jobs still to do.
 
     Runs are deterministic given their seed, so a finished run is not trained again, but only when the earlier file
     has the same scale and design; anything else is refused rather than mixed into one table. The first kept run goes
@@ -478,19 +480,33 @@ def resume_from(output: Path, report: dict, jobs: list[dict]) -> tuple[list[dict
         if _comparable(field, earlier, now) != _comparable(field, now, earlier):
             raise SystemExit(f"--resume: {output} has another {field!r} than this invocation; refusing to mix them "
                              f"(move the file away to start afresh)")  # fmt: skip
-    finished = {_job_key(run): run for run in previous.get("runs", []) if run["status"] == "ok"
-                and run["group"] in ("main", "ablation")}  # fmt: skip
-    kept = [{**finished[_job_key(job)], "resumed": True} for job in jobs if _job_key(job) in finished]
+    runs = [run for run in previous.get("runs", []) if run["group"] in ("main", "ablation")]
+    finished = {_job_key(run): run for run in runs if run["status"] == "ok"}
+    kept = [{**_without(finished[_job_key(job)], "outside_grid"), "resumed": True} for job in jobs
+            if _job_key(job) in finished]  # fmt: skip
     todo = [job for job in jobs if _job_key(job) not in finished]
+    # the earlier file's runs that this invocation's grid does not ask for (another stage's --methods or --datasets)
+    # stay in the file as they were, failed ones too (every run is reported); a finished one wins over a failed one
+    grid = {_job_key(job) for job in jobs}
+    outside = {}
+    for run in runs:
+        key = _job_key(run)
+        if key not in grid and (key not in outside or run["status"] == "ok"):
+            outside[key] = {**run, "resumed": True, "outside_grid": True}
     report["resumed_from"] = {
         "file": str(output), "started_at": previous.get("started_at"), "command": previous.get("command"),
         "git_commit": (previous.get("versions") or {}).get("git_commit"), "runs_kept": len(kept),
+        "runs_kept_outside_grid": len(outside),
         "earlier": previous.get("resumed_from"),  # the chain of sessions behind one table
     }  # fmt: skip
     if kept:
         check = {key: kept[0][key] for key in ("name", "data", "seed", "overrides")}
         todo.insert(0, {**check, "group": "resume_check", "of": _job_key(kept[0])})
-    return kept, todo
+    return kept + list(outside.values()), todo
+
+
+def _without(run: dict, key: str) -> dict:
+    return {k: v for k, v in run.items() if k != key}
 
 
 def _comparable(field: str, value, other):
@@ -700,8 +716,10 @@ def main(argv=None):
     if args.resume and output.exists():
         kept, jobs = resume_from(output, report, jobs)
         done.extend(kept)
-        check = "; the first is trained again as a check" if kept else ""
-        log(f"--resume: kept {len(kept)} finished run(s) of {output.name}{check}")
+        check = "; the first is trained again as a check" if report["resumed_from"]["runs_kept"] else ""
+        outside = report["resumed_from"]["runs_kept_outside_grid"]
+        log(f"--resume: kept {len(kept) - outside} finished run(s) of {output.name}{check}, and {outside} run(s) "
+            "outside this invocation's grid as they were")  # fmt: skip
         save(f"partial ({len(done)} runs finished)", done)
     if real:
         _run_real_jobs(jobs, args.workers, init_args, on_done, kept)
