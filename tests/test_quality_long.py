@@ -248,14 +248,22 @@ def _long_results_stub() -> dict:
                 "kept_fraction_by_kind": {"answer": 1.0}, "kept_fraction_by_position_decile": [1.0] * 10}  # fmt: skip
 
     return {
-        "model": "smollm2", "scale_name": "real-cpu-75-smollm2-long", "seeds": [0, 1], "status": "complete",
+        "model": "smollm2",
+        "scale_name": "real-cpu-75-smollm2-long",
+        "seeds": [0, 1],
+        "status": "complete",
         "command": "python -m benchmarks.quality.run --model smollm2 --scale real-cpu-75 --tasks long",
         "machine": {"workers": 2, "threads_per_run": 1, "cpu_count": 2, "device": "cpu"},
-        "base_model": {"eval_before_sft": {"exact_match": {"overall": 0.0}, "strict_match": {"overall": 0.0},
-                                           "answer_nll": 1.5}},  # fmt: skip
+        "base_model": {
+            "eval_before_sft": {"exact_match": {"overall": 0.0}, "strict_match": {"overall": 0.0}, "answer_nll": 1.5}
+        },
         "data": {"noisy_realised": None},
-        "summary": {"main": {"full": {"noisy": cell([0.25, 0.35], [0.8, 0.9], [0.5, 0.6])},
-                             "sstoken": {"noisy": cell([0.1, 0.2], [0.6, 0.7], [0.3, 0.4])}}},  # fmt: skip
+        "summary": {
+            "main": {
+                "full": {"noisy": cell([0.25, 0.35], [0.8, 0.9], [0.5, 0.6])},
+                "sstoken": {"noisy": cell([0.1, 0.2], [0.6, 0.7], [0.3, 0.4])},
+            }
+        },
         "runs": [],
     }
 
@@ -268,7 +276,9 @@ def test_a_long_results_file_reports_step_accuracy_and_final_match():
     header = lines[0].split(" | ")
     assert header[:6] == ["| method", "n", "exact match", "step accuracy", "final match", "strict match"]
     full = dict(zip(header, lines[1].split(" | "), strict=True))
-    assert full["| method"] == "| full" and full["step accuracy"] == "85.0 ± 1.0" and full["final match"] == "55.0 ± 1.0"
+    assert (
+        full["| method"] == "| full" and full["step accuracy"] == "85.0 ± 1.0" and full["final match"] == "55.0 ± 1.0"
+    )
     assert all(line.count(" | ") == lines[0].count(" | ") for line in lines[:3])  # the separator row included
     assert "step accuracy (the fraction of steps stated right)" in table
 
