@@ -261,13 +261,16 @@ def test_resume_keeps_the_earlier_files_runs_outside_this_invocations_grid():
     now = {"scale": {"sft_steps": 2}, "seeds": [0], "design": {"metric": "exact"}}
     earlier = [{**job("full"), "status": "ok", "result": {"x": 1}},
                {**job("random"), "status": "ok", "result": {"x": 2}},
-               {**job("sstoken", "clean"), "status": "failed", "error": "boom"}]  # fmt: skip
+               {**job("sstoken", "clean"), "status": "failed", "error": "boom"},
+               {**job("full"), "group": "resume_check", "status": "ok", "of": "x"}]  # fmt: skip
     with tempfile.TemporaryDirectory() as directory:
         output = Path(directory) / "quality.json"
         output.write_text(json.dumps({**now, "runs": earlier}))
         kept, todo = resume_from(output, dict(now), [job("full"), job("rel")])
-    assert [(r["name"], r["data"]) for r in kept] == [("full", "noisy"), ("random", "noisy"), ("sstoken", "clean")]
+    assert [(r["group"], r["name"], r["data"]) for r in kept] == [
+        ("main", "full", "noisy"), ("main", "random", "noisy"), ("main", "sstoken", "clean"),
+        ("resume_check", "full", "noisy")]  # fmt: skip
     assert all(r["resumed"] for r in kept) and kept[1]["result"] == {"x": 2} and kept[2]["status"] == "failed"
-    assert [r.get("outside_grid", False) for r in kept] == [False, True, True]
+    assert [r.get("outside_grid", False) for r in kept] == [False, True, True, True]
     assert [j["name"] for j in todo] == ["full", "rel"] and todo[0]["group"] == "resume_check"
     assert _job_key(todo[1]) == _job_key(job("rel"))

@@ -53,6 +53,7 @@ def _methods(argv):
 
 CONTROLS = ["full", "random", "sstoken", "random[position_matched]"]
 EXPECTED = [  # (module, model, scale, tasks, datasets, methods)
+    ("run", "smollm2", "real-cpu", None, "noisy", ["random[position_matched]", "sstoken[balanced]", "rel[balanced]"]),
     ("calibrate", "smollm2", "real-cpu-300", None, None, None),
     ("run", "smollm2", "real-cpu-300", None, "noisy", CONTROLS),
     ("calibrate", "smollm2", "real-cpu-75", "long", None, None),
@@ -82,6 +83,9 @@ def test_the_sweep_runs_the_designs_invocations_in_order_and_each_reaches_the_ha
             continue
         args = run.parse_args(argv[2:])
         assert args.seeds == [0, 1, 2] and args.ablations == ["none"] and args.resume
+        if args.scale == "real-cpu":  # stage 0: the committed 24-step file, noisy and clean data
+            assert args.datasets == ["noisy", "clean"] and "--output" not in argv
+            continue
         # at an uncalibrated scale the harness refuses, before loading anything: the arguments reached it
         extra = ["--calibration-dir", str(tmp_path / "none"), "--output", str(tmp_path / "out.json"), "--no-docs"]
         with pytest.raises(calibration.Uncalibrated, match=f"--scale {args.scale} .*--model {args.model}"):
@@ -103,3 +107,36 @@ def test_the_sweep_stops_at_the_first_failing_invocation(tmp_path):
     assert done.returncode != 0 and len(calls) == 1 and _value(calls[0], "--scale") == "real-cpu-75"
     done, calls = invocations(tmp_path, "8")
     assert done.returncode == 2 and calls == [] and "unknown stage '8'" in done.stderr
+
+
+def test_stage_0_resumes_the_committed_24_step_file_and_keeps_its_runs(tmp_path, monkeypatch):
+    """Stage 0 adds the controls and the balanced variants to `quality-real-cpu-smollm2.json`: the committed file is
+    accepted by --resume (same scale and design), its 76 runs (72 in the tables, 4 earlier resume checks) stay in it
+    as they were, and the 18 new runs are the ones asked for (the base model and the training are stood in for)."""
+    import shutil
+
+    from benchmarks.quality import report
+
+    _, calls = invocations(tmp_path, "0")
+    (argv,) = calls
+    output = tmp_path / "quality-real-cpu-smollm2.json"
+    shutil.copyfile(REPO / "benchmarks/results/quality-real-cpu-smollm2.json", output)
+    committed = json.loads(output.read_text())["runs"]
+    seen = {}
+
+    def base_model(name, scale, splits, device, results):
+        results["base_model"] = {}
+        return None, None, {"path": "/models/smollm2"}
+
+    def run_jobs(jobs, workers, init_args, on_done, earlier=()):
+        seen["jobs"] = [(job["name"], job["data"], job["seed"]) for job in jobs]
+
+    monkeypatch.setattr(run, "_real_base_model", base_model)
+    monkeypatch.setattr(run, "_run_real_jobs", run_jobs)
+    monkeypatch.setattr(report, "write_reports", lambda *a, **k: [])
+    results = run.main([*argv[2:], "--output", str(output), "--no-docs"])
+    assert results["resumed_from"]["runs_kept_outside_grid"] == len(committed) == 76
+    assert sum(r["group"] == "main" for r in committed) == 72 and results["resumed_from"]["runs_kept"] == 0
+    assert json.loads(output.read_text())["runs"] == [{**r, "resumed": True, "outside_grid": True} for r in committed]
+    methods = ["random[position_matched]", "sstoken[balanced]", "rel[balanced]"]
+    assert sorted(seen["jobs"]) == sorted((m, d, s) for m in methods for d in ("noisy", "clean") for s in (0, 1, 2))

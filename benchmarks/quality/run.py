@@ -480,13 +480,14 @@ def resume_from(output: Path, report: dict, jobs: list[dict]) -> tuple[list[dict
         if _comparable(field, earlier, now) != _comparable(field, now, earlier):
             raise SystemExit(f"--resume: {output} has another {field!r} than this invocation; refusing to mix them "
                              f"(move the file away to start afresh)")  # fmt: skip
-    runs = [run for run in previous.get("runs", []) if run["group"] in ("main", "ablation")]
-    finished = {_job_key(run): run for run in runs if run["status"] == "ok"}
+    runs = previous.get("runs", [])
+    finished = {_job_key(run): run for run in runs if run["status"] == "ok" and run["group"] in ("main", "ablation")}
     kept = [{**_without(finished[_job_key(job)], "outside_grid"), "resumed": True} for job in jobs
             if _job_key(job) in finished]  # fmt: skip
     todo = [job for job in jobs if _job_key(job) not in finished]
     # the earlier file's runs that this invocation's grid does not ask for (another stage's --methods or --datasets)
-    # stay in the file as they were, failed ones too (every run is reported); a finished one wins over a failed one
+    # stay in the file as they were, failed ones and earlier resume checks too (every run is reported); a finished
+    # one wins over a failed one
     grid = {_job_key(job) for job in jobs}
     outside = {}
     for run in runs:
@@ -496,7 +497,7 @@ def resume_from(output: Path, report: dict, jobs: list[dict]) -> tuple[list[dict
     report["resumed_from"] = {
         "file": str(output), "started_at": previous.get("started_at"), "command": previous.get("command"),
         "git_commit": (previous.get("versions") or {}).get("git_commit"), "runs_kept": len(kept),
-        "runs_kept_outside_grid": len(outside),
+        "runs_kept_outside_grid": len(outside), "resume_check": previous.get("resume_check"),
         "earlier": previous.get("resumed_from"),  # the chain of sessions behind one table
     }  # fmt: skip
     if kept:

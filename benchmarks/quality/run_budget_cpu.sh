@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# The issue-27 budget sweep on the CPU, in the design's order (benchmarks/quality/README.md, issue 27 sections):
+# The issue-27 budget sweep on the CPU, in the design's order (benchmarks/quality/README.md, "Issue 27: the sweep's
+# design"; its stage numbers):
+#   0  SmolLM2, the committed 24-step file (real-cpu, --resume: its 72 runs stay): random[position_matched],
+#      sstoken[balanced], rel[balanced], noisy and clean, seeds 0-2 (the control copies the file's sstoken runs)
 #   1  calibrate SmolLM2 at real-cpu-300 (full SFT, noisy data, seed 99)
 #   2  SmolLM2 noisy real-cpu-300: the controls (full, random, sstoken, the position-matched random), seeds 0-2
 #   3  the long set's 6-epoch cell (real-cpu-75 --tasks long): calibrate, then full, random, sstoken, sstoken[balanced]
@@ -20,7 +23,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python}
 WORKERS=${WORKERS:-2}
 if [ "$#" -gt 0 ]; then STAGES="$*"; fi
-STAGES=${STAGES:-1 2 3 4 5 6 7}
+STAGES=${STAGES:-0 1 2 3 4 5 6 7}
 LRS=(--lrs 1e-3 3e-4 1e-4)
 SEEDS=(--seeds 0 1 2)
 CONTROLS=(full random sstoken "random[position_matched]")
@@ -32,6 +35,8 @@ harness() { "$PY" -m benchmarks.quality.run --ablations none "${SEEDS[@]}" "$@";
 
 stage() {
     case "$1" in
+    0) harness "${SMOL[@]}" --scale real-cpu --datasets noisy clean \
+           --methods "random[position_matched]" "sstoken[balanced]" "rel[balanced]" ;;
     1) calibrate "${SMOL[@]}" --scale real-cpu-300 "${LRS[@]}" ;;
     2) harness "${SMOL[@]}" --scale real-cpu-300 --datasets noisy --methods "${CONTROLS[@]}" ;;
     3) calibrate "${SMOL[@]}" --scale real-cpu-75 --tasks long "${LRS[@]}"
@@ -44,12 +49,12 @@ stage() {
        harness "${SMOL[@]}" --scale real-cpu-100 --datasets noisy --methods "${CONTROLS[@]}" ;;
     7) calibrate "${GEMMA[@]}" --scale real-cpu-300 "${LRS[@]}"
        harness "${GEMMA[@]}" --scale real-cpu-300 --datasets noisy --methods "${CONTROLS[@]}" ;;
-    *) echo "run_budget_cpu.sh: unknown stage '$1' (stages: 1-7)" >&2; return 2 ;;
+    *) echo "run_budget_cpu.sh: unknown stage '$1' (stages: 0-7)" >&2; return 2 ;;
     esac
 }
 
 for s in $STAGES; do  # every stage named is checked before any runs
-    case "$s" in [1-7]) ;; *) echo "run_budget_cpu.sh: unknown stage '$s' (stages: 1-7)" >&2; exit 2 ;; esac
+    case "$s" in [0-7]) ;; *) echo "run_budget_cpu.sh: unknown stage '$s' (stages: 0-7)" >&2; exit 2 ;; esac
 done
 for s in $STAGES; do
     echo "[$(date '+%Y-%m-%d %H:%M:%S')] run_budget_cpu.sh: stage $s"
