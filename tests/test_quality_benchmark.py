@@ -243,7 +243,9 @@ def test_the_committed_real_model_results_render_by_family():
     table = markdown_real(results)
     noisy = table.split("**noisy training data**")[1].split("**clean training data**")[0]
     rows = [line.split(" | ")[0].removeprefix("| ") for line in noisy.splitlines() if line.startswith("| ")][1:]
-    assert rows == method_order(results["summary"]["main"]) and rows[0] == "full" and len(rows) == 12
+    assert (
+        rows == method_order(results["summary"]["main"]) and rows[0] == "full" and len(rows) == 15
+    )  # 12 methods + the stage-0 control and balanced variants (issue 27)
 
 
 def test_resume_keeps_the_earlier_files_runs_outside_this_invocations_grid():
